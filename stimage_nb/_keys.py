@@ -1,0 +1,38 @@
+"""Every key this package writes into an AnnData, in one place (cf. squidpy's ``Key``).
+
+Section (input) AnnData
+    ``obs[PIXEL_X]``, ``obs[PIXEL_Y]``  centre in full-resolution pixels of the section's image
+    ``obs[DIAMETER_UM]``              spot or cell diameter in µm
+    ``obsm[SPATIAL]``                 the same centres as an (n, 2) float array, x then y
+    ``obsm[CELLTYPE_PROPORTIONS]``    DataFrame of soft cell-type targets (rows sum to 1)
+    ``obs[CELLTYPE_LABEL]``           hard per-cell label, when known
+    ``X``                             raw integer counts (float32 CSR); zero genes when none
+    ``uns[UNS]``                      ``{"section", "patient", "image", "um_per_px", ...}``
+
+Prediction AnnData (``PRED_DIR/<section>.h5ad``)
+    ``X``                             predictive mean (expected counts)
+    ``layers[ALEATORIC]``             mean over members of the NB variance
+    ``layers[EPISTEMIC]``             variance over members of the NB mean
+    ``obsm[CELLTYPE_MEAN]``           DataFrame of mean cell-type probabilities
+    ``obsm[CELLTYPE_STD]``            DataFrame of their standard deviation across members
+    ``obsm[SPATIAL]``, ``obs[PIXEL_X]``... as for the section
+    ``uns[UNS]``                      provenance: model config, weights sha256, package version, run id
+"""
+
+from __future__ import annotations
+
+UNS = "stimage_nb"
+SPATIAL = "spatial"
+PIXEL_X = "pixel_x"
+PIXEL_Y = "pixel_y"
+DIAMETER_UM = "diameter_um"
+IN_IMAGE = "in_image"
+CELLTYPE_PROPORTIONS = "celltype_proportions"
+CELLTYPE_LABEL = "celltype"
+REGION = "region"
+
+ALEATORIC = "aleatoric_var"
+EPISTEMIC = "epistemic_var"
+CELLTYPE_MEAN = "celltype_mean"
+CELLTYPE_STD = "celltype_std"
+CELLTYPE_PRED = "celltype_pred"

@@ -1,0 +1,137 @@
+"""The ``stimage-nb`` command line. Each sub-command is a thin wrapper over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import StimageInputError, WeightsUnavailableError
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a deep ensemble on manifest sections")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--sections", help="comma-separated training sections (default: all with counts)")
+    p.add_argument("--val-sections", help="comma-separated validation sections for early stopping "
+                   "(default: one training section is held out)")
+    p.add_argument("--genes", required=True, type=Path, help="gene list file, one symbol per line")
+    p.add_argument("--drop-missing-genes", action="store_true", help="drop listed genes absent from the counts")
+    p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it holds a run)")
+    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--backbone", default=None, help="timm model name (default: the offline default)")
+    p.add_argument("--weights", default=None, help="PATH to a safetensors file, a timm/hf-hub name, or 'none'")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frozen", action="store_true", help="frozen-backbone fast path (features cached once)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(a) -> int:
+    from .io.readers import read_gene_list
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.from_cli(a)
+    train(a.manifest, genes=read_gene_list(a.genes), out=a.out, sections=_csv(a.sections),
+          val_sections=_csv(a.val_sections), config=cfg, drop_missing_genes=a.drop_missing_genes)
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict sections with a trained ensemble")
+    p.add_argument("--model", required=True, type=Path, help="run directory written by `train`")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--sections", help="comma-separated sections (default: all)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(a) -> int:
+    from .predict import predict_manifest
+
+    paths = predict_manifest(a.model, a.manifest, out=a.out, sections=_csv(a.sections), device=a.device)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, calibration and a baseline for predictions")
+    p.add_argument("--pred", required=True, type=Path)
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default: the prediction directory")
+    p.add_argument("--no-baseline", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(a) -> int:
+    from .evaluate import evaluate
+
+    evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train, predict held-out section and patient, evaluate, report")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--quick", action="store_true", help="a minute-long smoke run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    report = run_demo(a.out, quick=a.quick, device=a.device)
+    print(report)
+    return 0
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch-data", help="download the public her2st data into the cache")
+    p.add_argument("--dest", type=Path, default=None)
+    p.set_defaults(func=_cmd_fetch)
+
+
+def _cmd_fetch(a) -> int:
+    from .datasets import fetch_her2st
+
+    print(fetch_her2st(a.dest))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stimage-nb", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
+        add(sub)
+    for mod in ("stimage_nb.export", "stimage_nb.omero.cli"):
+        try:
+            __import__(mod, fromlist=["add_cli"]).add_cli(sub)
+        except ImportError:
+            pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(a.func(a) or 0)
+    except (StimageInputError, WeightsUnavailableError, FileNotFoundError) as e:
+        print(f"stimage-nb {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
