@@ -17,6 +17,16 @@ Prediction AnnData (``PRED_DIR/<section>.h5ad``)
     ``obsm[CELLTYPE_STD]``            DataFrame of their standard deviation across members
     ``obsm[SPATIAL]``, ``obs[PIXEL_X]``... as for the section
     ``uns[UNS]``                      provenance: model config, weights sha256, package version, run id
+
+QuPath / region keys (:mod:`stimage_nb.qupath`)
+    ``obs[REGION]``                   name of the pathologist's annotation (region) holding the point
+    ``obs[OBJECT_TYPE]``              QuPath object type of an imported point (``detection``/``cell``)
+    ``obs[CLASSIFICATION]``           QuPath class name of an imported point ("" when unclassified)
+    ``obs[GEOMETRY]``                 GeoJSON geometry (JSON text, full-resolution px) of a cell or detection
+    ``obs[NUCLEUS_GEOMETRY]``         GeoJSON nucleus geometry of a cell, when known
+    ``obsm[MEASUREMENTS]``            DataFrame of QuPath measurements that are not predictions
+    ``uns[UNS][CLASS_COLOURS]``       ``{class: [r, g, b]}`` so re-exports keep the pathologist's colours
+    ``uns[UNS][REGIONS]``             the annotations (name, class, colour, GeoJSON geometry)
 """
 
 from __future__ import annotations
@@ -36,3 +46,11 @@ EPISTEMIC = "epistemic_var"
 CELLTYPE_MEAN = "celltype_mean"
 CELLTYPE_STD = "celltype_std"
 CELLTYPE_PRED = "celltype_pred"
+
+OBJECT_TYPE = "object_type"
+CLASSIFICATION = "classification"
+GEOMETRY = "geometry"
+NUCLEUS_GEOMETRY = "nucleus_geometry"
+MEASUREMENTS = "qupath_measurements"
+CLASS_COLOURS = "class_colours"
+REGIONS = "regions"
