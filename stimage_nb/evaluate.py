@@ -1,0 +1,731 @@
+"""Evaluate predictions against observed counts: correlations, calibration, cell types, a baseline.
+
+:func:`evaluate` reads every ``PRED_DIR/<section>.h5ad`` written by :func:`stimage_nb.predict.predict_manifest`,
+matches it to the section's observed counts in a manifest, and writes ``metrics.json`` (summaries),
+``metrics_per_gene.csv`` (one row per section x model x target x gene) and figures.
+
+Protocol (recorded in ``metrics.json["protocol"]``)
+---------------------------------------------------
+Gene expression, per gene and held-out section, across the section's spots:
+
+- ``log1p_counts`` (**the STimage protocol**): Pearson and Spearman correlation of
+  ``log1p(predicted mean)`` with ``log1p(observed counts)``. Both sides are on the same scale; the
+  prediction is the predictive mean (expected counts, ``X``), so a model that predicts the counts
+  exactly scores r = 1. This metric is dominated by spot depth (cellularity): spots with more nuclei
+  have more UMIs for nearly every gene.
+- ``log1p_cp10k`` (gene-specific, depth-normalised): the same correlations after scaling every spot to
+  10,000 counts *over the evaluated gene panel*, for both the observed counts and the predicted means
+  (``log1p(1e4 * y / sum_panel(y))`` vs ``log1p(1e4 * mu / sum_panel(mu))``). The panel (not the whole
+  transcriptome) is used on both sides because the prediction has no genes outside it; it removes what
+  a per-spot depth explains and keeps the gene-specific part.
+
+Summaries per section and target: mean and median correlation over genes, and the number of genes with
+r > 0.3. A gene constant in the observed or the predicted values has no correlation: it is NaN in
+``metrics_per_gene.csv``, counts as r = 0 in the summaries (as in :mod:`stimage_nb.baseline`, so all
+methods are averaged over the same genes) and is counted in ``n_undefined``.
+
+Calibration of the predictive distribution of counts: each spot x gene is given a negative binomial
+**moment-matched** to mean ``m = X`` and variance ``v = aleatoric_var + epistemic_var`` (size
+``r = m^2 / (v - m)``; a Poisson with mean ``m`` when ``v <= m``). Reported:
+
+- ``coverage_50`` / ``coverage_90``: the fraction of observed counts inside the central 50% / 90%
+  prediction interval, measured with the randomised probability integral transform of
+  Czado, Gneiting & Held (2009) (taken in expectation, so it is deterministic). For discrete counts this
+  is the version that equals the nominal level when the predictive distribution is right; the naive
+  quantile interval ``[F^-1(0.25), F^-1(0.75)]`` over-covers low counts. That naive number is also
+  reported as ``interval_coverage_50/90``.
+- ``nll``: mean negative log-likelihood per spot and gene (nats).
+- ``curve``: empirical vs nominal coverage at levels 0.1 ... 0.99.
+- the same with the aleatoric variance only (``aleatoric_only``), to show what the epistemic part adds.
+
+Cell types (when the prediction has ``obsm["celltype_mean"]`` and the section has proportions):
+Pearson per type across spots, mean absolute error over spots and types, mean Jensen-Shannon divergence
+per spot (base 2, in [0, 1]) and the agreement of the dominant type.
+
+Baseline (``baseline=True``): a ridge regression on handcrafted colour/texture features of the same
+tiles (:mod:`stimage_nb.baseline`), trained in the same run on the prediction's training sections
+(``uns["stimage_nb"]["train_sections"]``) from the same manifest, with the same tile size in µm and
+pixels, and scored with the same metrics on the same held-out spots. It regresses ``log1p`` counts, so
+its own ``log1p`` output is scored for ``log1p_counts`` (the numbers equal
+:func:`stimage_nb.baseline.evaluate_baseline`'s) and ``expm1`` of it (floored at 0) is its expected count
+for ``log1p_cp10k``. It has no predictive distribution, so it gets correlations (and cell-type metrics)
+but no calibration.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import _keys as K
+from .errors import StimageInputError
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("log1p_counts", "log1p_cp10k")
+R_THRESHOLD = 0.3
+COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+_EPS = 1e-8
+
+__all__ = [
+    "evaluate", "transform", "correlations", "summarize", "nb_logpmf", "nb_cdf", "pit_coverage",
+    "calibration", "celltype_metrics", "score_genes", "TARGETS",
+]
+
+
+# ----------------------------------------------------------------------------- gene correlations
+def transform(mean_counts: np.ndarray, target: str) -> np.ndarray:
+    """Map a spots x genes matrix of (expected) counts to the scale a target is scored on.
+
+    Parameters
+    ----------
+    mean_counts
+        Observed counts or predicted means (spots x genes, non-negative).
+    target
+        ``"log1p_counts"`` or ``"log1p_cp10k"`` (see the module docstring).
+    """
+    Y = np.clip(np.asarray(mean_counts, dtype=np.float64), 0, None)
+    if target == "log1p_counts":
+        return np.log1p(Y)
+    if target == "log1p_cp10k":
+        tot = Y.sum(axis=1, keepdims=True)
+        return np.log1p(np.divide(1e4 * Y, tot, out=np.zeros_like(Y), where=tot > 0))
+    raise ValueError(f"unknown target {target!r}; use one of {TARGETS}")
+
+
+def _colwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    num = (a * b).sum(axis=0)
+    den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+    # a column that is constant (to rounding) has no correlation
+    scale_a = np.abs(a).max(axis=0) if len(a) else np.zeros(a.shape[1])
+    scale_b = np.abs(b).max(axis=0) if len(b) else np.zeros(b.shape[1])
+    ok = (den > 0) & (scale_a > 1e-12) & (scale_b > 1e-12)
+    r = np.full(a.shape[1], np.nan)
+    r[ok] = np.clip(num[ok] / den[ok], -1.0, 1.0)
+    return r
+
+
+def correlations(pred: np.ndarray, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column Pearson and Spearman correlation of two spots x genes matrices.
+
+    Returns two arrays of length n_genes; NaN where either column is constant.
+    """
+    from scipy.stats import rankdata
+
+    pred = np.asarray(pred, dtype=np.float64)
+    obs = np.asarray(obs, dtype=np.float64)
+    if pred.shape != obs.shape:
+        raise ValueError(f"shape mismatch: predicted {pred.shape} vs observed {obs.shape}")
+    if pred.shape[0] < 3:
+        n = pred.shape[1]
+        return np.full(n, np.nan), np.full(n, np.nan)
+    pearson = _colwise_pearson(pred, obs)
+    spearman = _colwise_pearson(rankdata(pred, axis=0), rankdata(obs, axis=0))
+    return pearson, spearman
+
+
+def summarize(r: np.ndarray, threshold: float = R_THRESHOLD) -> dict:
+    """Mean, median and count above ``threshold`` of per-gene correlations.
+
+    Undefined correlations (NaN: a gene constant in the observed or the predicted values) count as
+    r = 0, the convention of :func:`stimage_nb.baseline.per_gene_pearson`, so every method is averaged
+    over the same genes and a constant prediction is not rewarded by being left out. Their number is
+    reported as ``n_undefined``.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    ok = np.isfinite(r)
+    v = np.where(ok, r, 0.0)
+    return {
+        "mean": float(v.mean()) if v.size else None,
+        "median": float(np.median(v)) if v.size else None,
+        f"n_r_gt_{threshold:g}": int((v > threshold).sum()),
+        "n_genes": int(r.size),
+        "n_undefined": int((~ok).sum()),
+    }
+
+
+def score_genes(pred_mean: np.ndarray, counts: np.ndarray, genes: Sequence[str], *,
+                pred_on_scale: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Per-gene correlations for every target, plus their summaries.
+
+    Parameters
+    ----------
+    pred_mean
+        Predicted expected counts, spots x genes.
+    counts
+        Observed counts, same shape and order.
+    genes
+        Gene names (columns).
+    pred_on_scale
+        ``{target: matrix}`` predictions already on a target's scale, used instead of
+        ``transform(pred_mean, target)`` (the ridge baseline predicts ``log1p`` counts directly).
+
+    Returns
+    -------
+    A DataFrame (columns target, gene, pearson, spearman) and ``{target: {"pearson": summary,
+    "spearman": summary}}``.
+    """
+    rows, summ = [], {}
+    for t in TARGETS:
+        pt = (pred_on_scale or {}).get(t)
+        p, s = correlations(transform(pred_mean, t) if pt is None else pt, transform(counts, t))
+        rows.append(pd.DataFrame({"target": t, "gene": list(genes), "pearson": p, "spearman": s}))
+        summ[t] = {"pearson": summarize(p), "spearman": summarize(s)}
+    return pd.concat(rows, ignore_index=True), summ
+
+
+# ----------------------------------------------------------------------------- calibration
+def _nb_size(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """NB size r from moments; ``inf`` (Poisson) where var <= mean."""
+    excess = var - mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(excess > 1e-9 * np.maximum(mean, 1e-12), mean ** 2 / excess, np.inf)
+    return r
+
+
+def nb_logpmf(y: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """log P(y) under the negative binomial with the given mean and variance (Poisson if var <= mean)."""
+    from scipy.special import gammaln, xlogy
+
+    y = np.asarray(y, dtype=np.float64)
+    m = np.maximum(np.asarray(mean, dtype=np.float64), _EPS)
+    v = np.asarray(var, dtype=np.float64)
+    y, m, v = np.broadcast_arrays(y, m, v)
+    r = _nb_size(m, v)
+    out = np.empty(y.shape)
+    pois = ~np.isfinite(r)
+    if pois.any():
+        yy, mm = y[pois], m[pois]
+        out[pois] = xlogy(yy, mm) - mm - gammaln(yy + 1)
+    nb = ~pois
+    if nb.any():
+        yy, mm, rr = y[nb], m[nb], r[nb]
+        out[nb] = (gammaln(yy + rr) - gammaln(rr) - gammaln(yy + 1)
+                   + rr * (np.log(rr) - np.log(rr + mm)) + xlogy(yy, mm) - yy * np.log(rr + mm))
+    return out
+
+
+def nb_cdf(k: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """P(Y <= k) under the moment-matched negative binomial (0 for k < 0)."""
+    from scipy.stats import nbinom, poisson
+
+    k = np.asarray(k, dtype=np.float64)
+    m = np.maximum(np.asarray(mean, dtype=np.float64), _EPS)
+    v = np.asarray(var, dtype=np.float64)
+    k, m, v = np.broadcast_arrays(k, m, v)
+    r = _nb_size(m, v)
+    out = np.zeros(k.shape)
+    pois = ~np.isfinite(r)
+    if pois.any():
+        out[pois] = poisson.cdf(k[pois], m[pois])
+    nb = ~pois
+    if nb.any():
+        out[nb] = nbinom.cdf(k[nb], r[nb], r[nb] / (r[nb] + m[nb]))
+    return np.where(k < 0, 0.0, out)
+
+
+def nb_ppf(q: float, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Quantile function of the moment-matched negative binomial."""
+    from scipy.stats import nbinom, poisson
+
+    m = np.maximum(np.asarray(mean, dtype=np.float64), _EPS)
+    v = np.asarray(var, dtype=np.float64)
+    m, v = np.broadcast_arrays(m, v)
+    r = _nb_size(m, v)
+    out = np.zeros(m.shape)
+    pois = ~np.isfinite(r)
+    if pois.any():
+        out[pois] = poisson.ppf(q, m[pois])
+    nb = ~pois
+    if nb.any():
+        out[nb] = nbinom.ppf(q, r[nb], r[nb] / (r[nb] + m[nb]))
+    return out
+
+
+def _coverages(y, mean, var, levels) -> tuple[np.ndarray, np.ndarray]:
+    """(randomised-PIT coverage, naive quantile-interval coverage) per level."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    m = np.asarray(mean, dtype=np.float64).ravel()
+    v = np.asarray(var, dtype=np.float64).ravel()
+    hi = nb_cdf(y, m, v)
+    lo = nb_cdf(y - 1, m, v)
+    width = hi - lo
+    pit, naive = [], []
+    for a in levels:
+        a0, a1 = (1 - a) / 2, (1 + a) / 2
+        overlap = np.clip(np.minimum(hi, a1) - np.maximum(lo, a0), 0, None)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(width > 1e-12, overlap / width, ((hi >= a0) & (hi <= a1)).astype(float))
+        pit.append(float(np.mean(frac)) if frac.size else float("nan"))
+        # y in [F^-1(a0), F^-1(a1)]  <=>  F(y) >= a0 and F(y - 1) < a1
+        naive.append(float(np.mean((hi >= a0) & (lo < a1))) if y.size else float("nan"))
+    return np.asarray(pit), np.asarray(naive)
+
+
+def pit_coverage(y: np.ndarray, mean: np.ndarray, var: np.ndarray,
+                 levels: Sequence[float] = COVERAGE_LEVELS) -> np.ndarray:
+    """Empirical coverage of central prediction intervals, via the randomised PIT in expectation.
+
+    For a count ``y`` with predictive CDF ``F``, the randomised PIT is uniform on
+    ``[F(y-1), F(y)]``; the probability that it falls in the central interval
+    ``[(1-a)/2, (1+a)/2]`` is the overlap of the two intervals divided by ``F(y) - F(y-1)``.
+    Averaged over observations this equals ``a`` when the predictive distribution is correct.
+
+    Returns an array with one coverage per level.
+    """
+    return _coverages(y, mean, var, levels)[0]
+
+
+def calibration(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, epistemic: np.ndarray | None = None,
+                levels: Sequence[float] = COVERAGE_LEVELS) -> dict:
+    """Calibration of the moment-matched NB predictive distribution (see the module docstring).
+
+    Parameters
+    ----------
+    y
+        Observed counts (spots x genes).
+    mean
+        Predictive mean.
+    aleatoric, epistemic
+        Variance components; ``epistemic=None`` scores the aleatoric part only.
+    levels
+        Nominal central-interval levels of the calibration curve (0.5 and 0.9 are always reported).
+
+    Returns
+    -------
+    ``coverage_50``, ``coverage_90`` (randomised PIT), ``interval_coverage_50/90`` (naive quantile
+    interval), ``nll`` (mean per spot and gene, nats) and ``curve`` (nominal vs empirical).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    var = np.asarray(aleatoric, dtype=np.float64)
+    if epistemic is not None:
+        var = var + np.asarray(epistemic, dtype=np.float64)
+    var = np.maximum(var, 0)
+    levels = sorted(set(float(a) for a in levels) | {0.5, 0.9})
+    pit, naive = _coverages(y, mean, var, levels)
+    i50, i90 = levels.index(0.5), levels.index(0.9)
+    return {
+        "coverage_50": float(pit[i50]),
+        "coverage_90": float(pit[i90]),
+        "interval_coverage_50": float(naive[i50]),
+        "interval_coverage_90": float(naive[i90]),
+        "nll": float(-np.mean(nb_logpmf(y, mean, var))),
+        "curve": {"nominal": levels, "empirical": [float(c) for c in pit]},
+    }
+
+
+# ----------------------------------------------------------------------------- cell types
+def celltype_metrics(pred: pd.DataFrame, obs: pd.DataFrame) -> dict | None:
+    """Cell-type proportions: Pearson per type, MAE, mean Jensen-Shannon divergence, dominant-type agreement.
+
+    Both frames are spots x types; rows and columns are aligned by name (shared types only) and rows with
+    missing targets are dropped. Returns ``None`` when nothing is shared.
+    """
+    types = [c for c in obs.columns if c in set(pred.columns)]
+    rows = obs.index.intersection(pred.index)
+    if not types or len(rows) == 0:
+        return None
+    P = pred.loc[rows, types].to_numpy(dtype=np.float64)
+    Q = obs.loc[rows, types].to_numpy(dtype=np.float64)
+    ok = np.isfinite(Q).all(axis=1) & np.isfinite(P).all(axis=1)
+    P, Q = P[ok], Q[ok]
+    if len(P) == 0:
+        return None
+    p_n = P / np.clip(P.sum(1, keepdims=True), 1e-12, None)
+    q_n = Q / np.clip(Q.sum(1, keepdims=True), 1e-12, None)
+    r, _ = correlations(P, Q)
+    M = 0.5 * (p_n + q_n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = lambda a, b: np.where(a > 0, a * np.log2(np.where(a > 0, a, 1) / np.where(b > 0, b, 1)), 0).sum(1)  # noqa: E731
+        js = 0.5 * kl(p_n, M) + 0.5 * kl(q_n, M)
+    return {
+        "n_spots": int(len(P)),
+        "types": types,
+        "pearson": {t: (None if not np.isfinite(v) else float(v)) for t, v in zip(types, r)},
+        "pearson_summary": summarize(r),
+        "mae": float(np.mean(np.abs(p_n - q_n))),
+        "js_divergence": float(np.mean(np.clip(js, 0, 1))),
+        "dominant_agreement": float(np.mean(p_n.argmax(1) == q_n.argmax(1))),
+    }
+
+
+# ----------------------------------------------------------------------------- I/O helpers
+def _json_default(o):
+    if isinstance(o, (np.floating,)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _clean(o):
+    """Replace non-finite floats by None so the JSON is strict."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> Path:
+    """Write JSON via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_clean(obj), indent=1, default=_json_default, allow_nan=False))
+    os.replace(tmp, path)
+    return path
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _savefig_atomic(fig, path: Path, dpi: int = 110) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _dense(X) -> np.ndarray:
+    import scipy.sparse as sp
+
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+
+
+def _pred_files(pred_dir: Path, sections: Iterable[str] | None) -> list[Path]:
+    if not pred_dir.is_dir():
+        raise StimageInputError(f"{pred_dir}: prediction directory not found. Run `stimage-nb predict ... "
+                                f"--out {pred_dir}` first.")
+    files = sorted(p for p in pred_dir.glob("*.h5ad") if not p.name.startswith("."))
+    if sections is not None:
+        want = list(sections)
+        files = [p for p in files if p.stem in want]
+        missing = sorted(set(want) - {p.stem for p in files})
+        if missing:
+            raise StimageInputError(f"{pred_dir}: no predictions for sections {missing}.")
+    if not files:
+        raise StimageInputError(f"{pred_dir}: no <section>.h5ad prediction files. Run `stimage-nb predict` "
+                                "with --out pointing here first.")
+    return files
+
+
+def _check_pred(adata, path: Path) -> dict:
+    prov = dict(adata.uns.get(K.UNS, {}))
+    for layer in (K.ALEATORIC, K.EPISTEMIC):
+        if layer not in adata.layers:
+            raise StimageInputError(f"{path}: prediction lacks layers[{layer!r}]; was it written by "
+                                    "`stimage-nb predict`?")
+    return prov
+
+
+# ----------------------------------------------------------------------------- baseline
+class _BaselineCache:
+    """Fit the ridge baseline once per (training sections, genes, tile geometry) within a run."""
+
+    def __init__(self, manifest: Path, progress: bool):
+        self.manifest = manifest
+        self.progress = progress
+        self._fitted: dict = {}
+
+    def predict(self, train_sections: Sequence[str], genes: Sequence[str], tile_um: float, out_px: int, section):
+        """The fitted baseline's :class:`~stimage_nb.baseline.BaselinePrediction` for ``section``."""
+        from .baseline import RidgeBaseline
+        from .io.readers import read_manifest
+
+        key = (tuple(train_sections), tuple(genes), float(tile_um), int(out_px))
+        if key not in self._fitted:
+            log.info("fitting the ridge baseline on %s (%d genes, %g µm tiles at %d px)",
+                     list(train_sections), len(genes), tile_um, out_px)
+            train = read_manifest(self.manifest, list(train_sections), genes=list(genes))
+            self._fitted[key] = RidgeBaseline(tile_um=tile_um, out_px=out_px).fit(train, progress=self.progress)
+        rb = self._fitted[key]
+        return rb, rb.predict_sections([section], progress=self.progress)[section.name]
+
+
+# ----------------------------------------------------------------------------- main entry point
+def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None,
+             baseline: bool = True, *, sections: Sequence[str] | None = None, figures: bool = True,
+             progress: bool = True) -> dict:
+    """Score the predictions in ``pred_dir`` against the observed data of ``manifest``.
+
+    Parameters
+    ----------
+    pred_dir
+        Folder of ``<section>.h5ad`` predictions (``stimage-nb predict --out``).
+    manifest
+        The manifest CSV holding the same sections with their counts (rows without counts are skipped
+        with a note).
+    out
+        Where ``metrics.json``, ``metrics_per_gene.csv`` and ``figures/`` go (default: ``pred_dir``).
+    baseline
+        Also train and score the ridge baseline (see the module docstring) in the same run.
+    sections
+        Evaluate only these sections (default: every prediction file).
+    figures
+        Write the correlation-distribution and calibration figures.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    The content of ``metrics.json`` (a JSON-compatible dict).
+    """
+    import anndata as ad
+
+    from .io.readers import read_manifest
+
+    pred_dir = Path(pred_dir)
+    manifest = Path(manifest)
+    out = Path(out) if out is not None else pred_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files = _pred_files(pred_dir, sections)
+    bl = _BaselineCache(manifest, progress) if baseline else None
+    patients = _manifest_patients(manifest)
+
+    result: dict = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "package_version": _package_version(),
+        "pred_dir": str(pred_dir.resolve()),
+        "manifest": str(manifest.resolve()),
+        "protocol": PROTOCOL,
+        "sections": {},
+        "skipped": {},
+    }
+    per_gene: list[pd.DataFrame] = []
+    it = files
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(files, desc="evaluate", leave=False)
+    for path in it:
+        pred = ad.read_h5ad(path)
+        prov = _check_pred(pred, path)
+        name = str(prov.get("section") or path.stem)
+        genes = [str(g) for g in pred.var_names]
+        try:
+            (sec,) = read_manifest(manifest, [name], genes=genes, drop_missing_genes=True)
+        except StimageInputError as e:
+            if "unknown sections" in str(e):
+                result["skipped"][name] = f"section {name!r} is not in the manifest {manifest}"
+                log.warning("%s: skipped (not in the manifest)", name)
+                continue
+            raise
+        if not sec.has_counts:
+            result["skipped"][name] = f"the manifest row of {name!r} has no counts; nothing to compare with"
+            log.warning("%s: skipped (no counts in %s)", name, manifest)
+            continue
+        entry, df = _evaluate_section(pred, sec, prov, bl, path, patients)
+        result["sections"][name] = entry
+        per_gene.append(df.assign(section=name))
+
+    result["summary"] = _overall(result["sections"])
+    if per_gene:
+        pg = pd.concat(per_gene, ignore_index=True)[["section", "model", "target", "gene", "pearson", "spearman"]]
+        result["per_gene_csv"] = str(_write_csv_atomic(pg, out / "metrics_per_gene.csv"))
+    else:
+        pg = None
+    if figures and result["sections"]:
+        result["figures"] = _figures(result, pg, out)
+    write_json_atomic(result, out / "metrics.json")
+    log.info("wrote %s", out / "metrics.json")
+    return _clean(result)
+
+
+PROTOCOL = {
+    "log1p_counts": "Pearson/Spearman per gene across spots of log1p(predicted mean) vs log1p(observed counts) "
+                    "(STimage protocol; dominated by spot depth)",
+    "log1p_cp10k": "the same after scaling each spot to 1e4 counts over the evaluated gene panel, for both observed "
+                   "counts and predicted means (depth-normalised, gene-specific)",
+    "summary": f"mean/median over genes with a defined correlation; n_r_gt_{R_THRESHOLD:g} = genes with r > {R_THRESHOLD}",
+    "calibration": "negative binomial moment-matched to mean = X and variance = aleatoric_var + epistemic_var "
+                   "(Poisson where variance <= mean); coverage_50/90 = randomised-PIT coverage of the central "
+                   "50%/90% intervals (in expectation); interval_coverage_* = naive quantile-interval coverage "
+                   "(conservative for discrete counts); nll = mean negative log-likelihood (nats) per spot and gene; "
+                   "aleatoric_only = the same with variance = aleatoric_var",
+    "celltypes": "per-type Pearson across spots of predicted mean probability vs proportion; mae over spots and types; "
+                 "mean Jensen-Shannon divergence (base 2) per spot; dominant_agreement = argmax match rate",
+    "baseline": "ridge regression on handcrafted colour/texture features of the same tiles (stimage_nb.baseline), "
+                "trained in the same run on the prediction's train_sections with the same tile_um/out_px",
+}
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("stimage_nb")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _as_list(v) -> list[str]:
+    """A provenance list (h5ad stores lists as arrays, a single name as a string)."""
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    return [str(x) for x in np.asarray(v).ravel().tolist()]
+
+
+def _manifest_patients(manifest: Path) -> dict:
+    try:
+        m = pd.read_csv(manifest, dtype=str)
+    except Exception:  # noqa: BLE001 - read_manifest reports a bad manifest properly
+        return {}
+    if "patient" not in m.columns:
+        return {}
+    return dict(zip(m["section"], m["patient"]))
+
+
+def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Path,
+                      patients: dict) -> tuple[dict, pd.DataFrame]:
+    name = sec.name
+    have = set(sec.adata.var_names)
+    genes = [g for g in pred.var_names if g in have]
+    dropped = [g for g in pred.var_names if g not in have]
+    if dropped:
+        log.warning("%s: %d predicted genes are not in the counts and are not scored (e.g. %s)",
+                    name, len(dropped), dropped[:5])
+    in_pred = sec.adata.obs_names.isin(pred.obs_names)
+    ids = sec.adata.obs_names[in_pred]  # the section's order, so tile caches are shared with prediction
+    if len(ids) < 3:
+        raise StimageInputError(
+            f"{path}: only {len(ids)} of its {pred.n_obs} spot ids match the counts of section {name!r} "
+            f"(e.g. prediction {list(pred.obs_names[:3])} vs counts {list(sec.adata.obs_names[:3])}). "
+            "Was it predicted from another manifest?")
+    p = pred[ids, genes]
+    s = sec.adata[ids, genes]
+    Y = _dense(s.X)
+    mu = _dense(p.X)
+    alea = _dense(p.layers[K.ALEATORIC])
+    epi = _dense(p.layers[K.EPISTEMIC])
+    train_sections = _as_list(prov.get("train_sections"))
+    train_patients = sorted({patients[t] for t in train_sections if patients.get(t)})
+    entry: dict = {
+        "n_spots": int(len(ids)),
+        "n_spots_pred": int(pred.n_obs),
+        "n_spots_counts": int(sec.adata.n_obs),
+        "n_genes": len(genes),
+        "genes_missing_from_counts": dropped,
+        "train_sections": train_sections,
+        "patient": sec.patient,
+        "held_out_patient": bool(sec.patient and train_patients and sec.patient not in train_patients),
+        "provenance": {k: prov.get(k) for k in ("run_id", "backbone", "n_members", "tile_um", "out_px",
+                                               "weights_sha256") if k in prov},
+    }
+    if name in train_sections:
+        entry["warning"] = f"{name} is one of the training sections: these are not held-out metrics"
+        log.warning("%s: section was used for training; its metrics are not held-out", name)
+    df, summ = score_genes(mu, Y, genes)
+    df["model"] = "model"
+    cal = calibration(Y, mu, alea, epi)
+    cal["aleatoric_only"] = calibration(Y, mu, alea, None)
+    entry["model"] = {"genes": summ, "calibration": cal}
+    ct_obs = sec.adata.obsm.get(K.CELLTYPE_PROPORTIONS)
+    ct_obs = None if ct_obs is None else pd.DataFrame(ct_obs, index=sec.adata.obs_names).loc[ids]
+    ct_pred = pred.obsm.get(K.CELLTYPE_MEAN)
+    if ct_obs is not None and ct_pred is not None:
+        ct_pred = pd.DataFrame(ct_pred, index=pred.obs_names).loc[ids]
+        entry["model"]["celltypes"] = celltype_metrics(ct_pred, ct_obs)
+    frames = [df]
+    if bl is not None:
+        res, bdf = _score_baseline(bl, sec, prov, ids, genes, Y, ct_obs, path)
+        entry["baseline"] = res
+        if bdf is not None:
+            frames.append(bdf)
+        if "genes" in res:
+            comp = {}
+            for t in TARGETS:
+                m = entry["model"]["genes"][t]["pearson"]["mean"]
+                b_ = res["genes"][t]["pearson"]["mean"]
+                comp[t] = {"model_mean_pearson": m, "baseline_mean_pearson": b_,
+                           "model_beats_baseline": None if m is None or b_ is None else bool(m > b_)}
+            entry["comparison"] = comp
+    return entry, pd.concat(frames, ignore_index=True)
+
+
+def _score_baseline(bl: _BaselineCache, sec, prov: dict, ids, genes, Y, ct_obs,
+                    path: Path) -> tuple[dict, pd.DataFrame | None]:
+    train_sections = _as_list(prov.get("train_sections"))
+    if not train_sections:
+        return {"skipped": f"{path}: uns['{K.UNS}'] has no train_sections; cannot train the baseline"}, None
+    tile_um, out_px = prov.get("tile_um"), prov.get("out_px")
+    if tile_um is None or out_px is None:
+        return {"skipped": f"{path}: uns['{K.UNS}'] lacks tile_um/out_px; cannot tile like the model"}, None
+    held = sec if len(ids) == sec.adata.n_obs else sec.subset(sec.adata.obs_names.isin(ids))
+    held, _ = _restrict_genes(held, genes)
+    try:
+        rb, bp = bl.predict(train_sections, genes, float(tile_um), int(out_px), held)
+    except StimageInputError as e:
+        log.warning("%s: baseline skipped: %s", sec.name, e)
+        return {"skipped": f"the baseline could not be trained: {e}"}, None
+    order = pd.Index(bp.genes).get_indexer(genes)
+    L = np.asarray(bp.log1p, dtype=np.float64)[:, order]
+    counts = np.clip(np.expm1(L), 0, None)
+    df, summ = score_genes(counts, Y, genes, pred_on_scale={"log1p_counts": L})
+    df["model"] = "baseline"
+    res = {"genes": summ, "train_sections": train_sections, "tile_um": float(tile_um), "out_px": int(out_px),
+           "alpha": float(getattr(rb, "alpha_", float("nan")))}
+    if bp.celltypes is not None and ct_obs is not None:
+        res["celltypes"] = celltype_metrics(bp.celltypes.loc[list(ids)], ct_obs)
+    return res, df
+
+
+def _restrict_genes(section, genes):
+    from .io.section import select_genes
+
+    return select_genes(section, list(genes))
+
+
+def _overall(sections: dict) -> dict:
+    """Averages over evaluated sections of the per-section means."""
+    out: dict = {"n_sections": len(sections)}
+    for who in ("model", "baseline"):
+        d = {}
+        for t in TARGETS:
+            vals = [e[who]["genes"][t]["pearson"]["mean"] for e in sections.values()
+                    if who in e and "genes" in e[who] and e[who]["genes"][t]["pearson"]["mean"] is not None]
+            d[t] = {"mean_pearson_over_sections": float(np.mean(vals)) if vals else None}
+        out[who] = d
+    comps = [e["comparison"]["log1p_counts"]["model_beats_baseline"] for e in sections.values() if "comparison" in e]
+    if comps:
+        out["model_beats_baseline_every_section"] = bool(all(c for c in comps if c is not None))
+    return out
+
+
+def _figures(result: dict, per_gene: pd.DataFrame | None, out: Path) -> dict:
+    from . import plotting as P
+
+    fdir = out / "figures"
+    fdir.mkdir(parents=True, exist_ok=True)
+    figs = {}
+    if per_gene is not None:
+        for t in TARGETS:
+            fig = P.correlation_distribution(per_gene, target=t)
+            figs[f"correlation_{t}"] = str(_savefig_atomic(fig, fdir / f"correlation_{t}.png"))
+    fig = P.calibration_plot(result)
+    figs["calibration"] = str(_savefig_atomic(fig, fdir / "calibration.png"))
+    return figs
