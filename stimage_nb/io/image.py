@@ -15,9 +15,7 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -26,10 +24,8 @@ from ..errors import StimageInputError
 
 log = logging.getLogger(__name__)
 
-NGFF_VERSION = "0.4"
 MIN_UM_PER_PX = 0.05   # beyond any optical scanner (40x is ~0.25)
 MAX_UM_PER_PX = 50.0   # a thumbnail, not a slide
-CHUNK = 512
 _RASTER = {".jpg", ".jpeg", ".png", ".bmp"}
 _TIFF = {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff"}
 
@@ -193,77 +189,6 @@ class SlideImage:
         return img, self.downsamples[level] * f
 
 
-# ---------------------------------------------------------------------- writing
-def _downsample2(a: np.ndarray) -> np.ndarray:
-    """Halve a (h, w, c) uint8 image by 2x2 area averaging."""
-    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    if h == 0 or w == 0:
-        return a[:1, :1]
-    b = a[:h, :w].astype(np.uint16)
-    return ((b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) // 4).astype(np.uint8)
-
-
-def multiscales_metadata(n_levels: int, um_per_px: float, name: str = "image", axes: Sequence[str] = "cyx") -> dict:
-    """NGFF 0.4 ``multiscales`` entry for an RGB pyramid with factor-2 levels."""
-    ax = []
-    for a in axes:
-        ax.append({"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", "unit": "micrometer"})
-    datasets = []
-    for i in range(n_levels):
-        s = um_per_px * 2 ** i
-        datasets.append({"path": str(i), "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0 if a == "c" else s for a in axes]}]})
-    return {"version": NGFF_VERSION, "name": name, "axes": ax, "datasets": datasets,
-            "type": "mean", "metadata": {"method": "2x2 area mean", "software": "stimage_nb"}}
-
-
-def omero_rgb_metadata(name: str = "image") -> dict:
-    """The ``omero`` rendering block for an RGB brightfield image (as omero-cli-zarr writes it)."""
-    colours = ["FF0000", "00FF00", "0000FF"]
-    return {"name": name, "version": NGFF_VERSION, "rdefs": {"model": "color"}, "channels": [
-        {"label": lab, "color": col, "active": True, "window": {"min": 0, "max": 255, "start": 0, "end": 255}}
-        for lab, col in zip(["R", "G", "B"], colours)]}
-
-
-def write_ome_zarr(rgb: np.ndarray, path: str | os.PathLike, um_per_px: float, *, name: str = "image",
-                   min_size: int = 512, chunk: int = CHUNK) -> Path:
-    """Write an (h, w, 3) uint8 image as an NGFF 0.4 (Zarr v2) pyramid, atomically.
-
-    The store is written beside ``path`` and renamed into place, so a crash never leaves a half
-    store under the final name.
-    """
-    import numcodecs
-    import zarr
-
-    path = Path(path)
-    um_per_px = check_um_per_px(um_per_px, path)
-    if rgb.ndim != 3 or rgb.shape[2] < 3:
-        raise StimageInputError(f"{path}: expected an (h, w, 3) RGB image, got shape {rgb.shape}.")
-    rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    g = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-    comp = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
-    level, cur = 0, rgb
-    while True:
-        h, w = cur.shape[:2]
-        arr = g.create_array(str(level), shape=(3, h, w), chunks=(3, min(chunk, h), min(chunk, w)), dtype="uint8",
-                             compressors=comp, chunk_key_encoding={"name": "v2", "separator": "/"})
-        arr[:] = np.transpose(cur, (2, 0, 1))
-        level += 1
-        if max(h, w) <= min_size:
-            break
-        cur = _downsample2(cur)
-    g.attrs["multiscales"] = [multiscales_metadata(level, um_per_px, name=name)]
-    g.attrs["omero"] = omero_rgb_metadata(name)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
-
-
 def _cache_key(path: Path, um_per_px: float | None) -> str:
     st = path.stat()
     h = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{um_per_px}".encode()).hexdigest()[:16]
@@ -336,3 +261,8 @@ def open_image(path: str | os.PathLike, um_per_px: float | None = None, *, cache
     write_ome_zarr(rgb, out, um, name=p.stem)
     (out / "source.json").write_text(json.dumps({"source": str(p.resolve()), "um_per_px": um}))
     return SlideImage(out, um_per_px=um_per_px, source=str(p))
+
+
+# Writers live in :mod:`stimage_nb.io.ome_zarr`; re-exported here for existing imports.
+from .ome_zarr import (CHUNK, NGFF_VERSION, multiscales_metadata, omero_rgb_metadata,  # noqa: E402,F401
+                       write_ome_zarr)
