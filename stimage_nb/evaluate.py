@@ -101,14 +101,14 @@ def transform(mean_counts: np.ndarray, target: str) -> np.ndarray:
 
 
 def _colwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # a column that is constant (to rounding, relative to its magnitude) has no correlation
+    const_a = np.ptp(a, axis=0) <= 1e-9 * np.maximum(1.0, np.abs(a).max(axis=0))
+    const_b = np.ptp(b, axis=0) <= 1e-9 * np.maximum(1.0, np.abs(b).max(axis=0))
     a = a - a.mean(axis=0)
     b = b - b.mean(axis=0)
     num = (a * b).sum(axis=0)
     den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    # a column that is constant (to rounding) has no correlation
-    scale_a = np.abs(a).max(axis=0) if len(a) else np.zeros(a.shape[1])
-    scale_b = np.abs(b).max(axis=0) if len(b) else np.zeros(b.shape[1])
-    ok = (den > 0) & (scale_a > 1e-12) & (scale_b > 1e-12)
+    ok = (den > 0) & ~const_a & ~const_b
     r = np.full(a.shape[1], np.nan)
     r[ok] = np.clip(num[ok] / den[ok], -1.0, 1.0)
     return r
@@ -499,9 +499,9 @@ def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str 
 
     pred_dir = Path(pred_dir)
     manifest = Path(manifest)
+    files = _pred_files(pred_dir, sections)
     out = Path(out) if out is not None else pred_dir
     out.mkdir(parents=True, exist_ok=True)
-    files = _pred_files(pred_dir, sections)
     bl = _BaselineCache(manifest, progress) if baseline else None
     patients = _manifest_patients(manifest)
 

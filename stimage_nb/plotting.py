@@ -4,7 +4,7 @@ Every function takes ``ax=None`` (or ``axes=None`` for multi-panel figures), dra
 figure, and returns the :class:`~matplotlib.figure.Figure`; none calls ``plt.show()``. Close figures you
 no longer need (``plt.close(fig)``).
 
-- :func:`celltype_colors`: the package's fixed cell-type palette (used by every figure and export).
+- :func:`celltype_colors`: the package's cell-type colours (those of every export, see :mod:`stimage_nb._colours`).
 - :func:`spatial_gene`: observed vs predicted mean vs aleatoric vs epistemic uncertainty of one gene,
   over the section's H&E.
 - :func:`celltype_map`: dominant cell type per spot (predicted, or observed proportions).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -28,114 +27,39 @@ from . import _keys as K
 
 log = logging.getLogger(__name__)
 
-__all__ = ["celltype_colors", "CELLTYPE_PALETTE", "spatial_gene", "celltype_map", "correlation_distribution",
+__all__ = ["celltype_colors", "spatial_gene", "celltype_map", "correlation_distribution",
            "calibration_plot", "MODEL_COLOR", "BASELINE_COLOR"]
 
 MODEL_COLOR = "#3b6fb6"
 BASELINE_COLOR = "#b0b0b0"
 
-#: Fixed colours of known cell types (her2st stereoscope major and minor types, and generic classes).
-#: Minor types are shades of their lineage's major colour.
-CELLTYPE_PALETTE: dict[str, str] = {
-    # her2st major
-    "Epithelial": "#d62728",
-    "CAFs": "#2ca02c",
-    "T-cells": "#1f77b4",
-    "B-cells": "#9467bd",
-    "Myeloid": "#ff7f0e",
-    "Plasma Cells": "#e377c2",
-    "Endothelial": "#8c564b",
-    "PVL": "#17becf",
-    # her2st minor (shades of the major lineage)
-    "Cancer Epithelial": "#b2182b",
-    "Normal Epithelial": "#f4a582",
-    "CAFs MSC/iCAF-like": "#74c476",
-    "CAFs myCAF-like": "#006d2c",
-    "CD4+ T-cells": "#6baed6",
-    "CD8+ T-cells": "#08519c",
-    "Cycling T-cells": "#3182bd",
-    "NK cells": "#9ecae1",
-    "NKT cells": "#c6dbef",
-    "B-cells Memory": "#6a51a3",
-    "B-cells Naive": "#bcbddc",
-    "Macrophages": "#e6550d",
-    "Monocytes": "#fdae6b",
-    "DCs": "#a63603",
-    "Cycling Myeloid": "#fd8d3c",
-    "Endothelial ACKR1": "#8c6d31",
-    "Endothelial CXCL12": "#bd9e39",
-    "Endothelial Lymphatic LYVE1": "#e7cb94",
-    "Endothelial RGS5": "#843c39",
-    "PVL Differentiated": "#0e8a96",
-    "PVL Immature": "#9edae5",
-    # generic classes (QuPath-style annotations)
-    "Tumor": "#c8001e",
-    "Tumour": "#c8001e",
-    "Stroma": "#96c850",
-    "Immune cells": "#a05aff",
-    "Necrosis": "#323232",
-    "Other": "#7f7f7f",
-    "Unknown": "#c7c7c7",
-}
-
-_FALLBACK = (  # tab20 + tab20b, for names not in the fixed table
-    "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd",
-    "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
-    "#17becf", "#9edae5", "#393b79", "#5254a3", "#6b6ecf", "#9c9ede", "#637939", "#8ca252", "#b5cf6b",
-    "#cedb9c", "#8c6d31", "#bd9e39", "#e7ba52", "#e7cb94", "#843c39", "#ad494a", "#d6616b", "#e7969c",
-    "#7b4173", "#a55194", "#ce6dbd", "#de9ed6",
-)
-
-
-def _norm_name(name: str) -> str:
-    return " ".join(str(name).split()).casefold()
-
-
-_PALETTE_NORM = {_norm_name(k): v for k, v in CELLTYPE_PALETTE.items()}
-
-
 def celltype_colors(names: Sequence[str], *, as_rgb255: bool = False) -> dict:
-    """Colours of cell types, consistent across every figure and export of the package.
+    """Colours of cell types, the same in every figure and export of the package.
+
+    A thin wrapper over :func:`stimage_nb._colours.class_colours`, the one place that assigns class
+    colours (QuPath GeoJSON classes, OME-Zarr label ``colors`` and these figures all use it): QuPath's
+    built-in classes keep QuPath's colours, other names take the next free colour of a fixed
+    qualitative palette in the order given. Pass the full, ordered cell-type list of a model (e.g. the
+    columns of ``obsm["celltype_mean"]``), not a subset, so a type keeps its colour everywhere.
 
     Parameters
     ----------
     names
-        Cell-type names (e.g. the columns of ``obsm["celltype_mean"]``).
+        Cell-type names, in the model's order.
     as_rgb255
-        Return ``(r, g, b)`` integer tuples in 0..255 (for QuPath, OME-Zarr label ``colors``)
-        instead of ``"#rrggbb"`` strings.
+        Return ``(r, g, b)`` integer tuples in 0..255 instead of ``"#rrggbb"`` strings.
 
     Returns
     -------
-    ``{name: colour}``. Known types (:data:`CELLTYPE_PALETTE`; matching ignores case and repeated
-    spaces) always get the same colour. Other names get a colour chosen from a 40-colour palette by a
-    hash of the name (so a name keeps its colour between runs), moved to the next free colour when
-    that one is already taken in this call.
+    ``{name: colour}`` in the order of ``names``.
     """
-    out: dict = {}
-    used: set[str] = set()
-    unknown = []
-    for n in names:
-        c = _PALETTE_NORM.get(_norm_name(n))
-        if c is None:
-            unknown.append(n)
-        else:
-            out[n] = c
-            used.add(c)
-    for n in sorted(unknown, key=str):
-        i = zlib.crc32(_norm_name(n).encode()) % len(_FALLBACK)
-        for k in range(len(_FALLBACK)):
-            c = _FALLBACK[(i + k) % len(_FALLBACK)]
-            if c not in used:
-                break
-        out[n] = c
-        used.add(c)
-    out = {n: out[n] for n in names}
-    if as_rgb255:
-        from matplotlib.colors import to_rgb
+    from ._colours import class_colours
 
-        out = {n: tuple(int(round(255 * v)) for v in to_rgb(c)) for n, c in out.items()}
-    return out
+    rgb = class_colours([str(n) for n in names])
+    out = {n: rgb[str(n)] for n in names}
+    if as_rgb255:
+        return {n: tuple(int(v) for v in c) for n, c in out.items()}
+    return {n: "#{:02x}{:02x}{:02x}".format(*c) for n, c in out.items()}
 
 
 # ----------------------------------------------------------------------------- helpers
