@@ -444,6 +444,15 @@ def _classes(adata) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
     return [], None, None
 
 
+def _kind(adata) -> str:
+    """"cells" or "spots": from ``obs["object_type"]``, nuclei, or ``uns`` ``observation``."""
+    if K.OBJECT_TYPE in adata.obs:
+        return "cells" if (adata.obs[K.OBJECT_TYPE].astype(str) == "cell").all() else "spots"
+    if K.NUCLEUS_GEOMETRY in adata.obs or str(_uns(adata).get("observation", "")).lower().startswith("cell"):
+        return "cells"
+    return "spots"
+
+
 def observation_shapes(adata, image: "SlideImage", base_level: int = 0) -> Shapes:
     """The observations of a section or prediction AnnData as :class:`Shapes` in level ``base_level`` pixels.
 
@@ -575,7 +584,7 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
     um0 = image.um_per_px * ds
     names, cls, pmax = _classes(pred)
     colours = class_colours(names, uns.get(K.CLASS_COLOURS))
-    kind = "cells" if (K.GEOMETRY in pred.obs or str(uns.get("observation", "")).startswith("cell")) else "spots"
+    kind = _kind(pred)
     ids = [str(i) for i in pred.obs_names]
 
     with _atomic_store(path) as tmp:
