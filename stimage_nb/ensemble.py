@@ -1,0 +1,327 @@
+"""Deep ensembles of :class:`~stimage_nb.models.STModel` members, saved as safetensors + JSON.
+
+Prediction for each spot and gene (Lakshminarayanan et al. 2017, with negative-binomial members):
+
+- predictive mean            E[y]       = mean over members of μ_m
+- aleatoric variance         E[Var(y|m)] = mean over members of μ_m + μ_m²/θ_m
+- epistemic variance         Var(E[y|m]) = variance over members of μ_m (population variance)
+
+so that the predictive variance of the mixture is their sum. For cell types: the mean of the members'
+softmax probabilities and their standard deviation across members.
+
+On disk (``Ensemble.save(dir)``): ``member_{i}.safetensors`` per member and ``ensemble.json``
+(genes, cell types, tile µm, out_px, how µm/px is handled, stain normalisation parameters, training
+sections, member architectures and sha256 of their files, package/torch/timm versions). No pickle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import StimageInputError
+from .models.model import STModel, build_model
+from .stain import MacenkoNormalizer, normalizer_from_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT = "stimage_nb.ensemble"
+FORMAT_VERSION = 1
+CONFIG_NAME = "ensemble.json"
+UM_PER_PX_HANDLING = ("Tiles are squares of tile_um micrometres around each spot, read from the pyramid level "
+                      "nearest to (not coarser than) tile_um/out_px µm/px and resampled to out_px pixels, so a "
+                      "slide scanned at any resolution gives tiles of the same physical field; the image's "
+                      "µm/px comes from its metadata or the manifest.")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one is an input error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise StimageInputError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.")
+    return d
+
+
+def versions() -> dict:
+    """Versions recorded with every saved model and prediction."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("stimage_nb", "timm", "safetensors", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            out[pkg] = None
+    return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_state_dict(module_or_sd, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a state dict as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    sd = module_or_sd.state_dict() if hasattr(module_or_sd, "state_dict") else module_or_sd
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file(sd, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """Write JSON atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (Path,)):
+        return str(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+class Ensemble:
+    """N members predicting the same genes and cell types from tiles of the same size.
+
+    Parameters
+    ----------
+    members
+        The trained :class:`STModel` members.
+    genes, celltypes
+        Output names, in the heads' order.
+    tile_um, out_px
+        Tile side in µm and in pixels (after resampling).
+    stain
+        The stain normaliser fitted at training (``None``: no normalisation).
+    meta
+        Extra provenance (training sections, config, per-member info...).
+    """
+
+    def __init__(self, members: list[STModel], *, genes: list[str], celltypes: list[str], tile_um: float, out_px: int,
+                 stain: MacenkoNormalizer | None = None, meta: dict | None = None):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        for m in members:
+            if m.n_genes != len(genes) or m.n_celltypes != len(celltypes):
+                raise ValueError(f"member outputs ({m.n_genes} genes, {m.n_celltypes} cell types) do not match "
+                                 f"{len(genes)} genes and {len(celltypes)} cell types")
+        self.members = list(members)
+        self.genes, self.celltypes = list(genes), list(celltypes)
+        self.tile_um, self.out_px = float(tile_um), int(out_px)
+        self.stain = stain
+        self.meta = dict(meta or {})
+        self.meta.setdefault("run_id", uuid.uuid4().hex[:12])
+        self._digests: list[str] | None = self.meta.get("_digests")
+        self.meta.pop("_digests", None)
+        self.device = torch.device("cpu")
+        for m in self.members:
+            m.eval()
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    @property
+    def run_id(self) -> str:
+        return self.meta["run_id"]
+
+    def __repr__(self) -> str:
+        bbs = sorted({m.backbone_name for m in self.members})
+        return (f"Ensemble({self.n_members} members of {bbs}, {len(self.genes)} genes, {len(self.celltypes)} cell types, "
+                f"tiles {self.tile_um:g} µm at {self.out_px} px)")
+
+    def to(self, device) -> "Ensemble":
+        self.device = resolve_device(device)
+        for m in self.members:
+            m.to(self.device)
+            if self.device.type == "cuda":
+                m.to(memory_format=torch.channels_last)
+        return self
+
+    def _groups(self) -> list[list[int]]:
+        """Members sharing an identical backbone and input normalisation (features computed once)."""
+        if self._digests is None:
+            self._digests = [m.backbone_digest() for m in self.members]
+        keys: dict[tuple, list[int]] = {}
+        for i, m in enumerate(self.members):
+            key = (self._digests[i], tuple(m.mean.flatten().tolist()), tuple(m.std.flatten().tolist()))
+            keys.setdefault(key, []).append(i)
+        return list(keys.values())
+
+    # ------------------------------------------------------------------ prediction
+    def stain_source(self, tiles):
+        """The stain estimate of a set of tiles (one section), or ``None`` without normalisation."""
+        return None if self.stain is None else self.stain.estimate(tiles)
+
+    @torch.no_grad()
+    def predict_tiles(self, tiles, *, batch_size: int = 256, stain_source="auto", progress: bool = False,
+                      amp: bool = True) -> dict[str, np.ndarray]:
+        """Predict uint8 tiles (n, out_px, out_px, 3) of one section.
+
+        Parameters
+        ----------
+        tiles
+            uint8 array or tensor.
+        stain_source
+            The section's stain estimate (:meth:`stain_source`); ``"auto"`` estimates it from ``tiles``.
+        amp
+            bf16 autocast on CUDA.
+
+        Returns
+        -------
+        dict of float32 arrays: ``mean``, ``aleatoric_var``, ``epistemic_var`` (n, genes),
+        ``celltype_mean``, ``celltype_std`` (n, cell types).
+        """
+        from .augment import to_float
+
+        x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[3] != 3:
+            raise StimageInputError(f"tiles must be uint8 (n, h, w, 3), got {tuple(x.shape)} {x.dtype}")
+        if x.shape[1] != self.out_px or x.shape[2] != self.out_px:
+            raise StimageInputError(f"tiles are {x.shape[1]}x{x.shape[2]} px but the model was trained on "
+                                    f"{self.out_px} px tiles of {self.tile_um:g} µm; extract tiles with these sizes.")
+        dev = self.device
+        M = None
+        if self.stain is not None:
+            src = self.stain.estimate(x) if isinstance(stain_source, str) and stain_source == "auto" else stain_source
+            if src is not None:
+                M, _ = self.stain._mapping(src, dev)
+        n, G, C = x.shape[0], len(self.genes), len(self.celltypes)
+        out = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
+               "epistemic_var": np.empty((n, G), np.float32), "celltype_mean": np.empty((n, C), np.float32),
+               "celltype_std": np.empty((n, C), np.float32)}
+        groups = self._groups()
+        use_amp = amp and dev.type == "cuda"
+        it = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="predict", leave=False, unit="batch")
+        for i in it:
+            xb = x[i:i + batch_size].to(dev, non_blocking=True)
+            if M is not None:
+                xb = self.stain.apply(xb, M)
+            xf = to_float(xb)
+            mus, vars_, probs = [None] * self.n_members, [None] * self.n_members, [None] * self.n_members
+            for grp in groups:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    f = self.members[grp[0]].features(xf)
+                for j in grp:
+                    o = self.members[j].heads(f.float())
+                    mu = torch.exp(o.log_mu.double())
+                    theta = torch.exp(o.log_theta.double())
+                    mus[j], vars_[j] = mu, mu + mu * mu / theta
+                    if C:
+                        probs[j] = torch.softmax(o.logits.double(), dim=1)
+            mu = torch.stack(mus)
+            sl = slice(i, i + xb.shape[0])
+            out["mean"][sl] = mu.mean(0).cpu().numpy()
+            out["aleatoric_var"][sl] = torch.stack(vars_).mean(0).cpu().numpy()
+            out["epistemic_var"][sl] = mu.var(0, correction=0).cpu().numpy()
+            if C:
+                p = torch.stack(probs)
+                out["celltype_mean"][sl] = p.mean(0).cpu().numpy()
+                out["celltype_std"][sl] = p.std(0, correction=0).cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        """The JSON config written by :meth:`save` (without per-file hashes)."""
+        meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "genes": self.genes, "celltypes": self.celltypes,
+                "tile_um": self.tile_um, "out_px": self.out_px, "model_um_per_px": self.tile_um / self.out_px,
+                "um_per_px_handling": UM_PER_PX_HANDLING,
+                "stain_normalization": self.stain.to_dict() if self.stain is not None else {"method": "none"},
+                "versions": versions(), **meta}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``member_{i}.safetensors`` and ``ensemble.json`` into ``directory`` (atomically per file;
+        ``ensemble.json``, written last, marks a complete ensemble)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self.config()
+        cfg.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        members_meta = list(self.meta.get("members") or [{} for _ in self.members])
+        digests = self._digests or [m.backbone_digest() for m in self.members]
+        entries = []
+        for i, m in enumerate(self.members):
+            f = d / f"member_{i}.safetensors"
+            save_state_dict(m, f, metadata={"format": FORMAT, "member": i})
+            extra = members_meta[i] if i < len(members_meta) else {}
+            entries.append({**extra, **m.config(), "file": f.name, "sha256": sha256_file(f), "backbone_sha256": digests[i]})
+        cfg["members"] = entries
+        cfg["n_members"] = len(entries)
+        cfg["weights_sha256"] = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
+        write_json(cfg, d / CONFIG_NAME)
+        self.meta.update({k: cfg[k] for k in ("members", "weights_sha256", "created")})
+        log.info("saved %r to %s", self, d)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True) -> "Ensemble":
+        """Load an ensemble saved by :meth:`save` onto ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        p = d / CONFIG_NAME
+        if not p.is_file():
+            hint = (" It holds an unfinished training run: run the same `stimage-nb train` command again to resume."
+                    if (d / "run.json").is_file() else " Is this the --out directory of `stimage-nb train`?")
+            raise StimageInputError(f"{d}: no {CONFIG_NAME}; not a trained model directory.{hint}")
+        try:
+            cfg = json.loads(p.read_text())
+        except Exception as e:  # noqa: BLE001
+            raise StimageInputError(f"{p}: unreadable model config ({e}).") from e
+        if cfg.get("format") != FORMAT:
+            raise StimageInputError(f"{p}: not a stimage_nb ensemble config (format={cfg.get('format')!r}).")
+        members = []
+        for e in cfg["members"]:
+            f = d / e["file"]
+            if not f.is_file():
+                raise StimageInputError(f"{f}: member weights missing (listed in {p}).")
+            if verify and e.get("sha256") and sha256_file(f) != e["sha256"]:
+                raise StimageInputError(f"{f}: sha256 does not match {p}; the file is corrupt or was replaced.")
+            m = build_model(e, "none")
+            sd = load_file(str(f))
+            missing, unexpected = m.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise StimageInputError(f"{f}: weights do not fit the recorded architecture {e['backbone']!r} "
+                                        f"(missing {missing[:5]}, unexpected {unexpected[:5]}).")
+            members.append(m)
+        meta = {k: v for k, v in cfg.items() if k not in ("genes", "celltypes", "tile_um", "out_px",
+                                                         "stain_normalization", "format", "format_version")}
+        meta["_digests"] = [e.get("backbone_sha256") for e in cfg["members"]] if all(
+            e.get("backbone_sha256") for e in cfg["members"]) else None
+        ens = cls(members, genes=cfg["genes"], celltypes=cfg["celltypes"], tile_um=cfg["tile_um"], out_px=cfg["out_px"],
+                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta)
+        ens.path = d
+        return ens.to(device)

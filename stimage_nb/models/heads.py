@@ -1,0 +1,118 @@
+"""Prediction heads on top of a backbone's pooled features.
+
+- :class:`NBHead`: one negative-binomial distribution per gene (the STimage head). The mean is
+  ``exp(W f + b)`` with a per-gene log-mean bias ``b`` initialised from the training counts (so an
+  untrained head already predicts each gene's average), and the dispersion θ is a learned per-gene
+  parameter (initialised by the method of moments).
+- :class:`CellTypeHead`: softmax over cell types, trained by cross-entropy against soft targets
+  (per-spot proportions) or one-hot labels; rows with NaN targets are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .nb import moment_init, nb_nll
+
+MAX_LOG_MEAN = 20.0   # exp(20) ~ 5e8 counts: far above any spot, keeps exp finite under bf16
+LOG_THETA_RANGE = (-7.0, 12.0)
+
+
+class NBHead(nn.Module):
+    """Per-gene negative-binomial head.
+
+    Parameters
+    ----------
+    in_features
+        Width of the backbone features.
+    n_genes
+        Number of genes.
+    dropout
+        Dropout on the features during training.
+    """
+
+    def __init__(self, in_features: int, n_genes: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.linear = nn.Linear(in_features, n_genes)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+        self.log_mean_bias = nn.Parameter(torch.zeros(n_genes))
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    @torch.no_grad()
+    def init_from_counts(self, counts: Tensor) -> None:
+        """Set the log-mean bias to log(mean count) and θ to its moment estimate, per gene."""
+        log_mu, log_theta = moment_init(counts.float().cpu())
+        self.log_mean_bias.copy_(log_mu.to(self.log_mean_bias.device))
+        self.log_theta.copy_(log_theta.clamp(*LOG_THETA_RANGE).to(self.log_theta.device))
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(log_mu (n, genes), log_theta (genes,))``."""
+        eta = self.linear(self.dropout(features)).float() + self.log_mean_bias
+        return eta.clamp(max=MAX_LOG_MEAN), self.log_theta.clamp(*LOG_THETA_RANGE)
+
+    @staticmethod
+    def loss(counts: Tensor, log_mu: Tensor, log_theta: Tensor) -> Tensor:
+        """Mean NB negative log-likelihood over spots and genes."""
+        return nb_nll(counts.float(), log_mu.float(), log_theta.float())
+
+
+class CellTypeHead(nn.Module):
+    """Softmax cell-type head trained on proportions (soft targets) or one-hot labels."""
+
+    def __init__(self, in_features: int, n_types: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.linear = nn.Linear(in_features, n_types)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    @torch.no_grad()
+    def init_from_targets(self, targets: Tensor) -> None:
+        """Set the bias to the log of the mean target proportions (NaN rows ignored)."""
+        ok = ~torch.isnan(targets).any(1)
+        if ok.any():
+            p = targets[ok].float().mean(0).clamp_min(1e-4)
+            self.linear.bias.copy_(torch.log(p / p.sum()).to(self.linear.bias.device))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits (n, types)."""
+        return self.linear(self.dropout(features)).float()
+
+    @staticmethod
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        """See :func:`soft_cross_entropy`."""
+        return soft_cross_entropy(logits, targets)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy −Σ p log q against target distributions, averaged over rows with valid targets.
+
+    ``targets`` are proportions (each row is renormalised to sum to 1) or one-hot labels; a row
+    holding any NaN, or summing to zero, is masked out. With no valid row the loss is a zero that
+    keeps the graph (so it can always be added).
+    """
+    targets = targets.to(logits.dtype)
+    valid = ~torch.isnan(targets).any(1)
+    t = torch.nan_to_num(targets, nan=0.0).clamp_min(0)
+    s = t.sum(1, keepdim=True)
+    valid = valid & (s[:, 0] > 0)
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    t = t[valid] / s[valid]
+    logq = torch.log_softmax(logits[valid], dim=1)
+    return -(t * logq).sum(1).mean()
+
+
+def labels_to_targets(labels, classes: list[str]) -> Tensor:
+    """One-hot targets (n, len(classes)) for hard labels; unknown or missing labels become NaN rows."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = torch.full((len(labels), len(classes)), float("nan"))
+    for r, lab in enumerate(labels):
+        i = index.get(str(lab)) if lab is not None else None
+        if i is not None:
+            out[r] = 0.0
+            out[r, i] = 1.0
+    return out

@@ -1,0 +1,796 @@
+"""Training a deep ensemble on sections with counts.
+
+``train(manifest, genes=..., out=RUN_DIR, config=TrainConfig(...))`` reads the sections, extracts
+tiles once (cached on disk by :mod:`stimage_nb.tiles`), normalises stains per section (Macenko, on
+the device), keeps tiles as uint8 tensors on the device and augments each batch there, then trains
+``config.members`` members (different seeds, optionally different backbones) with a
+negative-binomial gene head and a soft-target cell-type head.
+
+- **Early stopping** on validation *sections* (never spots of a training section).
+- **A checkpoint per epoch** in ``RUN_DIR/members/m{i}/`` (model and optimizer as safetensors, state
+  as JSON); a killed or cancelled run restarted with the same command continues from the last
+  finished epoch, and gives the same weights as an uninterrupted run (every epoch re-seeds its RNGs
+  from ``(seed, member, epoch)``).
+- **Frozen-backbone fast path** (``frozen=True``): features of every tile (8 dihedral views) are
+  computed once, cached in ``RUN_DIR/cache/``, and only the heads are trained; otherwise full
+  fine-tuning.
+- On CUDA: bf16 autocast and channels_last.
+- **Callbacks** (:class:`Callback`, Lightning-style empty hooks) drive progress bars, live loss
+  curves and cancellation.
+
+The finished run directory is an :class:`~stimage_nb.ensemble.Ensemble` (``ensemble.json`` +
+``member_{i}.safetensors``) that ``predict`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import _keys as K
+from .augment import AugmentConfig, _layout, augment, dihedral_views, to_float
+from .ensemble import CONFIG_NAME, Ensemble, resolve_device, save_state_dict, versions, write_json
+from .errors import StimageInputError
+from .io.section import Section, select_genes
+from .models.heads import labels_to_targets, soft_cross_entropy
+from .models.model import STModel, build_model
+from .models.nb import nb_nll
+from .stain import MacenkoNormalizer
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "run.json"
+# Settings that may change between an interrupted run and its resumption.
+_RESUMABLE_FIELDS = {"device", "amp", "channels_last", "progress", "eval_batch_size"}
+
+
+# ---------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. The defaults are the package's offline default method.
+
+    Attributes
+    ----------
+    backbone
+        timm model name; several names separated by commas are cycled over the members.
+    weights
+        ``"none"`` (train from scratch), a local ``.safetensors`` file, ``"pretrained"``, a timm
+        ``name.tag`` or ``"hf-hub:org/repo"`` (see :func:`stimage_nb.models.create_backbone`).
+    backbone_kwargs
+        Extra arguments for :func:`timm.create_model`.
+    tile_um, out_px
+        Tile side in µm (``None``: 1.5 x the spot diameter) and in pixels after resampling.
+    epochs, batch_size, lr, weight_decay, patience
+        Optimisation (AdamW, cosine schedule, early stopping after ``patience`` epochs without a
+        better validation loss).
+    members, seed
+        Ensemble size; member ``i`` is seeded from ``seed`` and ``i``.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    frozen
+        Frozen-backbone fast path (features computed once; heads trained).
+    frozen_views
+        Dihedral views per tile whose features are cached for the frozen path (1 or 8).
+    val_sections
+        Default validation sections when the caller names none.
+    amp, channels_last
+        bf16 autocast and channels_last memory format on CUDA.
+    stain
+        ``"macenko"`` or ``"none"``.
+    augment
+        :class:`~stimage_nb.augment.AugmentConfig` fields.
+    celltype_weight
+        Weight of the cell-type loss relative to the gene NLL.
+    dropout
+        Dropout on the features before the heads.
+    """
+
+    backbone: str = "resnet18"
+    weights: str = "none"
+    backbone_kwargs: dict = field(default_factory=dict)
+    tile_um: float | None = 150.0
+    out_px: int = 112
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    head_lr: float | None = None
+    weight_decay: float = 1e-4
+    members: int = 5
+    seed: int = 0
+    device: str = "auto"
+    frozen: bool = False
+    frozen_views: int = 8
+    patience: int = 4
+    val_sections: list[str] | None = None
+    amp: bool = True
+    channels_last: bool = True
+    stain: str = "macenko"
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+    celltype_weight: float = 1.0
+    dropout: float = 0.1
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.stain not in ("macenko", "none"):
+            raise StimageInputError(f"stain must be 'macenko' or 'none', not {self.stain!r}")
+        if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
+            raise StimageInputError(f"invalid training config: members={self.members}, epochs={self.epochs}, "
+                                    f"batch_size={self.batch_size}, out_px={self.out_px}")
+        if self.frozen_views not in (1, 8):
+            raise StimageInputError("frozen_views must be 1 or 8")
+        if isinstance(self.augment, AugmentConfig):
+            self.augment = self.augment.to_dict()
+
+    @property
+    def backbones(self) -> list[str]:
+        return [b.strip() for b in str(self.backbone).split(",") if b.strip()]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise StimageInputError(f"unknown training settings {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_cli(cls, args) -> "TrainConfig":
+        """A config from ``stimage-nb train`` arguments; options left unset keep the defaults."""
+        d = {}
+        for name in ("backbone", "weights", "epochs", "members", "device", "seed", "tile_um", "out_px",
+                     "batch_size", "lr", "patience"):
+            v = getattr(args, name, None)
+            if v is not None:
+                d[name] = v
+        if getattr(args, "frozen", False):
+            d["frozen"] = True
+        if getattr(args, "val_sections", None):
+            v = args.val_sections
+            d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------- callbacks
+@dataclass
+class TrainState:
+    """What callbacks see (and may change: set ``should_stop`` to cancel)."""
+
+    run_dir: Path
+    n_members: int
+    epochs: int
+    member: int = 0
+    epoch: int = -1
+    batch: int = 0
+    n_batches: int = 0
+    batch_loss: float = float("nan")
+    train_loss: float = float("nan")
+    val_loss: float = float("nan")
+    best_val: float = float("inf")
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+    should_stop: bool = False
+    resumed_from: int | None = None
+
+
+class Callback:
+    """Base class with empty hooks, called by :func:`train` (cf. Lightning)."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+    def on_member_start(self, state: TrainState) -> None: ...
+    def on_batch_end(self, state: TrainState) -> None: ...
+    def on_epoch_end(self, state: TrainState) -> None: ...
+    def on_member_end(self, state: TrainState) -> None: ...
+    def on_train_end(self, state: TrainState) -> None: ...
+
+
+class TrainingCancelled(RuntimeError):
+    """A callback asked training to stop; the last finished epoch is checkpointed."""
+
+
+class ProgressCallback(Callback):
+    """``tqdm.auto`` bars: one per member over epochs, with the current losses."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_member_start(self, state):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.epochs, initial=max(state.epoch + 1, 0),
+                        desc=f"member {state.member + 1}/{state.n_members}", unit="epoch", leave=True)
+
+    def on_epoch_end(self, state):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(train=f"{state.train_loss:.4f}", val=f"{state.val_loss:.4f}")
+
+    def on_member_end(self, state):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_train_end = on_member_end
+
+
+class LossHistory(Callback):
+    """Collects one row per epoch (member, epoch, train_loss, val_loss); ``on_update(rows)`` is called
+    after each epoch (e.g. to redraw a live plot in Jupyter)."""
+
+    def __init__(self, on_update=None):
+        self.rows: list[dict] = []
+        self.on_update = on_update
+
+    def on_epoch_end(self, state):
+        self.rows.append({"member": state.member, "epoch": state.epoch, "train_loss": state.train_loss,
+                          "val_loss": state.val_loss})
+        if self.on_update is not None:
+            self.on_update(self.rows)
+
+
+class StopOnEvent(Callback):
+    """Cancel training (after the current batch) when ``event`` (a ``threading.Event``) is set."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def on_batch_end(self, state):
+        if self.event.is_set():
+            state.should_stop = True
+
+    on_epoch_end = on_batch_end
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class _Data:
+    tiles: torch.Tensor          # uint8 (n, h, w, 3) on the device, stain-normalised
+    counts: torch.Tensor         # float32 (n, genes) on the device
+    targets: torch.Tensor | None  # float32 (n, types) with NaN rows, on the device
+    section: np.ndarray          # section index per row
+
+    def __len__(self):
+        return self.tiles.shape[0]
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _celltype_targets(section: Section, celltypes: list[str]) -> torch.Tensor:
+    n = section.adata.n_obs
+    props = section.adata.obsm.get(K.CELLTYPE_PROPORTIONS)
+    if props is not None and len(celltypes):
+        df = props.reindex(columns=celltypes)
+        arr = df.to_numpy(dtype=np.float32)
+        has_row = ~np.isnan(props.to_numpy(dtype=np.float32)).any(1)
+        arr = np.where(np.isnan(arr) & has_row[:, None], 0.0, arr)  # a type absent from this table: 0
+        return torch.from_numpy(arr)
+    if K.CELLTYPE_LABEL in section.adata.obs and len(celltypes):
+        return labels_to_targets(list(section.adata.obs[K.CELLTYPE_LABEL].astype(object)), celltypes)
+    return torch.full((n, len(celltypes)), float("nan"))
+
+
+def _celltypes_of(sections: Sequence[Section]) -> list[str]:
+    out: list[str] = []
+    for s in sections:
+        names = s.celltypes
+        if not names and K.CELLTYPE_LABEL in s.adata.obs:
+            names = sorted(str(v) for v in s.adata.obs[K.CELLTYPE_LABEL].dropna().unique())
+        out += [c for c in names if c not in out]
+    return out
+
+
+def _counts(section: Section) -> np.ndarray:
+    import scipy.sparse as sp
+
+    X = section.adata.X
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+
+
+def _section_tiles(section: Section, tile_um: float, out_px: int, progress: bool) -> np.ndarray:
+    from .tiles import extract_tiles
+
+    return extract_tiles(section.image, section.xy, tile_um, out_px, cache=True, progress=progress)
+
+
+def _build_data(sections, genes, celltypes, tile_um, out_px, normalizer, device, progress) -> _Data:
+    tiles, counts, targets, idx = [], [], [], []
+    for i, s in enumerate(sections):
+        t = _section_tiles(s, tile_um, out_px, progress)
+        t = torch.from_numpy(np.ascontiguousarray(t))
+        if normalizer is not None:
+            t = normalizer.transform(t, device=device)
+        tiles.append(t.to(device))
+        counts.append(torch.from_numpy(_counts(s)))
+        targets.append(_celltype_targets(s, celltypes))
+        idx.append(np.full(len(t), i))
+    return _Data(torch.cat(tiles), torch.cat(counts).to(device),
+                 torch.cat(targets).to(device) if celltypes else None, np.concatenate(idx))
+
+
+def _load_sections(manifest, sections, val_sections, genes, drop_missing_genes) -> tuple[list[Section], list[Section]]:
+    """Training and validation sections, with counts restricted to ``genes`` (common to all)."""
+    if isinstance(manifest, (str, os.PathLike)):
+        from .io.readers import read_manifest
+
+        wanted = None
+        if sections is not None:
+            wanted = list(dict.fromkeys(list(sections) + list(val_sections or [])))
+        all_secs = read_manifest(manifest, wanted, genes=genes, drop_missing_genes=drop_missing_genes)
+        src = str(manifest)
+    else:
+        all_secs = list(manifest)
+        src = "the given sections"
+        for s in all_secs:
+            if not isinstance(s, Section):
+                raise StimageInputError(f"train() takes a manifest path or a list of Sections, got {type(s).__name__}")
+    with_counts = [s for s in all_secs if s.has_counts]
+    if not with_counts:
+        raise StimageInputError(f"{src}: no section has counts; training needs spatial counts.")
+    by_name = {s.name: s for s in with_counts}
+    no_counts = [s.name for s in all_secs if not s.has_counts and (sections is None or s.name in (sections or []))]
+    if no_counts and sections is not None:
+        raise StimageInputError(f"{src}: sections {no_counts} have no counts and cannot be trained on.")
+    val_names = list(val_sections or [])
+    unknown = [v for v in val_names if v not in by_name]
+    if unknown:
+        raise StimageInputError(f"{src}: validation sections {unknown} are not sections with counts ({list(by_name)}).")
+    train_names = [s.name for s in with_counts if (sections is None or s.name in sections) and s.name not in val_names]
+    if val_sections is None and len(train_names) >= 3:
+        val_names = [train_names.pop()]  # hold out one whole section for early stopping
+        log.info("no validation sections given; holding out %s for early stopping", val_names)
+    if not train_names:
+        raise StimageInputError(f"{src}: no training sections left after removing the validation sections {val_names}.")
+    train_s = [by_name[n] for n in train_names]
+    val_s = [by_name[n] for n in val_names]
+    # genes common to every section, in the requested order
+    gene_list = list(genes) if genes is not None else train_s[0].genes
+    common = [g for g in gene_list if all(g in set(s.genes) for s in train_s + val_s)]
+    if len(common) < len(gene_list):
+        missing = [g for g in gene_list if g not in common]
+        if not drop_missing_genes:
+            raise StimageInputError(f"{src}: {len(missing)} genes are missing from some sections' counts: "
+                                    f"{missing[:10]}. Fix the gene list or pass drop_missing_genes=True "
+                                    "(CLI: --drop-missing-genes).")
+        log.warning("dropping %d genes missing from some sections: %s", len(missing), missing[:10])
+    if not common:
+        raise StimageInputError(f"{src}: none of the requested genes is in the counts.")
+    out = []
+    for group in (train_s, val_s):
+        secs = []
+        for s in group:
+            s2, _ = select_genes(s, common, source=src)
+            secs.append(s2.drop_outside_image())
+        out.append(secs)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------- optimizer state as safetensors
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}/{k}"] = v
+            else:
+                scalars[f"{pid}/{k}"] = v
+    save_state_dict(tensors, path)
+    return {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        pid, k = key.split("/", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---------------------------------------------------------------------- the run directory
+def _fingerprint(cfg: TrainConfig, genes, celltypes, train_names, val_names, tile_um) -> dict:
+    c = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    c["tile_um"] = tile_um
+    return {"config": c, "genes": list(genes), "celltypes": list(celltypes), "train_sections": list(train_names),
+            "val_sections": list(val_names)}
+
+
+def _check_or_write_run(out: Path, fp: dict) -> dict:
+    p = out / RUN_NAME
+    if p.is_file():
+        old = json.loads(p.read_text())
+        diffs = [k for k in fp if old.get(k) != fp[k]]
+        if "config" in diffs:
+            keys = sorted(k for k in set(fp["config"]) | set(old.get("config", {}))
+                          if fp["config"].get(k) != old.get("config", {}).get(k))
+            diffs = [d if d != "config" else f"config {keys}" for d in diffs]
+        if diffs:
+            raise StimageInputError(
+                f"{out}: this directory holds a run with different settings ({', '.join(diffs)} differ). "
+                "Use another --out, or delete the directory to start over.")
+        return old
+    run = {**fp, "run_id": hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+           + "-" + _dt.datetime.now().strftime("%Y%m%d%H%M%S"),
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(run, p)
+    return run
+
+
+# ---------------------------------------------------------------------- training one member
+def _lr_factor(epoch: int, it: int, n_it: int, epochs: int) -> float:
+    """Linear warm-up over the first epoch, then cosine decay to 5% over the rest."""
+    if epoch == 0:
+        return (it + 1) / max(n_it, 1)
+    t = (epoch - 1 + it / max(n_it, 1)) / max(epochs - 1, 1)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _make_model(cfg: TrainConfig, backbone: str, n_genes: int, n_types: int, seed: int) -> STModel:
+    from .models.backbone import create_backbone
+
+    torch.manual_seed(seed)
+    bb = create_backbone(backbone, cfg.weights, **cfg.backbone_kwargs)
+    return STModel(bb, n_genes, n_types, backbone_name=backbone, backbone_kwargs=cfg.backbone_kwargs,
+                   dropout=cfg.dropout)
+
+
+def _loss(out, counts, targets, w_ct: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nll = nb_nll(counts, out.log_mu.float(), out.log_theta.float())
+    ce = soft_cross_entropy(out.logits, targets) if (out.logits is not None and targets is not None) else nll * 0
+    return nll + w_ct * ce, nll, ce
+
+
+@torch.no_grad()
+def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torch.Tensor | None = None) -> float:
+    model.eval()
+    tot, n = 0.0, 0
+    use_amp = cfg.amp and device.type == "cuda"
+    for i in range(0, len(data), cfg.eval_batch_size):
+        sl = slice(i, i + cfg.eval_batch_size)
+        if feats is not None:
+            out = model.heads(feats[0, sl])
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                f = model.features(to_float(data.tiles[sl]))
+            out = model.heads(f.float())
+        loss, _, _ = _loss(out, data.counts[sl], data.targets[sl] if data.targets is not None else None,
+                           cfg.celltype_weight)
+        b = data.counts[sl].shape[0]
+        tot += float(loss) * b
+        n += b
+    return tot / max(n, 1)
+
+
+@torch.no_grad()
+def compute_features(model: STModel, tiles: torch.Tensor, *, views: int = 8, batch_size: int = 256,
+                     amp: bool = True, progress: bool = False) -> torch.Tensor:
+    """Backbone features (views, n, dim) of uint8 tiles (dihedral views; view 0 is the tile itself)."""
+    model.eval()
+    dev = tiles.device
+    use_amp = amp and dev.type == "cuda"
+    out = torch.empty((views, tiles.shape[0], model.feat_dim), dtype=torch.float32, device=dev)
+    it = range(0, tiles.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="features", leave=False, unit="batch")
+    for i in it:
+        x = to_float(tiles[i:i + batch_size])
+        vs = dihedral_views(x)[:views]
+        for v, xv in enumerate(vs):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                out[v, i:i + x.shape[0]] = model.features(_layout(xv, None)).float()
+    return out
+
+
+def _member_dir(out: Path, i: int) -> Path:
+    d = out / "members" / f"m{i}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None, out: Path, device,
+                  callbacks: list[Callback], state: TrainState, feature_cache: dict) -> dict:
+    """Train (or resume, or skip a finished) member ``i``; returns its JSON state."""
+    mdir = _member_dir(out, i)
+    sp = mdir / "state.json"
+    mstate = json.loads(sp.read_text()) if sp.is_file() else None
+    if mstate and mstate.get("done"):
+        log.info("member %d already trained (best epoch %s)", i, mstate.get("best_epoch"))
+        return mstate
+    backbone = cfg.backbones[i % len(cfg.backbones)]
+    n_genes = train_d.counts.shape[1]
+    n_types = 0 if train_d.targets is None else train_d.targets.shape[1]
+    # In the frozen path members share one backbone (seeded from `seed`), so features are computed once.
+    bb_seed = _seed(cfg.seed, "backbone", backbone) if cfg.frozen else _seed(cfg.seed, i, "init")
+    model = _make_model(cfg, backbone, n_genes, n_types, bb_seed)
+    torch.manual_seed(_seed(cfg.seed, i, "heads"))
+    model.nb.init_from_counts(train_d.counts)
+    for head in filter(None, (model.nb.linear, model.celltype.linear if model.celltype else None)):
+        torch.nn.init.normal_(head.weight, std=0.01)  # re-drawn per member (the backbone may be shared)
+    if model.celltype is not None:
+        model.celltype.init_from_targets(train_d.targets)
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    feats_tr = feats_va = None
+    if cfg.frozen:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        key = (backbone, model.backbone_digest())
+        if key not in feature_cache:
+            feature_cache[key] = _cached_features(model, train_d, val_d, cfg, out, key[1], state)
+        feats_tr, feats_va = feature_cache[key]
+        head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+        opt = torch.optim.AdamW(head_params, lr=cfg.head_lr or cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        bb_params = [p for p in model.backbone.parameters()]
+        head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+        opt = torch.optim.AdamW([{"params": bb_params, "lr": cfg.lr},
+                                 {"params": head_params, "lr": cfg.head_lr or cfg.lr}],
+                                weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    start = 0
+    best_val, best_epoch, bad, history = float("inf"), -1, 0, []
+    if mstate:  # resume
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(mdir / mstate["model_file"])))
+        _load_optimizer(opt, mdir / mstate["optim_file"], mstate["optim"])
+        start = mstate["epoch"] + 1
+        best_val, best_epoch, bad, history = mstate["best_val"], mstate["best_epoch"], mstate["bad_epochs"], mstate["history"]
+        log.info("member %d: resuming after epoch %d", i, mstate["epoch"])
+        state.resumed_from = mstate["epoch"]
+    state.member, state.epoch, state.history = i, start - 1, history
+    state.best_val, state.best_epoch = best_val, best_epoch
+    for cb in callbacks:
+        cb.on_member_start(state)
+
+    n = len(train_d)
+    bs = min(cfg.batch_size, n)
+    n_it = max(1, n // bs)  # drop the last incomplete batch (BatchNorm and equal-weight steps)
+    aug_cfg = AugmentConfig.from_dict(cfg.augment)
+    use_amp = cfg.amp and device.type == "cuda"
+    cl = cfg.channels_last and device.type == "cuda"
+    stop_early = False
+    for epoch in range(start, cfg.epochs):
+        if bad >= cfg.patience and val_d is not None:
+            stop_early = True
+            break
+        torch.manual_seed(_seed(cfg.seed, i, epoch, "global"))
+        g = torch.Generator().manual_seed(_seed(cfg.seed, i, epoch, "data"))
+        perm = torch.randperm(n, generator=g)
+        model.train()
+        if cfg.frozen:
+            model.backbone.eval()
+        tot = 0.0
+        t0 = time.perf_counter()
+        for it in range(n_it):
+            idx = perm[it * bs:(it + 1) * bs]
+            for grp, base in zip(opt.param_groups, base_lrs):
+                grp["lr"] = base * _lr_factor(epoch, it, n_it, cfg.epochs)
+            idx_d = idx.to(device)
+            if cfg.frozen:
+                views = torch.randint(0, feats_tr.shape[0], (len(idx),), generator=g).to(device)
+                out_ = model.heads(feats_tr[views, idx_d])
+            else:
+                x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    f = model.features(x)
+                out_ = model.heads(f.float())
+            loss, nll, ce = _loss(out_, train_d.counts[idx_d],
+                                  train_d.targets[idx_d] if train_d.targets is not None else None, cfg.celltype_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"member {i} epoch {epoch}: the loss became {float(loss)}; lower --lr.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 5.0)
+            opt.step()
+            tot += float(loss.detach())
+            state.batch, state.n_batches, state.batch_loss = it, n_it, float(loss.detach())
+            for cb in callbacks:
+                cb.on_batch_end(state)
+            if state.should_stop:
+                raise TrainingCancelled(f"training cancelled in member {i} epoch {epoch}; run the same command "
+                                        "again to resume from the last finished epoch.")
+        train_loss = tot / n_it
+        val_loss = _evaluate(model, val_d, cfg, device, feats_va) if val_d is not None else float("nan")
+        improved = val_d is None or val_loss < best_val - 1e-5
+        if improved:
+            best_val, best_epoch, bad = (val_loss if val_d is not None else float("inf")), epoch, 0
+            save_state_dict(model, mdir / "best.safetensors")
+        else:
+            bad += 1
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "seconds": round(time.perf_counter() - t0, 3)})
+        # checkpoint: new files first, then the state that names them, then drop the old ones
+        mfile, ofile = f"last-e{epoch}.safetensors", f"optim-e{epoch}.safetensors"
+        save_state_dict(model, mdir / mfile)
+        ometa = _save_optimizer(opt, mdir / ofile)
+        new_state = {"member": i, "backbone": backbone, "epoch": epoch, "best_val": best_val, "best_epoch": best_epoch,
+                     "bad_epochs": bad, "history": history, "model_file": mfile, "optim_file": ofile, "optim": ometa,
+                     "model_config": model.config(), "done": False}
+        write_json(new_state, sp)
+        for old in mdir.glob("*-e*.safetensors"):
+            if old.name not in (mfile, ofile):
+                old.unlink(missing_ok=True)
+        log.info("member %d epoch %d: train %.4f val %.4f%s", i, epoch, train_loss, val_loss, " *" if improved else "")
+        state.epoch, state.train_loss, state.val_loss = epoch, train_loss, val_loss
+        state.best_val, state.best_epoch, state.history = best_val, best_epoch, history
+        for cb in callbacks:
+            cb.on_epoch_end(state)
+        if state.should_stop:
+            raise TrainingCancelled(f"training cancelled after member {i} epoch {epoch}; run the same command "
+                                    "again to resume.")
+    if stop_early or bad >= cfg.patience:
+        log.info("member %d: early stop; best epoch %d (val %.4f)", i, best_epoch, best_val)
+    final = json.loads(sp.read_text())
+    final.update({"done": True, "stopped_early": bool(stop_early or (val_d is not None and bad >= cfg.patience))})
+    write_json(final, sp)
+    for cb in callbacks:
+        cb.on_member_end(state)
+    return final
+
+
+def _cached_features(model: STModel, train_d: _Data, val_d: _Data | None, cfg: TrainConfig, out: Path, digest: str,
+                     state: TrainState):
+    from safetensors.torch import load_file
+
+    cdir = out / "cache"
+    cdir.mkdir(parents=True, exist_ok=True)
+    p = cdir / f"features-{digest[:16]}-v{cfg.frozen_views}.safetensors"
+    if p.is_file():
+        d = load_file(str(p), device=str(train_d.tiles.device))
+        if d["train"].shape[1] == len(train_d) and (val_d is None or d["val"].shape[1] == len(val_d)):
+            log.info("using cached features %s", p)
+            return d["train"], (d["val"] if val_d is not None else None)
+    t0 = time.perf_counter()
+    ft = compute_features(model, train_d.tiles, views=cfg.frozen_views, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+    fv = compute_features(model, val_d.tiles, views=1, batch_size=cfg.eval_batch_size, amp=cfg.amp) \
+        if val_d is not None else None
+    log.info("computed frozen features of %d tiles x %d views in %.1fs", len(train_d), cfg.frozen_views,
+             time.perf_counter() - t0)
+    tensors = {"train": ft}
+    if fv is not None:
+        tensors["val"] = fv
+    save_state_dict(tensors, p)
+    return ft, fv
+
+
+# ---------------------------------------------------------------------- the public entry point
+def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[str] | None, out: str | os.PathLike,
+          sections: Sequence[str] | None = None, val_sections: Sequence[str] | None = None,
+          config: TrainConfig | None = None, drop_missing_genes: bool = False,
+          callbacks: Sequence[Callback] | None = None, progress: bool = True) -> Ensemble:
+    """Train a deep ensemble and save it in ``out`` (resuming a run found there).
+
+    Parameters
+    ----------
+    manifest
+        A manifest CSV (see :func:`stimage_nb.io.readers.read_manifest`) or a list of
+        :class:`~stimage_nb.io.section.Section` (e.g. spot subsets).
+    genes
+        Genes to predict (in this order); ``None``: all genes of the first training section.
+    out
+        Run directory: checkpoints, then the ensemble (``ensemble.json`` + member safetensors).
+    sections
+        Training sections (default: every section with counts, minus the validation sections).
+    val_sections
+        Sections for early stopping (default ``config.val_sections``; when neither is given and
+        there are at least three training sections, the last one is held out).
+    config
+        :class:`TrainConfig` (defaults: the package's offline default method).
+    drop_missing_genes
+        Drop listed genes absent from some section's counts instead of raising an error.
+    callbacks
+        :class:`Callback` objects (progress bars are added when ``progress``).
+
+    Returns
+    -------
+    The trained :class:`~stimage_nb.ensemble.Ensemble` (on the training device).
+    """
+    cfg = config or TrainConfig()
+    out = Path(out)
+    if val_sections is None and cfg.val_sections:
+        val_sections = list(cfg.val_sections)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_s, val_s = _load_sections(manifest, sections, val_sections, genes, drop_missing_genes)
+    genes_used = train_s[0].genes
+    celltypes = _celltypes_of(train_s + val_s)
+    tile_um = float(cfg.tile_um) if cfg.tile_um else float(np.median([s.diameter_um for s in train_s])) * 1.5
+    fp = _fingerprint(cfg, genes_used, celltypes, [s.name for s in train_s], [s.name for s in val_s], tile_um)
+    run = _check_or_write_run(out, fp)
+    if (out / CONFIG_NAME).is_file():
+        log.info("%s already holds the trained ensemble; loading it", out)
+        return Ensemble.load(out, device)
+    if not val_s:
+        log.warning("no validation sections: training runs all %d epochs without early stopping", cfg.epochs)
+    t0 = time.perf_counter()
+    normalizer = None
+    if cfg.stain == "macenko":
+        normalizer = _fit_normalizer(train_s, tile_um, cfg.out_px, progress)
+    train_d = _build_data(train_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress)
+    val_d = _build_data(val_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress) if val_s else None
+    log.info("data: %d training tiles (%s), %d validation tiles (%s), %d genes, %d cell types, %.1fs",
+             len(train_d), [s.name for s in train_s], len(val_d) if val_d else 0, [s.name for s in val_s],
+             len(genes_used), len(celltypes), time.perf_counter() - t0)
+    cbs = list(callbacks or [])
+    if progress and not any(isinstance(c, ProgressCallback) for c in cbs):
+        cbs.insert(0, ProgressCallback())
+    state = TrainState(run_dir=out, n_members=cfg.members, epochs=cfg.epochs)
+    for cb in cbs:
+        cb.on_train_start(state)
+    feature_cache: dict = {}
+    mstates = []
+    for i in range(cfg.members):
+        mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
+    ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s)
+    for cb in cbs:
+        cb.on_train_end(state)
+    log.info("trained %r in %s", ens, out)
+    return ens.to(device)
+
+
+def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progress: bool) -> MacenkoNormalizer:
+    """Fit the Macenko reference on a spread sample of the training tiles (up to 256 per section)."""
+    ref = []
+    for s in train_s:
+        t = _section_tiles(s, tile_um, out_px, progress)
+        step = max(1, len(t) // 256)
+        ref.append(t[::step])
+    return MacenkoNormalizer().fit(np.concatenate(ref))
+
+
+def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes, tile_um, normalizer, run,
+              train_s, val_s) -> Ensemble:
+    from safetensors.torch import load_file
+
+    members, info = [], []
+    for i, st in enumerate(mstates):
+        mdir = _member_dir(out, i)
+        m = build_model(st["model_config"], "none")
+        best = mdir / "best.safetensors"
+        m.load_state_dict(load_file(str(best if best.is_file() else mdir / st["model_file"])))
+        members.append(m)
+        info.append({"member": i, "seed": _seed(cfg.seed, i, "init"), "weights": str(cfg.weights),
+                     "best_epoch": st["best_epoch"], "best_val_loss": st["best_val"],
+                     "epochs_run": len(st["history"]), "stopped_early": st.get("stopped_early", False)})
+    meta = {"run_id": run["run_id"], "train_sections": [s.name for s in train_s],
+            "val_sections": [s.name for s in val_s],
+            "train_patients": sorted({str(s.patient) for s in train_s if s.patient}),
+            "train_um_per_px": {s.name: s.um_per_px for s in train_s},
+            "n_train_spots": int(sum(s.adata.n_obs for s in train_s)), "train_config": cfg.to_dict(),
+            "members": info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    ens = Ensemble(members, genes=genes, celltypes=celltypes, tile_um=tile_um, out_px=cfg.out_px, stain=normalizer,
+                   meta=meta)
+    ens.save(out)
+    # keep the per-member histories, drop the bulky checkpoints
+    for i in range(len(mstates)):
+        for f in _member_dir(out, i).glob("*.safetensors"):
+            f.unlink(missing_ok=True)
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    return ens
