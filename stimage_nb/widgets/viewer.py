@@ -619,7 +619,10 @@ def _default_pusher():
 
 
 def _adapt_exporter(qupath):
-    raise NotImplementedError("stimage_nb.qupath export not wired yet")
+    def export(pred, path):
+        return qupath.export_qupath(pred, path)
+
+    return export
 
 
 def _adapt_pusher(om):

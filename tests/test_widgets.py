@@ -1,0 +1,229 @@
+"""JupyterLab panels, driven through their widget models (no browser; see test_browser.py for that).
+
+The viewer is fed a prediction AnnData built from a real bundled her2st section (tests/_predictions.py:
+observed counts as the mean, the section's real cell-type proportions); the OMERO panel runs against
+the BlitzGateway test double in tests/omero/; the training panel drives a real tiny model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("anywidget")
+
+from PIL import Image  # noqa: E402
+
+from stimage_nb import _keys as K  # noqa: E402
+from stimage_nb.errors import StimageInputError  # noqa: E402
+
+from _predictions import make_prediction  # noqa: E402
+
+GENES = ["ERBB2", "GNAS", "MYL12B", "FASN", "SCD"]
+
+
+# ============================================================================ viewer
+@pytest.fixture(scope="module")
+def c3(her2st_manifest):
+    from stimage_nb.io.readers import read_manifest
+
+    return read_manifest(her2st_manifest, ["C3"], genes=GENES)[0]
+
+
+@pytest.fixture(scope="module")
+def pred(her2st_manifest):
+    return make_prediction(her2st_manifest, "C3", genes=GENES)
+
+
+@pytest.fixture()
+def viewer(pred, c3, tmp_path):
+    from stimage_nb.widgets import OverlayViewer
+
+    return OverlayViewer(pred, observed=c3, export_dir=tmp_path)
+
+
+def _values(v):
+    return np.frombuffer(v.canvas.values, dtype=np.float32)
+
+
+def test_viewer_shows_the_slide_pyramid(viewer, c3):
+    info = viewer.canvas.image_info
+    assert (info["width"], info["height"]) == (c3.image.width, c3.image.height)
+    assert info["um_per_px"] == pytest.approx(0.69)
+    assert len(info["levels"]) == c3.image.n_levels >= 4
+    # the overview is a decodable image of the whole slide, at most 1024 px on its long side
+    ov = Image.open(io.BytesIO(viewer.canvas.overview))
+    assert max(ov.size) <= 1024 and ov.size[0] / ov.size[1] == pytest.approx(c3.image.width / c3.image.height, rel=0.02)
+    # spots: one point per prediction row, radius = 100 µm spot / 0.69 µm/px / 2
+    xy = np.frombuffer(viewer.canvas.points, dtype=np.float32).reshape(-1, 2)
+    assert xy.shape == (c3.adata.n_obs, 2)
+    np.testing.assert_allclose(xy, c3.xy, rtol=1e-5)
+    assert viewer.canvas.radius_px == pytest.approx(100 / 0.69 / 2)
+
+
+def test_tiles_are_served_from_the_pyramid(viewer, c3):
+    canvas = viewer.canvas
+    t = Image.open(io.BytesIO(canvas.tile(0, 4, 5)))
+    assert t.size == (512, 512) and t.format == "JPEG"
+    # the tile holds the same pixels as the level-0 region (JPEG: small error)
+    ref = c3.image.read_region(4 * 512, 5 * 512, 512, 512, level=0).astype(float)
+    assert np.abs(np.asarray(t, dtype=float) - ref).mean() < 6
+    # edge tiles are cropped to the level, not padded
+    lev = c3.image.n_levels - 2
+    H, W = c3.image.level_shapes[lev]
+    edge = Image.open(io.BytesIO(canvas.tile(lev, (W - 1) // 512, (H - 1) // 512)))
+    assert edge.size == (W - (W - 1) // 512 * 512, H - (H - 1) // 512 * 512)
+    with pytest.raises(ValueError):
+        canvas.tile(0, 10_000, 0)
+    # the browser's request message is answered with one message + one buffer per tile
+    sent = []
+    canvas.send = lambda content, buffers=None: sent.append((content, buffers))
+    canvas._on_custom(canvas, {"type": "tiles", "tiles": [{"level": 1, "col": 0, "row": 0},
+                                                         {"level": 99, "col": 0, "row": 0}]}, [])
+    assert [m["level"] for m, _ in sent] == [1, 99]
+    assert len(sent[0][1][0]) > 1000 and sent[1][1][0] == b""  # a bad request gets an empty tile
+
+
+def test_gene_mode_and_opacity_change_what_is_drawn(viewer, pred):
+    assert viewer.feature == "ERBB2" and viewer.mode == "mean"
+    mean = _values(viewer).copy()
+    np.testing.assert_allclose(mean, pred[:, "ERBB2"].X.ravel(), rtol=1e-6)
+    viewer.mode = "epistemic"
+    epi = _values(viewer)
+    np.testing.assert_allclose(epi, np.sqrt(pred[:, "ERBB2"].layers[K.EPISTEMIC].ravel()), rtol=1e-5)
+    assert viewer.mode_toggle.value == "epistemic" and "epistemic SD" in viewer.canvas.legend
+    viewer.mode_toggle.value = "aleatoric"  # the control drives the trait too
+    assert viewer.mode == "aleatoric"
+    np.testing.assert_allclose(_values(viewer), np.sqrt(pred[:, "ERBB2"].layers[K.ALEATORIC].ravel()), rtol=1e-5)
+    # gene search: a valid name switches the gene, an unknown one is ignored
+    viewer.search.value = "FASN"
+    assert viewer.feature == "FASN" and "FASN" in viewer.status
+    viewer.search.value = "NOT_A_GENE"
+    assert viewer.feature == "FASN"
+    with pytest.raises(Exception):
+        viewer.feature = "NOT_A_GENE"
+    with pytest.raises(Exception):
+        viewer.mode = "median"
+    viewer.opacity_slider.value = 0.35
+    assert viewer.canvas.opacity == pytest.approx(0.35)
+    # colour range follows the data
+    assert viewer.canvas.vmax > viewer.canvas.vmin
+
+
+def test_celltype_layer_uses_total_variance_split(viewer, pred):
+    ct = pred.obsm[K.CELLTYPE_MEAN].columns[0]
+    viewer.kind_toggle.value = "cell type"
+    assert viewer.kind == "cell type" and viewer.feature in pred.obsm[K.CELLTYPE_MEAN].columns
+    viewer.show(ct, "mean")
+    m = pred.obsm[K.CELLTYPE_MEAN][ct].to_numpy()
+    s = pred.obsm[K.CELLTYPE_STD][ct].to_numpy()
+    np.testing.assert_allclose(_values(viewer), m, rtol=1e-6)
+    viewer.mode = "epistemic"
+    np.testing.assert_allclose(_values(viewer), s, rtol=1e-6)
+    viewer.mode = "aleatoric"
+    ale = _values(viewer).astype(float)
+    np.testing.assert_allclose(ale ** 2 + s ** 2, m * (1 - m), atol=1e-5)  # law of total variance
+    viewer.mode = "observed"
+    assert np.isfinite(_values(viewer)).sum() > 100
+
+
+def test_observed_mode_aligns_by_spot_id(pred, c3, tmp_path):
+    from stimage_nb.widgets import OverlayViewer
+
+    shuffled = pred[::-1].copy()  # reversed order: the observed counts must follow the ids
+    v = OverlayViewer(shuffled, observed=c3, export_dir=tmp_path, mode="observed")
+    np.testing.assert_allclose(_values(v), c3.adata[shuffled.obs_names, "ERBB2"].X.toarray().ravel())
+    # without observed data there is no observed mode
+    v2 = OverlayViewer(pred, export_dir=tmp_path)
+    assert "observed" not in v2.mode_toggle.options
+
+
+def test_click_a_spot_shows_its_values(viewer, pred, c3):
+    viewer.show("ERBB2", "mean")
+    i = int(np.argmax(pred[:, "ERBB2"].X.ravel()))
+    viewer.canvas.selected = i  # what a click in the browser sets
+    info = viewer.spot_info
+    assert info["spot"] == pred.obs_names[i] and info["feature"] == "ERBB2"
+    assert info["mean"] == pytest.approx(float(pred[i, "ERBB2"].X[0, 0]))
+    assert info["epistemic"] == pytest.approx(float(np.sqrt(pred[i, "ERBB2"].layers[K.EPISTEMIC][0, 0])), rel=1e-5)
+    assert info["observed"] == pytest.approx(float(c3.adata[pred.obs_names[i], "ERBB2"].X.toarray()[0, 0]))
+    assert len(info["top_celltypes"]) == 3 and pred.obs_names[i] in viewer.info.value
+    # switching the gene updates the selected spot's values
+    viewer.feature = "GNAS"
+    assert viewer.spot_info["feature"] == "GNAS"
+    assert viewer.select(pred.obs_names[0])["index"] == 0
+    viewer.canvas.selected = -1  # a click on glass clears it
+    assert viewer.spot_info == {}
+
+
+def test_export_button_writes_qupath_geojson(viewer, pred, tmp_path):
+    viewer.export_button.click()
+    out = tmp_path / "C3.geojson"
+    assert viewer.last_export == str(out) and out.is_file()
+    fc = json.loads(out.read_text())
+    feats = fc["features"] if isinstance(fc, dict) else fc
+    assert len(feats) == pred.n_obs
+    assert "exported" in viewer.status
+
+
+def test_export_failure_is_reported_not_raised(pred, c3, tmp_path):
+    from stimage_nb.widgets import OverlayViewer
+
+    def broken(_pred, _path):
+        raise OSError("disk full")
+
+    v = OverlayViewer(pred, observed=c3, export_dir=tmp_path, exporter=broken)
+    v.export_button.click()
+    assert v.last_export == "" and "disk full" in v.status
+
+
+def test_push_without_server_is_a_dry_run(pred, c3, tmp_path):
+    from stimage_nb.widgets import OverlayViewer
+
+    calls = []
+
+    def pusher(p, conn, image_id, dry_run):
+        calls.append((conn, image_id, dry_run))
+        return {"n_rois": p.n_obs, "table": "stimage_nb predictions"}
+
+    v = OverlayViewer(pred, export_dir=tmp_path, pusher=pusher)
+    assert "dry run" in v.push_button.description
+    v.push_button.click()
+    assert calls == [(None, None, True)]
+    assert v.last_push["dry_run"] is True and v.last_push["n_rois"] == pred.n_obs
+    assert "dry run" in v.status
+
+
+def test_viewer_reads_h5ad_and_rejects_bad_input(pred, tmp_path):
+    from stimage_nb.widgets import OverlayViewer
+
+    p = tmp_path / "C3.h5ad"
+    pred.write_h5ad(p)
+    v = OverlayViewer(p)
+    assert v.export_dir == tmp_path and v.features.genes == GENES
+    with pytest.raises(StimageInputError, match="not found"):
+        OverlayViewer(tmp_path / "missing.h5ad")
+    bad = pred.copy()
+    del bad.obsm[K.SPATIAL]
+    with pytest.raises(StimageInputError, match="spatial"):
+        OverlayViewer(bad)
+    noimg = pred.copy()
+    noimg.uns[K.UNS] = {k: v for k, v in noimg.uns[K.UNS].items() if k != "image"}
+    with pytest.raises(StimageInputError, match="image"):
+        OverlayViewer(noimg)
+
+
+def test_js_ships_inside_the_package_without_network_imports():
+    from stimage_nb.widgets.viewer import STATIC, SlideCanvas
+
+    js = (STATIC / "viewer.js").read_text()
+    assert "export default" in js
+    # no import from anywhere: no CDN, no bare module specifiers
+    assert not [ln for ln in js.splitlines() if ln.lstrip().startswith("import ")]
+    assert "http://" not in js and "https://" not in js
+    w = SlideCanvas()
+    assert "export default" in w._esm and "stimage-viewer" in w._css
