@@ -254,35 +254,47 @@ class Shapes:
     def render(self, downsample: float, width: int, y0: int, y1: int, values: np.ndarray | None = None) -> np.ndarray:
         """Rasterise rows ``[y0, y1)`` of the level whose pixels are ``downsample`` level-0 pixels.
 
-        Pixel value ``values[i]`` (default ``i + 1``) inside observation ``i``, 0 elsewhere; later
-        observations win where they overlap. Returns an int32 (y1 - y0, width) array.
+        Pixel value ``values[i]`` (default ``i + 1``) where the pixel's centre lies inside observation
+        ``i``, 0 elsewhere; later observations win where they overlap. Pixel ``(col, row)`` covers
+        ``[col, col + 1) x [row, row + 1)`` in the level's continuous coordinates, as in QuPath.
+        Objects smaller than a pixel still mark the pixel holding their centre. Returns an int32
+        (y1 - y0, width) array.
         """
-        from PIL import Image, ImageDraw
-
-        img = Image.new("I", (int(width), int(y1 - y0)), 0)
-        draw = ImageDraw.Draw(img)
+        out = np.zeros((int(y1 - y0), int(width)), dtype=np.int32)
         lo, hi = self._lo / downsample, self._hi / downsample
         idx = np.nonzero((hi[:, 1] >= y0 - 1) & (lo[:, 1] < y1 + 1) & (hi[:, 0] >= -1) & (lo[:, 0] < width + 1))[0]
         vals = np.arange(1, len(self) + 1) if values is None else np.asarray(values)
         for i in idx:
             v = int(vals[i])
             poly = None if self.polygons is None else self.polygons[i]
-            if poly is not None and len(poly) >= 3:
-                pts = np.asarray(poly, dtype=np.float64) / downsample - [0.0, y0]
-                if (hi[i] - lo[i]).max() < 1.0:
-                    c = pts.mean(0)
-                    draw.point((float(c[0]), float(c[1])), fill=v)
-                else:
-                    draw.polygon([tuple(p) for p in pts.tolist()], fill=v)
+            c0 = max(0, int(np.floor(lo[i, 0])))
+            c1 = min(int(width), int(np.ceil(hi[i, 0])) + 1)
+            r0 = max(int(y0), int(np.floor(lo[i, 1])))
+            r1 = min(int(y1), int(np.ceil(hi[i, 1])) + 1)
+            if c1 <= c0 or r1 <= r0:
                 continue
-            cx, cy = self.xy[i] / downsample
-            r = self.radius[i] / downsample
-            cy -= y0
-            if r < 0.5:
-                draw.point((float(cx), float(cy)), fill=v)
+            gx = np.arange(c0, c1) + 0.5
+            gy = np.arange(r0, r1)[:, None] + 0.5
+            if poly is not None and len(poly) >= 3:
+                from matplotlib.path import Path as MPath
+
+                pts = np.asarray(poly, dtype=np.float64)[:, :2] / downsample
+                gxx, gyy = np.broadcast_arrays(gx[None, :], gy)
+                m = MPath(pts).contains_points(np.column_stack([gxx.ravel(), gyy.ravel()])).reshape(gxx.shape)
+                centre = pts[:-1].mean(0) if len(pts) > 3 else pts.mean(0)
             else:
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=v)
-        return np.asarray(img, dtype=np.int32)
+                cx, cy = self.xy[i] / downsample
+                r = self.radius[i] / downsample
+                m = (gx[None, :] - cx) ** 2 + (gy - cy) ** 2 <= r * r
+                centre = np.array([cx, cy])
+            if not m.any():  # smaller than a pixel: mark the pixel holding the centre
+                cc, rr = int(np.floor(centre[0])), int(np.floor(centre[1]))
+                if c0 <= cc < c1 and r0 <= rr < r1:
+                    out[rr - y0, cc] = v
+                continue
+            sub = out[r0 - y0:r1 - y0, c0:c1]
+            sub[m] = v
+        return out
 
 
 def _label_dtype(max_value: int) -> str:
@@ -569,10 +581,14 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
                                 f"(levels 0–{image.n_levels - 1}).")
     xy = np.asarray(pred.obsm[K.SPATIAL], dtype=np.float64)
     inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < image.width) & (xy[:, 1] < image.height)
-    if len(xy) and not inside.any():
+    n_out = int((~inside).sum())
+    if len(xy) and n_out > 0.05 * len(xy):
         raise StimageInputError(
-            f"{image.source}: none of the {len(xy)} predicted observations of section {section!r} lies inside the "
-            f"{image.width}x{image.height} image. Is this the image the prediction ran on (same resolution)?")
+            f"{image.source}: {n_out} of the {len(xy)} predicted observations of section {section!r} lie outside the "
+            f"{image.width}x{image.height} image. Is this the image the prediction ran on (same resolution)? "
+            "Pass the section's image (CLI: --manifest).")
+    if n_out:
+        log.warning("%s: %d observations lie outside the image and are not drawn", section, n_out)
     genes = list(genes) if genes is not None else pick_heatmap_genes(pred, n_heatmap_genes)
     missing = [g for g in genes if g not in pred.var_names]
     if missing:
@@ -644,7 +660,7 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
         g.attrs["stimage_nb"] = {
             "section": section, "source_image": str(image.source), "source_level": int(base_level),
             "labels": [kind] + (["cell_types"] if names and cls is not None else []),
-            "heatmap_genes": genes, "provenance": {k: _jsonable(v) for k, v in uns.items()
+            "heatmap_genes": genes, "provenance": {k: _jsonable(v) for k, v in sorted(uns.items())
                                                    if isinstance(v, (str, int, float, bool, np.number))}}
     return path
 
