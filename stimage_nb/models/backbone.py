@@ -49,8 +49,9 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
             return True
-    except urllib.error.HTTPError:
-        return True  # the server answered
+    except urllib.error.HTTPError as e:
+        # a hub (or a mirror that wants a token) answered; anything else is a proxy or a wrong endpoint
+        return e.code in (401, 403)
     except Exception:  # noqa: BLE001 - DNS failure, refused, timeout: offline
         return False
 
