@@ -211,3 +211,30 @@ def test_exported_geometry_matches_qupath_export(pred, tmp_path):
     sh = observation_shapes(pred, img, 0)
     np.testing.assert_allclose(sh.xy[5], (ring.min(0) + ring.max(0)) / 2, atol=0.01)
     assert sh.radius[5] == pytest.approx((ring.max(0) - ring.min(0))[0] / 2, abs=0.01)
+
+
+def test_add_label_array_to_a_real_image(tmp_path, data_dir):
+    """A segmentation given as an array: pyramid matching the image, colours/properties per value."""
+    from stimage_nb.io.ome_zarr import add_label_array
+
+    src = open_image(data_dir / "fixtures" / "wsi" / "cmu_small_region.svs")
+    rgb = src.read_region(0, 0, 1100, 700)
+    from stimage_nb.io.image import write_ome_zarr
+
+    store = write_ome_zarr(rgb, tmp_path / "crop.ome.zarr", um_per_px=src.um_per_px, min_size=256)
+    tissue = (rgb.mean(2) < 200).astype(np.uint16)  # 1 = tissue
+    tissue[:100, :100] = 7  # a second label
+    add_label_array(store, "tissue", tissue, colors={1: (0, 200, 0), 7: (0, 0, 255, 128)},
+                    properties={1: {"class": "tissue"}, 7: {"class": "corner", "area_px": 10000}})
+    lab = read_labels(store)["tissue"]
+    img = SlideImage(store)
+    assert [tuple(a.shape) for a in lab.levels] == img.level_shapes
+    np.testing.assert_array_equal(np.asarray(lab.levels[0]), tissue)
+    np.testing.assert_array_equal(np.asarray(lab.levels[1]), tissue[1::2, 1::2][:img.level_shapes[1][0], :img.level_shapes[1][1]])
+    assert lab.colors[1] == (0, 200, 0, 255) and lab.colors[7] == (0, 0, 255, 128)
+    assert lab.properties == {1: {"class": "tissue"}, 7: {"class": "corner", "area_px": 10000}}
+    attrs = json.loads((store / "labels" / "tissue" / ".zattrs").read_text())
+    _validator("strict_image.schema").validate(attrs)
+    _validator("strict_label.schema").validate(attrs)
+    with pytest.raises(StimageInputError, match="differs from the image"):
+        add_label_array(store, "bad", tissue[:10])

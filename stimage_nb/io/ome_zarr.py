@@ -17,6 +17,9 @@ shows the properties on hover, vizarr and OMERO.iviewer use the colours. Every l
 has the shape of the matching image level and is rasterised directly from the spot discs or cell
 polygons (not downsampled), so small objects never vanish from overviews.
 
+:func:`add_label_array` adds any integer label array (e.g. a nucleus segmentation) to an existing
+image store the same way.
+
 Heatmaps are rendered onto a chosen pyramid level (``heatmap_level``; by default the coarsest level
 on which an observation still spans at least 16 pixels) and have their own pyramid below it. Their
 **colour scale** is recorded in the ``omero`` block the way OMERO, napari and QuPath read it: each
@@ -341,6 +344,61 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
     g.attrs["multiscales"] = [multiscales_metadata(len(level_shapes), um_per_px, name=name, axes="yx",
                                                    downscale_type="nearest",
                                                    method="each level rasterised from the object outlines")]
+    g.attrs["image-label"] = _image_label(colors, properties)
+    if extra:
+        for k, v in extra.items():
+            g.attrs[k] = v
+    names = list(labels_grp.attrs.get("labels", []))
+    if name not in names:
+        names.append(name)
+    labels_grp.attrs["labels"] = names
+
+
+def add_label_array(path: str | os.PathLike, name: str, labels: np.ndarray, *,
+                    colors: dict[int, Sequence[int]] | None = None, properties: dict[int, dict] | None = None,
+                    chunk: int = CHUNK) -> Path:
+    """Add a label image given as an integer array to an existing OME-Zarr image (``labels/<name>``).
+
+    ``labels`` has the shape of the image's level 0 (y, x); coarser levels are made by nearest
+    (stride-2) sampling to match every image level, as NGFF 0.4 requires. ``colors`` and
+    ``properties`` are per label value (see :func:`write_label_image`). Rewrites ``labels/<name>``
+    if it exists.
+    """
+    import zarr
+
+    from .image import SlideImage
+
+    path = Path(path)
+    img = SlideImage(path)
+    labels = np.asarray(labels)
+    if labels.shape != (img.height, img.width):
+        raise StimageInputError(f"{path}: label array shape {labels.shape} differs from the image's level 0 "
+                                f"{(img.height, img.width)} (y, x).")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+        raise StimageInputError(f"{path}: labels must be non-negative integers (got {labels.dtype}).")
+    g = zarr.open_group(str(path), mode="a", zarr_format=2)
+    lg = g.require_group("labels")
+    if name in lg:
+        del lg[name]
+    sub = lg.require_group(name)
+    dtype = _label_dtype(int(labels.max()) if labels.size else 1)
+    for li, (h, w) in enumerate(img.level_shapes):
+        s = 2 ** li
+        lev = labels[s // 2::s, s // 2::s][:h, :w] if s > 1 else labels
+        out = np.zeros((h, w), dtype=dtype)
+        out[:lev.shape[0], :lev.shape[1]] = lev
+        _create_array(sub, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)[:] = out
+    sub.attrs["multiscales"] = [multiscales_metadata(img.n_levels, img.um_per_px, name=name, axes="yx",
+                                                     downscale_type="nearest", method="stride-2 nearest sampling")]
+    sub.attrs["image-label"] = _image_label(colors, properties)
+    names = list(lg.attrs.get("labels", []))
+    if name not in names:
+        names.append(name)
+    lg.attrs["labels"] = names
+    return path
+
+
+def _image_label(colors, properties) -> dict:
     image_label: dict = {"version": NGFF_VERSION, "source": {"image": "../../"}}
     cols = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
     for v, c in sorted((colors or {}).items()):
@@ -350,14 +408,7 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
     if properties:
         image_label["properties"] = [{"label-value": int(v), **{k: _jsonable(x) for k, x in p.items()}}
                                      for v, p in sorted(properties.items())]
-    g.attrs["image-label"] = image_label
-    if extra:
-        for k, v in extra.items():
-            g.attrs[k] = v
-    names = list(labels_grp.attrs.get("labels", []))
-    if name not in names:
-        names.append(name)
-    labels_grp.attrs["labels"] = names
+    return image_label
 
 
 def write_heatmaps(group, shapes: Shapes, channels: dict[str, np.ndarray], level_shapes: Sequence[tuple[int, int]],
@@ -721,10 +772,16 @@ def _nodes(path: Path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    loc = parse_url(str(path), fmt=FormatV04())
-    if loc is None:
-        raise StimageInputError(f"{path}: not a readable OME-Zarr store.")
-    return list(Reader(loc)())
+    quiet = logging.getLogger("ome_zarr")  # its reader logs every attribute at INFO
+    before = quiet.level
+    quiet.setLevel(max(before, logging.WARNING))
+    try:
+        loc = parse_url(str(path), fmt=FormatV04())
+        if loc is None:
+            raise StimageInputError(f"{path}: not a readable OME-Zarr store.")
+        return list(Reader(loc)())
+    finally:
+        quiet.setLevel(before)
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, LabelImage]:
