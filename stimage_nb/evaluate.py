@@ -37,6 +37,9 @@ Calibration of the predictive distribution of counts: each spot x gene is given 
 - ``nll``: mean negative log-likelihood per spot and gene (nats).
 - ``curve``: empirical vs nominal coverage at levels 0.1 ... 0.99.
 - the same with the aleatoric variance only (``aleatoric_only``), to show what the epistemic part adds.
+- ``depth``: median per-spot counts over the panel, observed and predicted. Calibration is judged on
+  raw counts, so a section sequenced at another depth than the training sections (her2st patient B has
+  ~15x fewer UMIs per spot than patient C) is miscalibrated however good the relative prediction is.
 
 Cell types (when the prediction has ``obsm["celltype_mean"]`` and the section has proportions):
 Pearson per type across spots, mean absolute error over spots and types, mean Jensen-Shannon divergence
@@ -639,6 +642,11 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
     if name in train_sections:
         entry["warning"] = f"{name} is one of the training sections: these are not held-out metrics"
         log.warning("%s: section was used for training; its metrics are not held-out", name)
+    obs_depth, pred_depth = float(np.median(Y.sum(1))), float(np.median(mu.sum(1)))
+    entry["depth"] = {  # a depth shift (another protocol or patient) shows up here and in the calibration
+        "observed_median_panel_counts": obs_depth, "predicted_median_panel_counts": pred_depth,
+        "predicted_over_observed": pred_depth / obs_depth if obs_depth > 0 else None,
+    }
     df, summ = score_genes(mu, Y, genes)
     df["model"] = "model"
     cal = calibration(Y, mu, alea, epi)

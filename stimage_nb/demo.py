@@ -1,0 +1,406 @@
+"""The end-to-end demo on the bundled her2st data: train, predict held-out data, evaluate, report.
+
+``stimage-nb demo`` (or :func:`run_demo`) trains a deep ensemble on sections of patient C, predicts a
+held-out section of the same patient (C6) and the held-out patient B (B4), evaluates both against
+their observed counts side by side with the handcrafted ridge baseline (trained in the same run on
+the same sections and tiles), and writes ``OUT/report.md`` with its figures:
+
+- a metrics table (Pearson/Spearman vs log1p counts and vs depth-normalised CP10k, model vs baseline;
+  calibration; cell types),
+- the distribution of per-gene correlations, model vs baseline, per held-out section,
+- observed vs predicted maps of the best-predicted genes with their aleatoric and epistemic
+  uncertainty,
+- predicted vs observed dominant cell-type maps,
+- the calibration curve of the predictive distribution.
+
+Layout of ``OUT``::
+
+    report.md            the report (links the PNGs below)
+    run[-quick]/         the training run directory (an Ensemble once finished)
+    pred[-quick]/        <section>.h5ad predictions
+    eval[-quick]/        metrics.json, metrics_per_gene.csv, figures/ (from stimage_nb.evaluate)
+    figures[-quick]/     the demo's maps
+
+Re-running resumes: a finished training run is loaded, not retrained (an interrupted one continues
+from its last epoch), and predictions made by the same run are reused.
+
+``quick=True`` is a smoke run (a tiny timm test backbone, two sections, 24 genes, two epochs) that
+finishes in a minute or two on a CPU; its numbers mean nothing beyond "the pipeline runs".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import _keys as K
+
+log = logging.getLogger(__name__)
+
+GENE_LIST = "genes_stimage_her2st.txt"
+
+
+@dataclass
+class DemoPlan:
+    """What the demo trains on and tests on (see :data:`FULL` and :data:`QUICK`).
+
+    Attributes
+    ----------
+    train_sections
+        Sections the ensemble is trained on (the validation sections included: they are held out from
+        fitting by :func:`stimage_nb.train.train` and used for early stopping).
+    val_sections
+        Whole sections for early stopping (inside ``train_sections``).
+    test_sections
+        Held-out sections to predict and evaluate (a section of the training patient and another patient).
+    n_genes
+        ``None``: the whole STimage her2st list (769 genes); an int: that many of the list's genes with
+        the highest mean count in the training sections.
+    config
+        :class:`stimage_nb.train.TrainConfig` settings.
+    n_best_genes
+        Genes per held-out section shown as maps.
+    """
+
+    train_sections: list[str]
+    val_sections: list[str]
+    test_sections: list[str]
+    n_genes: int | None
+    config: dict = field(default_factory=dict)
+    n_best_genes: int = 3
+
+
+#: The full demo: 769 genes, trained on C2-C5 (C5 for early stopping), tested on C6 and B4.
+#: Sized to finish in under 15 minutes on a 2-core CPU (tiles at 64 px, 3 members).
+FULL = DemoPlan(
+    train_sections=["C2", "C3", "C4", "C5"], val_sections=["C5"], test_sections=["C6", "B4"], n_genes=None,
+    config=dict(backbone="resnet18", weights="none", tile_um=150.0, out_px=64, epochs=6, batch_size=32,
+                members=3, patience=3, seed=0),
+)
+
+#: The smoke run: a tiny timm test model, C4 (train) + C5 (validation), 24 genes, 2 epochs.
+QUICK = DemoPlan(
+    train_sections=["C4", "C5"], val_sections=["C5"], test_sections=["C6", "B4"], n_genes=24,
+    config=dict(backbone="test_resnet", weights="none", tile_um=150.0, out_px=32, epochs=2, batch_size=32,
+                members=2, patience=2, seed=0),
+    n_best_genes=2,
+)
+
+
+# ----------------------------------------------------------------------------- steps
+def _top_genes(manifest: Path, sections: list[str], genes: list[str], n: int) -> list[str]:
+    from .io.readers import read_manifest
+
+    secs = read_manifest(manifest, sections, genes=genes)
+    means = np.mean([np.asarray(s.adata.X.mean(axis=0)).ravel() for s in secs], axis=0)
+    order = np.argsort(-means, kind="stable")[:n]
+    return [genes[i] for i in sorted(order)]
+
+
+def _train(manifest: Path, genes: list[str], run_dir: Path, plan: DemoPlan, device: str, progress: bool):
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(**{**plan.config, "device": device})
+    return train(manifest, genes=genes, out=run_dir, sections=plan.train_sections, val_sections=plan.val_sections,
+                 config=cfg, progress=progress)
+
+
+def _predict(run_dir: Path, manifest: Path, pred_dir: Path, sections: list[str], run_id: str, device: str,
+             progress: bool) -> list[Path]:
+    """Predict the held-out sections, reusing predictions this run already made."""
+    import anndata as ad
+
+    from .predict import predict_manifest
+
+    todo = []
+    for s in sections:
+        p = pred_dir / f"{s}.h5ad"
+        if p.is_file():
+            try:
+                prov = ad.read_h5ad(p, backed="r").uns.get(K.UNS, {})
+                if str(prov.get("run_id")) == str(run_id):
+                    log.info("%s: reusing %s (same run %s)", s, p, run_id)
+                    continue
+            except Exception:  # noqa: BLE001 - an unreadable file is simply predicted again
+                pass
+        todo.append(s)
+    if todo:
+        predict_manifest(run_dir, manifest, out=pred_dir, sections=todo, device=device, progress=progress)
+    return [pred_dir / f"{s}.h5ad" for s in sections]
+
+
+def _savefig(fig, path: Path, dpi: int = 100) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _best_genes(per_gene: pd.DataFrame, section: str, n: int) -> list[tuple[str, float]]:
+    d = per_gene[(per_gene["section"] == section) & (per_gene["model"] == "model")
+                 & (per_gene["target"] == "log1p_counts")].dropna(subset=["pearson"])
+    d = d.sort_values("pearson", ascending=False).head(n)
+    return list(zip(d["gene"], d["pearson"]))
+
+
+def _maps(pred_paths: list[Path], manifest: Path, per_gene: pd.DataFrame, fig_dir: Path, n_best: int) -> dict:
+    """Best-gene and cell-type maps per held-out section."""
+    import anndata as ad
+    import matplotlib.pyplot as plt
+
+    from . import plotting as P
+    from .io.readers import read_manifest
+
+    out: dict = {}
+    for path in pred_paths:
+        pred = ad.read_h5ad(path)
+        name = str(pred.uns.get(K.UNS, {}).get("section", path.stem))
+        (sec,) = read_manifest(manifest, [name], genes=list(pred.var_names), drop_missing_genes=True)
+        entry: dict = {"genes": []}
+        for gene, r in _best_genes(per_gene, name, n_best):
+            fig = P.spatial_gene(pred, gene, section=sec)
+            fig.suptitle(f"{name}: {gene} (Pearson r = {r:.2f} vs log1p counts)", fontsize=10)
+            entry["genes"].append({"gene": gene, "pearson": float(r),
+                                   "png": _savefig(fig, fig_dir / f"{name}_{gene}.png")})
+        if K.CELLTYPE_MEAN in pred.obsm:
+            fig, axs = plt.subplots(1, 2, figsize=(12, 4.8))
+            P.celltype_map(pred, section=sec, ax=axs[0], legend=False)
+            if K.CELLTYPE_PROPORTIONS in sec.adata.obsm:
+                P.celltype_map(sec, ax=axs[1])
+            else:
+                axs[1].set_axis_off()
+            entry["celltypes_png"] = _savefig(fig, fig_dir / f"{name}_celltypes.png")
+        out[name] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _f(v, nd: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def _rel(p, base: Path) -> str:
+    return os.path.relpath(str(p), str(base)).replace(os.sep, "/")
+
+
+def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
+    """The markdown report (the demo's report template)."""
+    secs = {s: metrics["sections"][s] for s in info["test_sections"] if s in metrics["sections"]}
+    L: list[str] = []
+    w = L.append
+    w(f"# stimage_nb demo report{' (quick smoke run)' if info['quick'] else ''}\n")
+    w(f"Generated {info['created']} in {info['elapsed_min']:.1f} min on {info['device']} "
+      f"({info['platform']}, stimage_nb {metrics.get('package_version')}).\n")
+    if info["quick"]:
+        w("> **Quick mode**: a tiny test backbone trained for two epochs on a few genes. The numbers below "
+          "only show that the pipeline runs end to end; run `stimage-nb demo` for the real demo.\n")
+    w("## Setup\n")
+    w(f"- Data: the bundled her2st sections (Andersson et al., Nat Commun 2021), manifest `{info['manifest']}`.")
+    w(f"- Training: sections {', '.join(info['train_sections'])} of patient C "
+      f"({', '.join(info['val_sections'])} held out of fitting, for early stopping); {info['n_genes']} genes "
+      f"({info['genes_source']}).")
+    c = info["config"]
+    w(f"- Model: deep ensemble of {c['members']} × `{c['backbone']}` (weights: {c['weights']}), negative-binomial "
+      f"gene head + cell-type head; tiles of {c['tile_um']:g} µm resampled to {c['out_px']} px; up to "
+      f"{c['epochs']} epochs. Run `{info['run_id']}`.")
+    w(f"- Held out: {', '.join(info['test_sections'])} — "
+      + "; ".join(f"{s} ({'another patient' if secs[s]['held_out_patient'] else 'same patient, unseen section'})"
+                  for s in info["test_sections"] if s in secs) + ".")
+    w("- Baseline: ridge regression on 40 handcrafted colour/texture features of the same tiles, trained in the "
+      "same run on the same training sections (`stimage_nb.baseline`).")
+    w(f"- Time per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in info["timings"].items()) + ".\n")
+
+    w("## Gene expression on held-out sections\n")
+    w("Mean (median) per-gene Pearson r across the spots of each held-out section, and the number of genes "
+      "with r > 0.3. *log1p counts* is the STimage protocol (dominated by spot depth); *CP10k* compares "
+      "depth-normalised expression and measures gene-specific prediction.\n")
+    w("| section | spots | genes | model r, log1p counts | baseline r, log1p counts | model genes r>0.3 | "
+      "baseline genes r>0.3 | model r, CP10k | baseline r, CP10k | model Spearman, log1p counts |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for s, e in secs.items():
+        m, b = e["model"]["genes"], e.get("baseline", {}).get("genes")
+        mp, mc = m["log1p_counts"]["pearson"], m["log1p_cp10k"]["pearson"]
+        bp = b["log1p_counts"]["pearson"] if b else {}
+        bc = b["log1p_cp10k"]["pearson"] if b else {}
+        w(f"| {s} | {e['n_spots']} | {e['n_genes']} | **{_f(mp['mean'])}** ({_f(mp['median'])}) | "
+          f"{_f(bp.get('mean'))} ({_f(bp.get('median'))}) | {mp['n_r_gt_0.3']} | {bp.get('n_r_gt_0.3', '–')} | "
+          f"{_f(mc['mean'])} | {_f(bc.get('mean'))} | {_f(m['log1p_counts']['spearman']['mean'])} |")
+    w("")
+    verdict = []
+    for s, e in secs.items():
+        comp = e.get("comparison", {}).get("log1p_counts")
+        if comp and comp["model_beats_baseline"] is not None:
+            verdict.append(f"{s}: the ensemble {'beats' if comp['model_beats_baseline'] else 'does **not** beat'} "
+                           f"the baseline ({_f(comp['model_mean_pearson'])} vs {_f(comp['baseline_mean_pearson'])})")
+    if verdict:
+        w("On log1p counts, " + "; ".join(verdict) + ".\n")
+    figs = metrics.get("figures", {})
+    for t, label in (("log1p_counts", "log1p counts"), ("log1p_cp10k", "depth-normalised CP10k")):
+        if f"correlation_{t}" in figs:
+            w(f"![per-gene Pearson vs {label}, model vs baseline]({_rel(figs[f'correlation_{t}'], out)})\n")
+
+    w("## Best-predicted genes: observed, predicted and uncertainty\n")
+    w("Each row: observed log1p counts, predicted log1p mean, aleatoric SD (the noise the model expects "
+      "around its mean) and epistemic SD (the disagreement between ensemble members), over the H&E.\n")
+    for s, e in maps.items():
+        w(f"### {s}\n")
+        for g in e["genes"]:
+            w(f"![{s} {g['gene']}]({_rel(g['png'], out)})\n")
+
+    w("## Calibration of the predictive distribution\n")
+    w("Each spot and gene gets a negative binomial with the predictive mean and variance = aleatoric + "
+      "epistemic. Coverage = fraction of observed counts inside the central 50% / 90% interval (randomised "
+      "PIT, exact for discrete counts); NLL = mean negative log-likelihood per spot and gene.\n")
+    w("| section | coverage 50% | coverage 90% | NLL | aleatoric only: 50% | aleatoric only: 90% | "
+      "aleatoric only: NLL | median counts/spot, observed | predicted |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for s, e in secs.items():
+        cal = e["model"]["calibration"]
+        al = cal["aleatoric_only"]
+        d = e.get("depth", {})
+        w(f"| {s} | {_f(cal['coverage_50'])} | {_f(cal['coverage_90'])} | {_f(cal['nll'])} | "
+          f"{_f(al['coverage_50'])} | {_f(al['coverage_90'])} | {_f(al['nll'])} | "
+          f"{_f(d.get('observed_median_panel_counts'), 0)} | {_f(d.get('predicted_median_panel_counts'), 0)} |")
+    w("")
+    shifted = [s for s, e in secs.items() if (e.get("depth", {}).get("predicted_over_observed") or 1) > 2
+               or (e.get("depth", {}).get("predicted_over_observed") or 1) < 0.5]
+    if shifted:
+        w(f"Sequencing depth differs between training and {', '.join(shifted)} (counts per spot over the gene "
+          "panel, last two columns): the predicted counts are on the training sections' scale, so intervals of "
+          "raw counts cannot cover there, whatever the correlations say.\n")
+    if "calibration" in figs:
+        w(f"![calibration]({_rel(figs['calibration'], out)})\n")
+
+    w("## Cell types\n")
+    w("Stereoscope proportions (major types) as soft targets. Pearson r per type averaged over types, mean "
+      "absolute error, Jensen–Shannon divergence per spot, and how often the dominant type agrees.\n")
+    w("| section | model mean r | baseline mean r | model MAE | baseline MAE | model JS | baseline JS | "
+      "model dominant agreement | baseline dominant agreement |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for s, e in secs.items():
+        mc = e["model"].get("celltypes") or {}
+        bc = (e.get("baseline") or {}).get("celltypes") or {}
+        w(f"| {s} | {_f((mc.get('pearson_summary') or {}).get('mean'))} | "
+          f"{_f((bc.get('pearson_summary') or {}).get('mean'))} | {_f(mc.get('mae'))} | {_f(bc.get('mae'))} | "
+          f"{_f(mc.get('js_divergence'))} | {_f(bc.get('js_divergence'))} | {_f(mc.get('dominant_agreement'))} | "
+          f"{_f(bc.get('dominant_agreement'))} |")
+    w("")
+    for s, e in maps.items():
+        if e.get("celltypes_png"):
+            w(f"![{s} cell types: predicted (left) vs observed (right)]({_rel(e['celltypes_png'], out)})\n")
+
+    if metrics.get("skipped"):
+        w("## Skipped\n")
+        for s, why in metrics["skipped"].items():
+            w(f"- {s}: {why}")
+        w("")
+    w("## Files\n")
+    w(f"- metrics: `{_rel(info['eval_dir'] / 'metrics.json', out)}`, per gene: "
+      f"`{_rel(info['eval_dir'] / 'metrics_per_gene.csv', out)}`")
+    w(f"- predictions: `{_rel(info['pred_dir'], out)}/<section>.h5ad`; model: `{_rel(info['run_dir'], out)}/`")
+    w(f"- reproduce: `stimage-nb demo{' --quick' if info['quick'] else ''} --out {out}` "
+      "(re-running reuses the finished run and predictions).")
+    return "\n".join(L) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry point
+def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: str = "auto", *,
+             manifest: str | os.PathLike | None = None, plan: DemoPlan | None = None,
+             progress: bool = True) -> Path:
+    """Train on her2st patient C, predict a held-out section and patient, evaluate, write a report.
+
+    Parameters
+    ----------
+    out
+        Output folder (see the module docstring for its layout).
+    quick
+        A one-to-two-minute smoke run (:data:`QUICK`) instead of the full demo (:data:`FULL`).
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    manifest
+        The her2st manifest (default: the bundled ``her2st/sections.csv`` of the data directory).
+    plan
+        Override the sections, genes or training settings.
+    progress
+        Progress bars.
+
+    Returns
+    -------
+    The path of ``report.md``.
+    """
+    from ._settings import her2st_manifest
+    from .ensemble import resolve_device
+    from .evaluate import evaluate
+    from .io.readers import read_gene_list
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Path(manifest) if manifest is not None else her2st_manifest()
+    plan = plan or (QUICK if quick else FULL)
+    sfx = "-quick" if quick else ""
+    run_dir, pred_dir, eval_dir, fig_dir = (out / f"{n}{sfx}" for n in ("run", "pred", "eval", "figures"))
+    timings: dict[str, float] = {}
+
+    genes_all = read_gene_list(manifest.parent / GENE_LIST)
+    if plan.n_genes is None:
+        genes, genes_source = genes_all, f"the STimage her2st list `{GENE_LIST}`"
+    else:
+        genes = _top_genes(manifest, plan.train_sections, genes_all, plan.n_genes)
+        genes_source = f"the {plan.n_genes} genes of `{GENE_LIST}` with the highest mean count in training"
+    log.info("demo: training on %s with %d genes -> %s", plan.train_sections, len(genes), run_dir)
+
+    t = time.perf_counter()
+    ens = _train(manifest, genes, run_dir, plan, device, progress)
+    timings["training"] = time.perf_counter() - t
+    run_id = ens.run_id
+
+    t = time.perf_counter()
+    preds = _predict(run_dir, manifest, pred_dir, plan.test_sections, run_id, device, progress)
+    timings["prediction"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    metrics = evaluate(pred_dir, manifest, out=eval_dir, baseline=True, sections=plan.test_sections,
+                       progress=progress)
+    timings["evaluation + baseline"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    per_gene = pd.read_csv(eval_dir / "metrics_per_gene.csv")
+    maps = _maps(preds, manifest, per_gene, fig_dir, plan.n_best_genes)
+    timings["figures"] = time.perf_counter() - t
+
+    dev = resolve_device(device)
+    info = {
+        "quick": quick, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_min": (time.perf_counter() - t_start) / 60, "device": str(dev) if dev.type != "cpu" else
+        f"cpu ({os.cpu_count()} cores)", "platform": f"{platform.system()} {platform.machine()}, Python "
+        f"{platform.python_version()}", "manifest": str(manifest), "train_sections": plan.train_sections,
+        "val_sections": plan.val_sections, "test_sections": plan.test_sections, "n_genes": len(ens.genes),
+        "genes_source": genes_source, "config": {**ens.meta.get("train_config", plan.config)}, "run_id": run_id,
+        "timings": timings, "eval_dir": eval_dir, "pred_dir": pred_dir, "run_dir": run_dir,
+    }
+    text = _report(out, metrics, maps, info)
+    report = out / "report.md"
+    tmp = report.with_name(f".report.md.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, report)
+    summary = {"report": str(report), "elapsed_s": time.perf_counter() - t_start, "timings": timings,
+               "quick": quick, "run_id": run_id}
+    tmp = out / f".demo{sfx}.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / f"demo{sfx}.json")
+    log.info("demo finished in %.1f min: %s", summary["elapsed_s"] / 60, report)
+    return report
