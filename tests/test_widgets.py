@@ -227,3 +227,61 @@ def test_js_ships_inside_the_package_without_network_imports():
     assert "http://" not in js and "https://" not in js
     w = SlideCanvas()
     assert "export default" in w._esm and "stimage-viewer" in w._css
+
+
+# ============================================================================ training panel
+def _panel(manifest, out, **kw):
+    from stimage_nb.widgets import TrainingPanel
+
+    args = dict(out=out, train=["C4"], default_genes=8, backbone="test_resnet", members=1, epochs=3, out_px=32,
+                device="cpu", config={"batch_size": 32, "stain": "none"})
+    args.update(kw)
+    return TrainingPanel(manifest, **args)
+
+
+def test_training_panel_cancel_keeps_checkpoint_and_resumes(her2st_manifest, tmp_path):
+    panel = _panel(her2st_manifest, tmp_path / "run")
+    assert panel.state == "idle" and panel.cancel_button.disabled
+    assert list(panel.genes.value) == panel.all_genes[:8] and "C4" in panel.sections.options
+    empty_plot = panel.plot.value
+    seen = []
+
+    def cancel_after_first_epoch(change):
+        seen.append(len(change["new"]))
+        if len(change["new"]) == 1:
+            panel.cancel()  # what the Cancel button does
+
+    panel.observe(cancel_after_first_epoch, "history")
+    panel.start_button.click()
+    assert panel.join(timeout=300)
+    panel.unobserve(cancel_after_first_epoch, "history")
+    assert panel.state == "cancelled", panel.status
+    assert "checkpoint" in panel.status and not panel.start_button.disabled
+    ck = panel.checkpoints()
+    assert ck[0]["epoch"] == 0 and not ck[0]["done"]  # epoch 0 finished and kept, run not done
+    assert (tmp_path / "run" / "members" / "m0" / ck[0]["model_file"]).is_file()
+    assert panel.plot.value != empty_plot  # the live loss curve was drawn
+    assert panel.ensemble is None and not (tmp_path / "run" / "ensemble.json").exists()
+
+    # Start again with the same settings: resumes after epoch 0 instead of starting over
+    panel.start(block=True)
+    assert panel.state == "finished", panel.status
+    assert [r["epoch"] for r in panel.history] == [1, 2]
+    assert np.isfinite([r["train_loss"] for r in panel.history]).all()
+    assert panel.epochs_done == 3 and panel.progress.value == panel.progress.max == 3
+    assert panel.ensemble is not None and panel.ensemble.genes == panel.all_genes[:8]
+    assert (tmp_path / "run" / "ensemble.json").is_file()
+
+
+def test_training_panel_reports_bad_settings(her2st_manifest, tmp_path):
+    panel = _panel(her2st_manifest, tmp_path / "run")
+    panel.genes.value = []
+    panel.start_button.click()
+    assert panel.state == "failed" and "gene" in panel.status and panel._thread is None
+    panel.genes.value = panel.all_genes[:2]
+    panel.sections.value = ("C4",)
+    panel.validate.value = ("C4",)
+    panel.start()
+    assert panel.state == "failed" and "training section" in panel.status
+    with pytest.raises(StimageInputError, match="manifest not found"):
+        _panel(tmp_path / "nope.csv", tmp_path / "run")
