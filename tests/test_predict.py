@@ -1,0 +1,156 @@
+"""Prediction AnnData contract, spots outside the image, other scan resolutions, manifests and the CLI."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stimage_nb import _keys as K
+from stimage_nb.ensemble import Ensemble
+from stimage_nb.io.image import write_ome_zarr
+from stimage_nb.io.section import Section, make_section_adata
+from stimage_nb.predict import predict_manifest, predict_section
+
+import _modelkit as kit
+
+UNS_KEYS = {"section", "patient", "image", "um_per_px", "image_scale", "train_sections", "genes", "celltypes",
+            "tile_um", "out_px", "backbone", "n_members", "run_id", "weights_sha256", "package_version", "created"}
+
+
+@pytest.fixture(scope="module")
+def ens():
+    return Ensemble.load(kit.tiny_run(), "cpu")
+
+
+def test_prediction_follows_the_contract(ens):
+    s = kit.sections(("C4",))[0]
+    a = predict_section(ens, s, progress=False)
+    assert list(a.obs_names) == list(s.adata.obs_names) and a.obs_names[0].count("x") == 1  # "{x}x{y}" ids
+    assert list(a.var_names) == kit.genes()
+    assert a.X.dtype == np.float32 and np.all(a.X > 0)
+    for key in (K.ALEATORIC, K.EPISTEMIC):
+        assert a.layers[key].shape == a.shape and np.all(a.layers[key] >= 0)
+    assert np.all(a.layers[K.ALEATORIC] >= a.X)  # NB variance >= mean
+    for key in (K.CELLTYPE_MEAN, K.CELLTYPE_STD):
+        df = a.obsm[key]
+        assert isinstance(df, pd.DataFrame) and list(df.columns) == ens.celltypes and list(df.index) == list(a.obs_names)
+    assert np.allclose(a.obsm[K.CELLTYPE_MEAN].sum(1), 1, atol=1e-5)
+    assert np.allclose(a.obsm[K.SPATIAL], s.xy) and np.allclose(a.obs[K.PIXEL_X], s.xy[:, 0])
+    assert np.all(a.obs[K.DIAMETER_UM] == 100.0)
+    u = a.uns[K.UNS]
+    assert UNS_KEYS <= set(u), UNS_KEYS - set(u)
+    assert (u["section"], u["patient"], u["um_per_px"], u["image_scale"]) == ("C4", "C", 0.69, 1.0)
+    assert u["train_sections"] == ["C2", "C3"] and u["n_members"] == 3 and u["backbone"] == "test_resnet"
+    assert u["n_outside_image"] == 0
+
+
+def test_spots_outside_the_image_are_excluded_and_counted(ens):
+    s = kit.sections(("C4",))[0]
+    xy = s.xy.copy()
+    xy[[3, 7]] = [[s.image.width + 500, 100], [-400, 50]]
+    s.adata.obsm[K.SPATIAL] = xy
+    s.adata.obs[K.PIXEL_X] = xy[:, 0]
+    a = predict_section(ens, s, progress=False)
+    assert a.n_obs == 38 and a.uns[K.UNS]["n_outside_image"] == 2
+    assert s.adata.obs_names[3] not in a.obs_names and s.adata.obs_names[7] not in a.obs_names
+
+
+def _crop_sections(tmp_path):
+    """The same tissue written at 0.69 µm/px (as scanned) and at 1.38 µm/px (a 2x coarser scan)."""
+    from stimage_nb._settings import her2st_manifest
+    from stimage_nb.io.readers import read_manifest
+
+    full = read_manifest(her2st_manifest(), ["C4"], genes=kit.genes())[0]
+    xy = full.xy
+    centre = np.median(xy, 0)
+    near = np.argsort(np.linalg.norm(xy - centre, axis=1))[:12]
+    pts = xy[near]
+    margin = 250
+    x0, y0 = (pts.min(0) - margin).astype(int)
+    x1, y1 = (pts.max(0) + margin).astype(int)
+    rgb = full.image.read_region(x0, y0, x1 - x0, y1 - y0)
+    half = rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2].reshape(rgb.shape[0] // 2, 2, rgb.shape[1] // 2, 2, 3)
+    half = half.astype(np.float32).mean((1, 3)).round().astype(np.uint8)
+    ids = full.adata.obs_names[near]
+    out = []
+    for name, img, um, scale in (("fine", rgb, 0.69, 1.0), ("coarse", half, 1.38, 0.5)):
+        p = write_ome_zarr(img, tmp_path / f"{name}.ome.zarr", um)
+        a = make_section_adata(ids, (pts - [x0, y0]) * scale, 100.0)
+        out.append(Section(name, a, p, um, "C"))
+    return out
+
+
+def test_another_scan_resolution_is_resampled_to_the_same_tiles(ens, tmp_path):
+    from stimage_nb.tiles import extract_tiles
+
+    fine, coarse = _crop_sections(tmp_path)
+    tf = extract_tiles(fine.image, fine.xy, ens.tile_um, ens.out_px, cache=False)
+    tc = extract_tiles(coarse.image, coarse.xy, ens.tile_um, ens.out_px, cache=False)
+    assert np.abs(tf.astype(float) - tc.astype(float)).mean() < 3  # same physical field of view
+    a, b = predict_section(ens, fine, progress=False), predict_section(ens, coarse, progress=False)
+    assert b.uns[K.UNS]["um_per_px"] == 1.38
+    assert np.allclose(a.X, b.X, rtol=0.05)
+    # whereas reading the coarse scan as if it had the fine scan's µm/px gives another field of view
+    wrong = Section("wrong", coarse.adata.copy(), coarse.image_path, 0.69, "C")
+    tw = extract_tiles(wrong.image, wrong.xy, ens.tile_um, ens.out_px, cache=False)
+    assert np.abs(tf.astype(float) - tw.astype(float)).mean() > 3 * np.abs(tf.astype(float) - tc.astype(float)).mean()
+
+
+def test_streamed_chunks_equal_one_pass(ens):
+    nostain = copy.copy(ens)
+    nostain.stain = None
+    s = kit.sections(("C4",))[0]
+    a = predict_section(nostain, s, progress=False, cache_tiles=True)
+    b = predict_section(nostain, s, progress=False, cache_tiles=False, chunk=16, workers=2)
+    assert list(a.obs_names) == list(b.obs_names)
+    assert np.allclose(a.X, b.X, rtol=1e-5) and np.allclose(a.layers[K.EPISTEMIC], b.layers[K.EPISTEMIC], rtol=1e-4)
+
+
+def _manifest_without_counts(tmp_path, sections=("C4",)):
+    from stimage_nb._settings import her2st_manifest
+
+    m = pd.read_csv(her2st_manifest())
+    base = her2st_manifest().parent
+    m = m[m.section.isin(sections)].drop(columns=["counts"])
+    for col in ("image", "spots"):
+        m[col] = [str(base / v) for v in m[col]]
+    p = tmp_path / "predict_only.csv"
+    m.to_csv(p, index=False)
+    return p
+
+
+def test_predict_manifest_rows_without_counts(tmp_path):
+    import anndata as ad
+
+    man = _manifest_without_counts(tmp_path)
+    paths = predict_manifest(kit.tiny_run(), man, tmp_path / "pred", device="cpu", progress=False)
+    assert [p.name for p in paths] == ["C4.h5ad"]
+    a = ad.read_h5ad(paths[0])
+    # all 187 selected spots of the spots file (3 of them have no counts in the counts table)
+    assert a.n_obs == 187 and list(a.var_names) == kit.genes() and K.EPISTEMIC in a.layers
+    assert sorted(x.name for x in (tmp_path / "pred").iterdir()) == ["C4.h5ad"]  # no temporary files left
+    mtime = paths[0].stat().st_mtime_ns
+    again = predict_manifest(kit.tiny_run(), man, tmp_path / "pred", device="cpu", progress=False)
+    assert again == paths and paths[0].stat().st_mtime_ns >= mtime
+
+
+def test_cli_train_then_predict(tmp_path, capsys):
+    from stimage_nb._settings import her2st_manifest
+    from stimage_nb.cli import main
+
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n".join(kit.genes()[:10]) + "\n")
+    run = tmp_path / "run"
+    rc = main(["train", "--manifest", str(her2st_manifest()), "--sections", "C2", "--val-sections", "C3",
+               "--genes", str(genes), "--out", str(run), "--members", "1", "--epochs", "1",
+               "--backbone", "test_resnet", "--device", "cpu", "--seed", "3"])
+    assert rc == 0 and (run / "ensemble.json").is_file()
+    rc = main(["predict", "--model", str(run), "--manifest", str(_manifest_without_counts(tmp_path)),
+               "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert rc == 0 and str(tmp_path / "pred" / "C4.h5ad") in capsys.readouterr().out
+    # bad input: a model directory that is not one
+    rc = main(["predict", "--model", str(tmp_path), "--manifest", str(her2st_manifest()), "--out", str(tmp_path / "p2")])
+    assert rc == 2 and "ensemble.json" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""Training: config/CLI, a real tiny run, resume after an interruption, cancellation, frozen path."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stimage_nb.errors import StimageInputError
+from stimage_nb.train import Callback, LossHistory, StopOnEvent, TrainConfig, TrainingCancelled, train
+
+import _modelkit as kit
+
+
+class _Interrupt(Callback):
+    """Raise KeyboardInterrupt (as Ctrl-C or a killed kernel would) at the end of one epoch."""
+
+    def __init__(self, member, epoch):
+        self.member, self.epoch = member, epoch
+
+    def on_epoch_end(self, state):
+        if (state.member, state.epoch) == (self.member, self.epoch):
+            raise KeyboardInterrupt
+
+
+class _Count(Callback):
+    def __init__(self):
+        self.epochs, self.members = [], []
+
+    def on_member_start(self, state):
+        self.members.append(state.member)
+
+    def on_epoch_end(self, state):
+        self.epochs.append((state.member, state.epoch))
+
+
+def _weights(run):
+    return [load_file(str(run / f"member_{i}.safetensors")) for i in range(len(json.loads((run / "ensemble.json").read_text())["members"]))]
+
+
+def _same(a, b):
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_config_from_cli_and_validation():
+    from stimage_nb.cli import build_parser
+
+    a = build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o", "--members", "3",
+                                   "--backbone", "test_resnet", "--epochs", "2", "--frozen", "--seed", "7",
+                                   "--device", "cpu", "--weights", "none", "--val-sections", "C4"])
+    cfg = TrainConfig.from_cli(a)
+    default = TrainConfig()
+    assert (cfg.members, cfg.backbone, cfg.epochs, cfg.frozen, cfg.seed, cfg.device) == (3, "test_resnet", 2, True, 7, "cpu")
+    assert cfg.val_sections == ["C4"]
+    assert (cfg.tile_um, cfg.out_px, cfg.lr) == (default.tile_um, default.out_px, default.lr)
+    a2 = build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"])
+    assert TrainConfig.from_cli(a2) == TrainConfig()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(StimageInputError):
+        TrainConfig(stain="reinhard")
+    with pytest.raises(StimageInputError, match="unknown training settings"):
+        TrainConfig.from_dict({"epochz": 3})
+
+
+def test_tiny_run_writes_an_ensemble_and_histories():
+    run = kit.tiny_run()
+    cfg = json.loads((run / "ensemble.json").read_text())
+    assert cfg["n_members"] == 3 and cfg["genes"] == kit.genes() and len(cfg["celltypes"]) == 8
+    assert cfg["train_sections"] == ["C2", "C3"] and cfg["val_sections"] == ["C4"]
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["config"]["backbone"] == "test_resnet"
+    for i in range(3):
+        st = json.loads((run / "members" / f"m{i}" / "state.json").read_text())
+        assert st["done"] and len(st["history"]) == 2
+        assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in st["history"])
+    # the bulky checkpoints are gone once the ensemble is saved; no pickle anywhere
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".safetensors"}
+    assert not list((run / "members").rglob("*.safetensors"))
+    # members differ (different seeds)
+    w = _weights(run)
+    assert not torch.equal(w[0]["nb.linear.weight"], w[1]["nb.linear.weight"])
+
+
+def test_training_learns_on_real_data(tmp_path):
+    """More epochs on the real tiles lower the training NLL below the per-gene-mean start."""
+    secs = kit.sections(("C2", "C3", "C4"))
+    hist = LossHistory()
+    train(secs, genes=kit.genes(), out=tmp_path / "r", val_sections=["C4"],
+          config=kit.tiny_config(members=1, epochs=6, lr=3e-3), callbacks=[hist], progress=False)
+    tr = [r["train_loss"] for r in hist.rows]
+    assert len(tr) >= 5 and min(tr[-3:]) < tr[0]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    secs = kit.sections(("C2", "C3", "C4"))
+    cfg = kit.tiny_config(members=2, epochs=3)
+    kw = dict(genes=kit.genes(), val_sections=["C4"], config=cfg, progress=False)
+    train(secs, out=tmp_path / "a", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(kit.sections(("C2", "C3", "C4")), out=tmp_path / "b", callbacks=[_Interrupt(1, 0)], **kw)
+    assert not (tmp_path / "b" / "ensemble.json").exists()
+    st = json.loads((tmp_path / "b" / "members" / "m1" / "state.json").read_text())
+    assert st["epoch"] == 0 and not st["done"]
+    count = _Count()
+    train(kit.sections(("C2", "C3", "C4")), out=tmp_path / "b", callbacks=[count], **kw)
+    # member 0 was finished and is not retrained; member 1 continues with epochs 1 and 2
+    assert count.epochs == [(1, 1), (1, 2)]
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    # running the same command again is a no-op that returns the saved ensemble
+    again = _Count()
+    ens = train(kit.sections(("C2", "C3", "C4")), out=tmp_path / "b", callbacks=[again], **kw)
+    assert again.epochs == [] and ens.n_members == 2
+    # another seed gives other weights; other settings in the same directory are refused
+    with pytest.raises(StimageInputError, match="different settings.*seed"):
+        train(kit.sections(("C2", "C3", "C4")), out=tmp_path / "b",
+              **{**kw, "config": kit.tiny_config(members=2, epochs=3, seed=1)})
+
+
+def test_cancel_from_a_callback_then_resume(tmp_path):
+    ev = threading.Event()
+
+    class _SetAfterFirstEpoch(Callback):
+        def on_epoch_end(self, state):
+            if state.epoch == 0:
+                ev.set()
+
+    kw = dict(genes=kit.genes(), val_sections=["C4"], config=kit.tiny_config(members=1, epochs=2), progress=False)
+    with pytest.raises(TrainingCancelled, match="resume"):
+        train(kit.sections(), out=tmp_path / "c", callbacks=[_SetAfterFirstEpoch(), StopOnEvent(ev)], **kw)
+    ens = train(kit.sections(), out=tmp_path / "c", **kw)
+    st = json.loads((tmp_path / "c" / "members" / "m0" / "state.json").read_text())
+    assert ens.n_members == 1 and [h["epoch"] for h in st["history"]] == [0, 1]
+
+
+def test_frozen_backbone_fast_path_shares_features(tmp_path):
+    kw = dict(genes=kit.genes(), val_sections=["C4"], progress=False)
+    ens = train(kit.sections(), out=tmp_path / "f", config=kit.tiny_config(members=2, epochs=3, frozen=True), **kw)
+    w = _weights(tmp_path / "f")
+    bb = [k for k in w[0] if k.startswith("backbone.")]
+    assert bb and all(torch.equal(w[0][k], w[1][k]) for k in bb)           # one frozen backbone
+    assert not torch.equal(w[0]["nb.linear.weight"], w[1]["nb.linear.weight"])  # heads trained per member
+    assert len(ens._groups()) == 1  # prediction computes the shared features once
+    # the frozen backbone is the untrained one: same as a fresh frozen run's
+    ens2 = train(kit.sections(), out=tmp_path / "f2", config=kit.tiny_config(members=1, epochs=1, frozen=True), **kw)
+    w2 = _weights(tmp_path / "f2")
+    assert all(torch.equal(w[0][k], w2[0][k]) for k in bb)
+    assert ens2.n_members == 1
+
+
+def test_bad_training_inputs(tmp_path):
+    secs = kit.sections()
+    with pytest.raises(StimageInputError, match="requested genes are not in the counts|missing"):
+        train(secs, genes=kit.genes() + ["NOT_A_GENE"], out=tmp_path / "x", config=kit.tiny_config(), progress=False)
+    with pytest.raises(StimageInputError, match="validation sections"):
+        train(secs, genes=kit.genes(), out=tmp_path / "y", val_sections=["Z9"], config=kit.tiny_config(), progress=False)
+    with pytest.raises(StimageInputError, match="cuda"):
+        if torch.cuda.is_available():
+            raise StimageInputError("cuda present; nothing to check")
+        train(secs, genes=kit.genes(), out=tmp_path / "z", config=kit.tiny_config(device="cuda"), progress=False)
