@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
-import io
 import json
 import logging
 import math
@@ -134,53 +133,11 @@ def _classification(pred) -> tuple[list[str], np.ndarray]:
     return [], np.full(pred.n_obs, "", dtype=object)
 
 
-def _measurement_columns(pred, genes: Sequence[str], celltypes: bool) -> list[tuple[str, str, np.ndarray]]:
-    """(measurement name, gene or "", float32 values) in export order: genes first, then cell types."""
-    cols: list[tuple[str, str, np.ndarray]] = []
-    if genes:
-        idx = [pred.var_names.get_loc(g) for g in genes]
-        X = _dense(pred.X[:, idx]).astype(np.float32)
-        ale = _dense(pred.layers[K.ALEATORIC][:, idx]).astype(np.float32) if K.ALEATORIC in pred.layers else None
-        epi = _dense(pred.layers[K.EPISTEMIC][:, idx]).astype(np.float32) if K.EPISTEMIC in pred.layers else None
-        for j, g in enumerate(genes):
-            cols.append((f"{g}: {MEAN}", g, X[:, j]))
-            if ale is not None:
-                cols.append((f"{g}: {ALE}", g, np.sqrt(np.clip(ale[:, j], 0, None))))
-            if epi is not None:
-                cols.append((f"{g}: {EPI}", g, np.sqrt(np.clip(epi[:, j], 0, None))))
-    if celltypes:
-        for key, suffix in ((K.CELLTYPE_MEAN, ""), (K.CELLTYPE_STD, " SD")):
-            ct = pred.obsm.get(key)
-            if ct is None:
-                continue
-            df = ct if isinstance(ct, pd.DataFrame) else pd.DataFrame(np.asarray(ct))
-            for c in df.columns:
-                cols.append((f"P({c}){suffix}", "", df[c].to_numpy(dtype=np.float32)))
-    if K.MEASUREMENTS in pred.obsm:  # measurements that came in from QuPath go back out
-        df = pred.obsm[K.MEASUREMENTS]
-        for c in df.columns:
-            cols.append((str(c), "", pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=np.float32)))
-    return cols
-
-
-def _geometry(pred, i: int, xy_full: np.ndarray, r_full: np.ndarray) -> tuple[dict, dict | None]:
-    """(geometry, nucleusGeometry) of observation ``i`` in full-resolution pixels."""
-    geom = nuc = None
-    if K.GEOMETRY in pred.obs:
-        geom = _parse_geom_text(pred.obs[K.GEOMETRY].iloc[i])
-    if K.NUCLEUS_GEOMETRY in pred.obs:
-        nuc = _parse_geom_text(pred.obs[K.NUCLEUS_GEOMETRY].iloc[i])
-    if geom is None:
-        geom = {"type": "Polygon", "coordinates": [_ellipse_ring(xy_full[i, 0], xy_full[i, 1], r_full[i])],
-                "isEllipse": True}
-    return geom, nuc
-
-
 def _parse_geom_text(v) -> dict | None:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     s = str(v)
-    if not s or s in ("nan", "None", ""):
+    if not s or s in ("nan", "None"):
         return None
     try:
         g = json.loads(s)
@@ -189,9 +146,60 @@ def _parse_geom_text(v) -> dict | None:
     return g if isinstance(g, dict) and "type" in g else None
 
 
-def _feature_texts(pred: "anndata.AnnData", *, genes: Sequence[str] | None = None, object_type: str = "auto",
-                 image_scale: float | None = None, celltypes: bool = True, _cols=None) -> tuple[list[str], list[tuple]]:
-    """The features of :func:`export_qupath` as JSON texts (one per observation) and the measurement columns."""
+@dataclass
+class _Col:
+    """One exported measurement: its name, its gene ("" if none) and where its values come from."""
+
+    name: str
+    gene: str
+    source: str  # "X", "ale", "epi", "obsm:<key>"
+    key: object  # column index (X/layers) or column label (obsm DataFrame)
+
+
+def _columns(pred, genes: Sequence[str], celltypes: bool) -> list[_Col]:
+    """Measurements in export order: per gene mean and both SDs, then cell types, then imported ones."""
+    cols: list[_Col] = []
+    has_ale, has_epi = K.ALEATORIC in pred.layers, K.EPISTEMIC in pred.layers
+    for g in genes:
+        j = pred.var_names.get_loc(g)
+        cols.append(_Col(f"{g}: {MEAN}", g, "X", j))
+        if has_ale:
+            cols.append(_Col(f"{g}: {ALE}", g, "ale", j))
+        if has_epi:
+            cols.append(_Col(f"{g}: {EPI}", g, "epi", j))
+    if celltypes:
+        for key, suffix in ((K.CELLTYPE_MEAN, ""), (K.CELLTYPE_STD, " SD")):
+            ct = pred.obsm.get(key)
+            if ct is None or not isinstance(ct, pd.DataFrame):
+                continue
+            cols += [_Col(f"P({c}){suffix}", "", f"obsm:{key}", c) for c in ct.columns]
+    if K.MEASUREMENTS in pred.obsm and isinstance(pred.obsm[K.MEASUREMENTS], pd.DataFrame):
+        cols += [_Col(str(c), "", f"obsm:{K.MEASUREMENTS}", c) for c in pred.obsm[K.MEASUREMENTS].columns]
+    return cols
+
+
+def _block(pred, cols: list[_Col], rows: np.ndarray) -> np.ndarray:
+    """float32 values of ``cols`` for observations ``rows`` (SDs are square roots of the variances)."""
+    out = np.empty((len(rows), len(cols)), dtype=np.float32)
+    by_src: dict[str, list[int]] = {}
+    for k, c in enumerate(cols):
+        by_src.setdefault(c.source, []).append(k)
+    for src, ks in by_src.items():
+        if src in ("X", "ale", "epi"):
+            m = pred.X if src == "X" else pred.layers[K.ALEATORIC if src == "ale" else K.EPISTEMIC]
+            v = _dense(m[rows][:, [cols[k].key for k in ks]]).astype(np.float32)
+            if src != "X":
+                v = np.sqrt(np.clip(v, 0, None))
+        else:
+            df = pred.obsm[src[len("obsm:"):]]
+            v = df.iloc[rows][[cols[k].key for k in ks]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
+        out[:, ks] = v
+    return out
+
+
+def _iter_features(pred, cols: list[_Col], *, object_type: str = "auto", image_scale: float | None = None,
+                   rows: np.ndarray | None = None, chunk: int = 2048):
+    """The features of :func:`export_qupath` as compact JSON texts, generated in row chunks."""
     uns = _uns(pred)
     section = str(uns.get("section", ""))
     scale = _coord_scale(uns, image_scale)
@@ -214,45 +222,72 @@ def _feature_texts(pred: "anndata.AnnData", *, genes: Sequence[str] | None = Non
     names, cls = _classification(pred)
     colours = class_colours(names or sorted({c for c in cls if c}), uns.get(K.CLASS_COLOURS))
     types = _object_types(pred, object_type)
-    cols = _cols if _cols is not None else _measurement_columns(pred, list(genes or []), celltypes)
-    name_frag = [json.dumps(c[0]) for c in cols]
-    vals = _f32_strings(np.stack([c[2] for c in cols], axis=1)) if cols else np.zeros((pred.n_obs, 0), object)
-    feats = []
-    for i, oid in enumerate(pred.obs_names):
-        oid = str(oid)
-        geom, nuc = _geometry(pred, i, xy_full, r_full)
-        props: dict = {"objectType": types[i], "object_type": types[i], "name": oid}
-        if cls[i]:
-            props["classification"] = {"name": cls[i], "color": list(colours[cls[i]])}
-        head = {"type": "Feature", "id": str(uuid.uuid5(_NS, f"{section}/{oid}")), "geometry": geom}
-        if nuc is not None and types[i] == "cell":
-            head["nucleusGeometry"] = nuc
-        meas = ",".join(f'{{"name":{n},"value":{v}}}' for n, v in zip(name_frag, vals[i]))
-        p = json.dumps(props, separators=(",", ":"))[:-1] + f',"measurements":[{meas}]}}'
-        feats.append(json.dumps(head, separators=(",", ":"))[:-1] + f',"properties":{p}}}')
-    return feats, cols
+    name_frag = [json.dumps(c.name) for c in cols]
+    ids = [str(o) for o in pred.obs_names]
+    geoms = pred.obs[K.GEOMETRY].to_numpy(dtype=object) if K.GEOMETRY in pred.obs else None
+    nucs = pred.obs[K.NUCLEUS_GEOMETRY].to_numpy(dtype=object) if K.NUCLEUS_GEOMETRY in pred.obs else None
+    rows = np.arange(pred.n_obs) if rows is None else np.asarray(rows)
+    for c0 in range(0, len(rows), chunk):
+        rr = rows[c0:c0 + chunk]
+        vals = _f32_strings(_block(pred, cols, rr)) if cols else np.zeros((len(rr), 0), object)
+        for i, v in zip(rr, vals):
+            oid = ids[i]
+            geom = _parse_geom_text(geoms[i]) if geoms is not None else None
+            nuc = _parse_geom_text(nucs[i]) if nucs is not None else None
+            if geom is None:
+                geom = {"type": "Polygon", "coordinates": [_ellipse_ring(xy_full[i, 0], xy_full[i, 1], r_full[i])],
+                        "isEllipse": True}
+            props: dict = {"objectType": types[i], "object_type": types[i], "name": oid}
+            if cls[i]:
+                props["classification"] = {"name": cls[i], "color": list(colours[cls[i]])}
+            head = {"type": "Feature", "id": str(uuid.uuid5(_NS, f"{section}/{oid}")), "geometry": geom}
+            if nuc is not None and types[i] == "cell":
+                head["nucleusGeometry"] = nuc
+            meas = ",".join(f'{{"name":{n},"value":{x}}}' for n, x in zip(name_frag, v))
+            p = json.dumps(props, separators=(",", ":"))[:-1] + f',"measurements":[{meas}]}}'
+            yield json.dumps(head, separators=(",", ":"))[:-1] + f',"properties":{p}}}'
 
 
-def _write_collection(feats: list[str], path: Path) -> int:
-    body = '{"type":"FeatureCollection","features":[\n' + ",\n".join(feats) + "\n]}\n"
-    data = body.encode("utf-8")
-    if path.name.endswith(".gz"):
-        buf = io.BytesIO()
-        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
-            gz.write(data)
-        data = buf.getvalue()
+def _write_stream(feats, path: Path) -> int:
+    """Write a FeatureCollection from an iterator of feature texts (gzip for ``*.gz``), atomically."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return len(data)
+    try:
+        with open(tmp, "wb") as raw:
+            fh = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) if path.name.endswith(".gz") else raw
+            fh.write(b'{"type":"FeatureCollection","features":[')
+            for k, f in enumerate(feats):
+                fh.write((",\n" if k else "\n").encode() + f.encode("utf-8"))
+            fh.write(b"\n]}\n")
+            if fh is not raw:
+                fh.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def _genes_that_fit(pred, genes: list[str], celltypes: bool, limit: float, gz: bool, **kw) -> int:
+    """How many of ``genes`` (from the front) fit in ``limit`` bytes, estimated on a sample of objects."""
+    n = pred.n_obs
+    sample = np.unique(np.linspace(0, n - 1, min(n, 400)).astype(int))
+    full = "\n".join(_iter_features(pred, _columns(pred, genes, celltypes), rows=sample, **kw)).encode()
+    base = "\n".join(_iter_features(pred, _columns(pred, [], celltypes), rows=sample, **kw)).encode()
+    ratio = len(gzip.compress(full, 6)) / max(len(full), 1) if gz else 1.0
+    f = n / len(sample) * ratio
+    per_gene = (len(full) - len(base)) / max(len(genes), 1)
+    budget = 0.97 * limit / f - len(base)
+    return int(max(0, min(len(genes), budget // max(per_gene, 1))))
 
 
 def export_qupath(pred: "anndata.AnnData", path: str | os.PathLike, *, genes: Sequence[str] | None = None,
                   max_mb: float | None = None, object_type: str = "auto", image_scale: float | None = None,
                   celltypes: bool = True) -> Path:
     """Write a prediction AnnData as QuPath GeoJSON (see the module docstring for the form).
+
+    Features are generated and written in chunks of observations, so memory stays bounded for
+    hundreds of thousands of cells.
 
     Parameters
     ----------
@@ -263,11 +298,11 @@ def export_qupath(pred: "anndata.AnnData", path: str | os.PathLike, *, genes: Se
     genes
         Genes to export, in this order (default: all predicted genes).
     max_mb
-        Keep the file under this many megabytes by dropping genes from the end of ``genes``
-        (a warning says how many were kept); raises when even no gene fits.
+        Keep the file under this many megabytes (10^6 bytes) by dropping genes from the end of
+        ``genes`` (a warning says how many were kept); raises when even no gene fits.
     object_type
-        ``"auto"`` (cells when outlines/nuclei or ``obs["object_type"]`` say so, else detections),
-        ``"detection"`` or ``"cell"``.
+        ``"auto"`` (``obs["object_type"]`` when present, cells when nuclei are known or
+        ``uns`` says ``observation="cell"``, else detections), ``"detection"`` or ``"cell"``.
     image_scale
         Override ``uns["stimage_nb"]["image_scale"]`` (image px = full-resolution px * scale).
     celltypes
@@ -286,45 +321,28 @@ def export_qupath(pred: "anndata.AnnData", path: str | os.PathLike, *, genes: Se
     if missing:
         raise StimageInputError(f"{path}: genes {missing[:10]} are not in the prediction "
                                 f"({pred.n_vars} genes, e.g. {list(pred.var_names[:5])}). Fix --genes.")
-    cols = _measurement_columns(pred, genes, celltypes)
-    feats, _ = _feature_texts(pred, genes=genes, object_type=object_type, image_scale=image_scale,
-                            celltypes=celltypes, _cols=cols)
-    size = _write_collection(feats, path)
+    kw = dict(object_type=object_type, image_scale=image_scale)
     limit = None if max_mb is None else float(max_mb) * 1e6
-    kept = list(genes)
-    tries = 0
-    while limit is not None and size > limit:
-        tries += 1
-        gene_cols = [c for c in cols if c[1]]
-        if not kept or tries > 6:
+    k = len(genes)
+    if limit is not None and pred.n_obs:
+        k = _genes_that_fit(pred, genes, celltypes, limit, path.name.endswith(".gz"), **kw)
+    for _ in range(5):
+        size = _write_stream(_iter_features(pred, _columns(pred, genes[:k], celltypes), **kw), path)
+        if limit is None or size <= limit:
+            break
+        if k == 0:
             path.unlink(missing_ok=True)
             raise StimageInputError(
-                f"{path}: {pred.n_obs} objects take {size / 1e6:.1f} MB even with {len(kept)} genes, over "
-                f"max_mb={max_mb}. Raise --max-mb, write .geojson.gz, or export fewer objects.")
-        # bytes each gene adds, measured on the uncompressed text, scaled by the achieved ratio
-        raw = sum(len(f) for f in feats)
-        ratio = size / max(raw, 1)
-        per_gene = {g: 0 for g in kept}
-        for n, g, v in gene_cols:
-            per_gene[g] += int(sum(len(s) for s in _f32_strings(v))) + pred.n_obs * (len(n) + 20)
-        budget = limit / ratio - (raw - sum(per_gene.values())) - 1024
-        new, acc = [], 0.0
-        for g in kept:
-            if acc + per_gene[g] > budget:
-                break
-            acc += per_gene[g]
-            new.append(g)
-        if len(new) == len(kept):
-            new = kept[:-1]
-        kept = new
-        cols = _measurement_columns(pred, kept, celltypes)
-        feats, _ = _feature_texts(pred, genes=kept, object_type=object_type, image_scale=image_scale,
-                                celltypes=celltypes, _cols=cols)
-        size = _write_collection(feats, path)
-    if len(kept) < len(genes):
-        log.warning("%s: kept %d of %d genes (%s … ) to stay under %s MB; pass genes= to choose which",
-                    path, len(kept), len(genes), kept[:3], max_mb)
-    log.info("wrote %s (%d objects, %d genes, %.2f MB)", path, pred.n_obs, len(kept), size / 1e6)
+                f"{path}: {pred.n_obs} objects take {size / 1e6:.1f} MB even without genes, over max_mb={max_mb}. "
+                "Raise --max-mb, write .geojson.gz (--gzip), or export fewer objects.")
+        k = int(k * min(0.97 * limit / size, 0.95))
+    else:
+        path.unlink(missing_ok=True)
+        raise StimageInputError(f"{path}: could not fit the export under max_mb={max_mb}; raise it or use --gzip.")
+    if k < len(genes):
+        log.warning("%s: kept %d of %d genes (%s ...) to stay under %s MB; pass genes= to choose which",
+                    path, k, len(genes), genes[:3], max_mb)
+    log.info("wrote %s (%d objects, %d genes, %.2f MB)", path, pred.n_obs, k, size / 1e6)
     return path
 
 
@@ -400,21 +418,20 @@ def _ring_area(r: np.ndarray) -> float:
 
 
 def _all_points(geom: dict) -> np.ndarray:
+    """Every vertex of a geometry as an (n, 2) float array (raises on non-numeric coordinates)."""
     t = geom.get("type")
     if t == "GeometryCollection":
         pts = [_all_points(g) for g in geom.get("geometries", [])]
         pts = [p for p in pts if len(p)]
         return np.concatenate(pts) if pts else np.zeros((0, 2))
-
-    def flat(v):
-        if isinstance(v, (list, tuple, np.ndarray)) and len(v) and not isinstance(v[0], (list, tuple, np.ndarray)):
-            yield [float(v[0]), float(v[1])]
-        elif isinstance(v, (list, tuple, np.ndarray)):
-            for w in v:
-                yield from flat(w)
-
-    pts = list(flat(geom.get("coordinates", [])))
-    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    c = geom.get("coordinates", [])
+    depth = {"Point": 0, "MultiPoint": 1, "LineString": 1, "MultiLineString": 2, "Polygon": 2, "MultiPolygon": 3}.get(t, 0)
+    flat = [c]
+    for _ in range(depth):
+        flat = [q for p in flat for q in p]
+    if not flat or (depth == 0 and not c):
+        return np.zeros((0, 2))
+    return np.asarray([[float(p[0]), float(p[1])] for p in flat], dtype=np.float64).reshape(-1, 2)
 
 
 def _centroid_area(geom: dict) -> tuple[np.ndarray, float]:
@@ -502,29 +519,30 @@ def _parse_measurements(m, path: Path, i: int) -> dict[str, float]:
     if m is None:
         return out
     if isinstance(m, dict):
-        items = list(m.items())
+        items = m.items()
     elif isinstance(m, list):
-        items = []
-        for e in m:
-            if not isinstance(e, dict) or "name" not in e:
-                raise StimageInputError(f"{path}: feature {i}: a measurement list entry is not {{\"name\", \"value\"}}: {e!r}.")
-            items.append((e["name"], e.get("value")))
+        try:
+            items = [(e["name"], e.get("value")) for e in m]
+        except (TypeError, KeyError, AttributeError):
+            bad = next(e for e in m if not isinstance(e, dict) or "name" not in e)
+            raise StimageInputError(f"{path}: feature {i}: a measurement list entry is not "
+                                    f"{{\"name\", \"value\"}}: {bad!r}.") from None
     else:
         raise StimageInputError(f"{path}: feature {i}: 'measurements' must be an object or a list, not {type(m).__name__}.")
     for k, v in items:
-        if v is None or isinstance(v, bool):
+        t = type(v)
+        if t is float or t is int:
+            out[k if type(k) is str else str(k)] = float(v)
+        elif v is None or t is bool:
             continue  # QuPath silently drops null and boolean measurements
-        if isinstance(v, (int, float)):
-            out[str(k)] = float(v)
-            continue
-        if isinstance(v, str):
+        else:
             try:
+                if t is not str:
+                    raise ValueError
                 out[str(k)] = float(v)  # "NaN", "Infinity", "1.5" parse as QuPath parses them
-                continue
             except ValueError:
-                pass
-        raise StimageInputError(f"{path}: feature {i}: measurement {k!r} has the non-numeric value {v!r}; QuPath "
-                                "cannot import it. Measurements must be numbers (or \"NaN\").")
+                raise StimageInputError(f"{path}: feature {i}: measurement {k!r} has the non-numeric value {v!r}; "
+                                        "QuPath cannot import it. Measurements must be numbers (or \"NaN\").") from None
     return out
 
 

@@ -140,7 +140,7 @@ def test_gene_selection_and_file_size_limit(pred, exported, tmp_path):
     assert names == ["FASN: mean", "FASN: aleatoric SD", "FASN: epistemic SD",
                      "ERBB2: mean", "ERBB2: aleatoric SD", "ERBB2: epistemic SD"]
     full = exported.stat().st_size
-    limit_mb = full * 0.75 / 1e6
+    limit_mb = full * 0.88 / 1e6  # the outlines and cell types alone take ~2/3 of the file
     lim = export_qupath(pred, tmp_path / "limited.geojson", max_mb=limit_mb)
     assert lim.stat().st_size <= limit_mb * 1e6
     kept = import_qupath(lim).adata.var_names
