@@ -453,7 +453,8 @@ def write_heatmaps(group, shapes: Shapes, channels: dict[str, np.ndarray], level
         for y0 in range(0, h, chunk):
             y1 = min(h, y0 + chunk)
             idx = shapes.render(ds, w, y0, y1)
-            arr[:, y0:y1, :] = lut[:, idx]
+            for c in range(len(labels)):  # one channel at a time keeps a strip small
+                arr[c, y0:y1, :] = lut[c][idx]
     if windows is None:
         windows = []
         for row in V:
@@ -586,7 +587,7 @@ def _layer(adata, key, genes) -> np.ndarray | None:
 def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, image: "SlideImage | str | os.PathLike | None" = None,
                               *, base_level: int = 0, heatmap_level: int | None = None,
                               genes: Sequence[str] | None = None, n_heatmap_genes: int = 6,
-                              chunk: int = CHUNK, progress: bool = True) -> Path:
+                              max_full_properties: int = 20000, chunk: int = CHUNK, progress: bool = True) -> Path:
     """Write one section's predictions as a viewer-ready OME-Zarr (see the module docstring).
 
     Parameters
@@ -605,6 +606,10 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
         observation spans ≥ 16 pixels).
     genes
         Genes to render as heatmaps (default: the ``n_heatmap_genes`` most variable predictions).
+    max_full_properties
+        Above this many observations the instance labels' properties keep only ``id``, ``class`` and
+        ``class probability`` and carry no per-object colour (``labels/cell_types`` has the class
+        colours): the metadata of 100k cells with everything would be tens of MB.
     progress
         Show progress bars.
 
@@ -661,26 +666,32 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
         props: dict[int, dict] = {}
         cols: dict[int, tuple] = {}
         ct = pred.obsm.get(K.CELLTYPE_MEAN)
-        P = np.asarray(ct, dtype=np.float64) if ct is not None and names else None
+        full = pred.n_obs <= max_full_properties
+        if not full:
+            log.info("%s: %d observations > max_full_properties=%d: label properties keep id and class only",
+                     section, pred.n_obs, max_full_properties)
+        P = np.asarray(ct, dtype=np.float64) if ct is not None and names and full else None
         means = None
         if genes:
             means = pred[:, genes].X
             means = np.asarray(means.toarray() if hasattr(means, "toarray") else means, dtype=np.float64)
+        prop_means = means if full else None
         for i, oid in enumerate(ids):
             p: dict = {"id": oid}
             if cls is not None and cls[i] >= 0:
                 p["class"] = names[cls[i]]
-                cols[i + 1] = colours[names[cls[i]]]
-            else:
+                if full:
+                    cols[i + 1] = colours[names[cls[i]]]
+            elif full:
                 cols[i + 1] = (128, 128, 128)
             if pmax is not None:
                 p["class probability"] = round(float(pmax[i]), 6) if np.isfinite(pmax[i]) else None
             if P is not None:
                 for j, n in enumerate(names):
                     p[f"P({n})"] = round(float(P[i, j]), 6) if np.isfinite(P[i, j]) else None
-            if means is not None:
+            if prop_means is not None:
                 for j, gname in enumerate(genes):
-                    p[f"{gname} mean"] = float(np.float32(means[i, j]))
+                    p[f"{gname} mean"] = float(np.float32(prop_means[i, j]))
             props[i + 1] = p
         write_label_image(g, kind, shapes, level_shapes, um0, colors=cols, properties=props, chunk=chunk,
                           extra={"stimage_nb": {"section": section, "kind": kind, "ids": "properties[].id"}})
