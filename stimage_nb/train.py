@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -381,8 +382,14 @@ def _load_sections(manifest, sections, val_sections, genes, drop_missing_genes) 
     return out[0], out[1]
 
 
-# ---------------------------------------------------------------------- optimizer state as safetensors
-def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict:
+# ---------------------------------------------------------------------- checkpoints (safetensors + JSON)
+def _snapshot(sd: dict) -> dict:
+    """Host copies of a state dict's tensors (safe to write while training goes on)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+
+def _optimizer_snapshot(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The optimizer state as (tensors for safetensors, JSON-able rest)."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
@@ -391,8 +398,19 @@ def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict:
                 tensors[f"{pid}/{k}"] = v
             else:
                 scalars[f"{pid}/{k}"] = v
-    save_state_dict(tensors, path)
-    return {"param_groups": sd["param_groups"], "scalars": scalars}
+    return _snapshot(tensors), {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _write_checkpoint(mdir: Path, model_sd: dict, optim_sd: dict, state: dict, improved: bool) -> None:
+    """New files first, then the state JSON that names them, then drop the old ones (crash-safe)."""
+    if improved:
+        save_state_dict(model_sd, mdir / "best.safetensors")
+    save_state_dict(model_sd, mdir / state["model_file"])
+    save_state_dict(optim_sd, mdir / state["optim_file"])
+    write_json(state, mdir / "state.json")
+    for old in mdir.glob("*-e*.safetensors"):
+        if old.name not in (state["model_file"], state["optim_file"]):
+            old.unlink(missing_ok=True)
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict) -> None:
@@ -575,75 +593,84 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     use_amp = cfg.amp and device.type == "cuda"
     cl = cfg.channels_last and device.type == "cuda"
     stop_early = False
-    for epoch in range(start, cfg.epochs):
-        if bad >= cfg.patience and val_d is not None:
-            stop_early = True
-            break
-        torch.manual_seed(_seed(cfg.seed, i, epoch, "global"))
-        g = torch.Generator().manual_seed(_seed(cfg.seed, i, epoch, "data"))
-        perm = torch.randperm(n, generator=g)
-        model.train()
-        if cfg.frozen:
-            model.backbone.eval()
-        tot = 0.0
-        t0 = time.perf_counter()
-        for it in range(n_it):
-            idx = perm[it * bs:(it + 1) * bs]
-            for grp, base in zip(opt.param_groups, base_lrs):
-                grp["lr"] = base * _lr_factor(epoch, it, n_it, cfg.epochs)
-            idx_d = idx.to(device)
+    needs_batch_loss = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in callbacks)
+    # Checkpoints are snapshotted to host memory at once and written by a background thread, so the
+    # device keeps training; leaving the `with` (normally or by an exception) waits for the writes.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for epoch in range(start, cfg.epochs):
+            if bad >= cfg.patience and val_d is not None:
+                stop_early = True
+                break
+            torch.manual_seed(_seed(cfg.seed, i, epoch, "global"))
+            g = torch.Generator().manual_seed(_seed(cfg.seed, i, epoch, "data"))
+            perm = torch.randperm(n, generator=g)
+            model.train()
             if cfg.frozen:
-                views = torch.randint(0, feats_tr.shape[0], (len(idx),), generator=g).to(device)
-                out_ = model.heads(feats_tr[views, idx_d])
+                model.backbone.eval()
+            tot = torch.zeros((), device=device)
+            t0 = time.perf_counter()
+            for it in range(n_it):
+                idx = perm[it * bs:(it + 1) * bs]
+                for grp, base in zip(opt.param_groups, base_lrs):
+                    grp["lr"] = base * _lr_factor(epoch, it, n_it, cfg.epochs)
+                idx_d = idx.to(device, non_blocking=True)
+                if cfg.frozen:
+                    views = torch.randint(0, feats_tr.shape[0], (len(idx),), generator=g).to(device)
+                    out_ = model.heads(feats_tr[views, idx_d])
+                else:
+                    x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                        f = model.features(x)
+                    out_ = model.heads(f.float())
+                loss, nll, ce = _loss(out_, train_d.counts[idx_d],
+                                      train_d.targets[idx_d] if train_d.targets is not None else None,
+                                      cfg.celltype_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 5.0)
+                opt.step()
+                tot += loss.detach()
+                state.batch, state.n_batches = it, n_it
+                if needs_batch_loss:  # a host sync per step only when a callback wants the value
+                    state.batch_loss = float(loss.detach())
+                    for cb in callbacks:
+                        cb.on_batch_end(state)
+                if state.should_stop:
+                    raise TrainingCancelled(f"training cancelled in member {i} epoch {epoch}; run the same "
+                                            "command again to resume from the last finished epoch.")
+            train_loss = float(tot) / n_it
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"member {i} epoch {epoch}: the training loss became {train_loss}; "
+                                         "lower the learning rate (TrainConfig.lr).")
+            val_loss = _evaluate(model, val_d, cfg, device, feats_va) if val_d is not None else float("nan")
+            improved = val_d is None or val_loss < best_val - 1e-5
+            if pending is not None:
+                pending.result()  # surface a failed write of the previous epoch
+            model_snap = _snapshot(model.state_dict())
+            if improved:
+                best_val, best_epoch, bad = (val_loss if val_d is not None else float("inf")), epoch, 0
             else:
-                x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    f = model.features(x)
-                out_ = model.heads(f.float())
-            loss, nll, ce = _loss(out_, train_d.counts[idx_d],
-                                  train_d.targets[idx_d] if train_d.targets is not None else None, cfg.celltype_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"member {i} epoch {epoch}: the loss became {float(loss)}; lower --lr.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 5.0)
-            opt.step()
-            tot += float(loss.detach())
-            state.batch, state.n_batches, state.batch_loss = it, n_it, float(loss.detach())
+                bad += 1
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                            "seconds": round(time.perf_counter() - t0, 3)})
+            mfile, ofile = f"last-e{epoch}.safetensors", f"optim-e{epoch}.safetensors"
+            otensors, ometa = _optimizer_snapshot(opt)
+            new_state = {"member": i, "backbone": backbone, "epoch": epoch, "best_val": best_val,
+                         "best_epoch": best_epoch, "bad_epochs": bad, "history": list(history), "model_file": mfile,
+                         "optim_file": ofile, "optim": ometa, "model_config": model.config(), "done": False}
+            pending = writer.submit(_write_checkpoint, mdir, model_snap, otensors, new_state, improved)
+            log.info("member %d epoch %d: train %.4f val %.4f%s", i, epoch, train_loss, val_loss,
+                     " *" if improved else "")
+            state.epoch, state.train_loss, state.val_loss = epoch, train_loss, val_loss
+            state.best_val, state.best_epoch, state.history = best_val, best_epoch, history
             for cb in callbacks:
-                cb.on_batch_end(state)
+                cb.on_epoch_end(state)
             if state.should_stop:
-                raise TrainingCancelled(f"training cancelled in member {i} epoch {epoch}; run the same command "
-                                        "again to resume from the last finished epoch.")
-        train_loss = tot / n_it
-        val_loss = _evaluate(model, val_d, cfg, device, feats_va) if val_d is not None else float("nan")
-        improved = val_d is None or val_loss < best_val - 1e-5
-        if improved:
-            best_val, best_epoch, bad = (val_loss if val_d is not None else float("inf")), epoch, 0
-            save_state_dict(model, mdir / "best.safetensors")
-        else:
-            bad += 1
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "seconds": round(time.perf_counter() - t0, 3)})
-        # checkpoint: new files first, then the state that names them, then drop the old ones
-        mfile, ofile = f"last-e{epoch}.safetensors", f"optim-e{epoch}.safetensors"
-        save_state_dict(model, mdir / mfile)
-        ometa = _save_optimizer(opt, mdir / ofile)
-        new_state = {"member": i, "backbone": backbone, "epoch": epoch, "best_val": best_val, "best_epoch": best_epoch,
-                     "bad_epochs": bad, "history": history, "model_file": mfile, "optim_file": ofile, "optim": ometa,
-                     "model_config": model.config(), "done": False}
-        write_json(new_state, sp)
-        for old in mdir.glob("*-e*.safetensors"):
-            if old.name not in (mfile, ofile):
-                old.unlink(missing_ok=True)
-        log.info("member %d epoch %d: train %.4f val %.4f%s", i, epoch, train_loss, val_loss, " *" if improved else "")
-        state.epoch, state.train_loss, state.val_loss = epoch, train_loss, val_loss
-        state.best_val, state.best_epoch, state.history = best_val, best_epoch, history
-        for cb in callbacks:
-            cb.on_epoch_end(state)
-        if state.should_stop:
-            raise TrainingCancelled(f"training cancelled after member {i} epoch {epoch}; run the same command "
-                                    "again to resume.")
+                raise TrainingCancelled(f"training cancelled after member {i} epoch {epoch}; run the same command "
+                                        "again to resume.")
+        if pending is not None:
+            pending.result()
     if stop_early or bad >= cfg.patience:
         log.info("member %d: early stop; best epoch %d (val %.4f)", i, best_epoch, best_val)
     final = json.loads(sp.read_text())
