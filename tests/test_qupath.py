@@ -309,3 +309,21 @@ def test_cli_export_and_import(pred, tmp_path, capsys, annotations):
     assert (tmp_path / "imp" / "C3.h5ad").is_file()
     assert main(["import-qupath", str(tmp_path / "missing.geojson")]) == 2
     assert "missing.geojson" in capsys.readouterr().err
+
+
+def test_manifest_annotations_column_restricts_training_and_prediction(her2st_manifest, annotations, tmp_path):
+    """A manifest row may name a QuPath GeoJSON: read_manifest (used by train and predict) keeps its spots."""
+    from stimage_nb.io.readers import read_manifest
+
+    path, xm, ym = annotations
+    m = pd.read_csv(her2st_manifest, dtype=str)
+    for col in ("image", "counts", "spots"):
+        m[col] = [str(her2st_manifest.parent / v) for v in m[col]]
+    m["annotations"] = [str(path) if s == "C3" else "" for s in m["section"]]
+    man = tmp_path / "annotated.csv"
+    m.to_csv(man, index=False)
+    c3, c4 = read_manifest(man, ["C3", "C4"], genes=GENES, celltype_level="major")
+    x, y = c3.xy[:, 0], c3.xy[:, 1]
+    assert c3.adata.n_obs == int(((x < xm) & (y >= ym)).sum())  # Ignore* and unannotated spots dropped
+    assert set(c3.adata.obs[K.REGION]) == {"Tumor"} and K.REGIONS in c3.adata.uns[K.UNS]
+    assert c4.adata.n_obs == 184 and K.REGION not in c4.adata.obs  # no annotations: untouched

@@ -1,8 +1,10 @@
 """Readers that turn files on disk into :class:`~stimage_nb.io.section.Section` objects.
 
 - :func:`read_manifest`: a CSV with one row per section (the her2st bundle's ``sections.csv`` layout:
-  ``section,patient,image,counts,spots,um_per_px``; optional ``celltypes`` and ``spot_diameter_um``
-  columns; paths relative to the CSV). Rows without counts are valid (prediction only).
+  ``section,patient,image,counts,spots,um_per_px``; optional ``celltypes``, ``spot_diameter_um`` and
+  ``annotations`` (a QuPath GeoJSON: only spots inside its annotations are kept, ``obs["region"]`` names
+  them; see :func:`stimage_nb.qupath.restrict_to_regions`) columns; paths relative to the CSV). Rows
+  without counts are valid (prediction only).
 - :func:`read_visium`: a 10x Space Ranger ``outs/`` folder.
 - :func:`read_anndata`: an AnnData with ``obsm["spatial"]`` plus an image.
 - :func:`read_wsi`: a whole-slide image (SVS/TIFF/OME-Zarr) with points on a regular grid over tissue.
@@ -188,6 +190,11 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
             str(name), image=image, spots=_resolve(base, row["spots"]), counts=_resolve(base, row.get("counts")),
             um_per_px=um, patient=row.get("patient") if "patient" in m.columns else None, celltypes=ct,
             spot_diameter_um=diam, genes=genes, drop_missing_genes=drop_missing_genes))
+        ann = _resolve(base, row.get("annotations")) if "annotations" in m.columns else None
+        if ann is not None:  # QuPath annotations: keep the spots inside them (Ignore*/exclude dropped)
+            from ..qupath import restrict_to_regions
+
+            out[-1] = restrict_to_regions(out[-1], ann)
     return out
 
 
