@@ -162,3 +162,22 @@ def test_bad_training_inputs(tmp_path):
         if torch.cuda.is_available():
             raise StimageInputError("cuda present; nothing to check")
         train(secs, genes=kit.genes(), out=tmp_path / "z", config=kit.tiny_config(device="cuda"), progress=False)
+
+
+def test_mixed_backbones_and_hard_cell_labels(tmp_path):
+    """Members may use different backbones; per-spot labels (no proportions) train the cell-type head."""
+    from stimage_nb import _keys as K
+    from stimage_nb.ensemble import Ensemble
+
+    secs = kit.sections(("C2", "C3"))
+    for s in secs:  # hard labels: the dominant cell type of each spot; NaN-free proportions removed
+        props = s.adata.obsm.pop(K.CELLTYPE_PROPORTIONS)
+        s.adata.obs[K.CELLTYPE_LABEL] = props.idxmax(axis=1).to_numpy()
+    ens = train(secs, genes=kit.genes(), out=tmp_path / "mix", val_sections=["C3"],
+                config=kit.tiny_config(backbone="test_resnet,test_efficientnet", members=2, epochs=1), progress=False)
+    assert [m.backbone_name for m in ens.members] == ["test_resnet", "test_efficientnet"]
+    assert set(ens.celltypes) == set(secs[0].adata.obs[K.CELLTYPE_LABEL]) | set(secs[1].adata.obs[K.CELLTYPE_LABEL])
+    back = Ensemble.load(tmp_path / "mix")
+    tiles = np.random.default_rng(0).integers(0, 255, (4, kit.OUT_PX, kit.OUT_PX, 3), dtype=np.uint8)
+    a, b = ens.to("cpu").predict_tiles(tiles, stain_source=None), back.predict_tiles(tiles, stain_source=None)
+    assert np.array_equal(a["mean"], b["mean"]) and np.all(a["epistemic_var"] > 0)
