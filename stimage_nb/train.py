@@ -756,6 +756,12 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         return Ensemble.load(out, device)
     if not val_s:
         log.warning("no validation sections: training runs all %d epochs without early stopping", cfg.epochs)
+    cbs = list(callbacks or [])
+    if progress and not any(isinstance(c, ProgressCallback) for c in cbs):
+        cbs.insert(0, ProgressCallback())
+    state = TrainState(run_dir=out, n_members=cfg.members, epochs=cfg.epochs)
+    for cb in cbs:
+        cb.on_train_start(state)
     t0 = time.perf_counter()
     normalizer = None
     if cfg.stain == "macenko":
@@ -765,12 +771,6 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     log.info("data: %d training tiles (%s), %d validation tiles (%s), %d genes, %d cell types, %.1fs",
              len(train_d), [s.name for s in train_s], len(val_d) if val_d else 0, [s.name for s in val_s],
              len(genes_used), len(celltypes), time.perf_counter() - t0)
-    cbs = list(callbacks or [])
-    if progress and not any(isinstance(c, ProgressCallback) for c in cbs):
-        cbs.insert(0, ProgressCallback())
-    state = TrainState(run_dir=out, n_members=cfg.members, epochs=cfg.epochs)
-    for cb in cbs:
-        cb.on_train_start(state)
     feature_cache: dict = {}
     mstates = []
     for i in range(cfg.members):
