@@ -192,7 +192,8 @@ class Ensemble:
         tiles
             uint8 array or tensor.
         stain_source
-            The section's stain estimate (:meth:`stain_source`); ``"auto"`` estimates it from ``tiles``.
+            The section's stain estimate (:meth:`stain_source`); ``"auto"`` estimates it from ``tiles``;
+            ``None`` skips stain normalisation.
         amp
             bf16 autocast on CUDA.
 
