@@ -171,6 +171,8 @@ def main(argv=None) -> dict:
             mo_train = model_only_train(cfg, len(ens1.genes), len(ens1.celltypes), max(steps_per_epoch * 2, 10), dev)
             res.update({"train_e2e_s": round(t_train, 2), "train_e2e_tiles_per_s": round(e2e_train, 1),
                         "train_epoch_s": [h["seconds"] for h in hist],
+                        "train_epoch_tiles_per_s": round(steps_per_epoch * min(cfg.batch_size, n_tiles)
+                                                         / float(np.median([h["seconds"] for h in hist])), 1),
                         "train_model_only_tiles_per_s": round(mo_train, 1),
                         "train_ratio": round(e2e_train / mo_train, 3)})
 
@@ -212,6 +214,10 @@ def main(argv=None) -> dict:
     print(f"{'prediction x' + str(a.members) + ' (tiles/s)':28s}{res['predict_e2e_tiles_per_s']:>14.1f}"
           f"{res['predict_model_only_tiles_per_s']:>14.1f}{res['predict_ratio']:>8.2f}   (incl. tile reading, "
           "stain estimate, AnnData)")
+    print(f"{'  of which epochs only':28s}{res['train_epoch_tiles_per_s']:>14.1f}"
+          f"{res['train_model_only_tiles_per_s']:>14.1f}"
+          f"{res['train_epoch_tiles_per_s'] / res['train_model_only_tiles_per_s']:>8.2f}   (median epoch, incl. "
+          "on-device augmentation and validation)")
     print(f"tile reading alone: {res['tile_read_tiles_per_s']:.1f} tiles/s; reading the sections' counts: "
           f"{res['read_sections_s']:.1f} s (not timed above)")
     if a.json:
