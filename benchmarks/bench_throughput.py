@@ -211,13 +211,13 @@ def main(argv=None) -> dict:
     print(f"{'training (tiles/s)':28s}{res['train_e2e_tiles_per_s']:>14.1f}{res['train_model_only_tiles_per_s']:>14.1f}"
           f"{res['train_ratio']:>8.2f}   ({cfg.epochs} epochs, batch {cfg.batch_size}, incl. tile reading, "
           "stain norm, checkpoints)")
-    print(f"{'prediction x' + str(a.members) + ' (tiles/s)':28s}{res['predict_e2e_tiles_per_s']:>14.1f}"
-          f"{res['predict_model_only_tiles_per_s']:>14.1f}{res['predict_ratio']:>8.2f}   (incl. tile reading, "
-          "stain estimate, AnnData)")
     print(f"{'  of which epochs only':28s}{res['train_epoch_tiles_per_s']:>14.1f}"
           f"{res['train_model_only_tiles_per_s']:>14.1f}"
           f"{res['train_epoch_tiles_per_s'] / res['train_model_only_tiles_per_s']:>8.2f}   (median epoch, incl. "
           "on-device augmentation and validation)")
+    print(f"{'prediction x' + str(a.members) + ' (tiles/s)':28s}{res['predict_e2e_tiles_per_s']:>14.1f}"
+          f"{res['predict_model_only_tiles_per_s']:>14.1f}{res['predict_ratio']:>8.2f}   (incl. tile reading, "
+          "stain estimate, AnnData)")
     print(f"tile reading alone: {res['tile_read_tiles_per_s']:.1f} tiles/s; reading the sections' counts: "
           f"{res['read_sections_s']:.1f} s (not timed above)")
     if a.json:
