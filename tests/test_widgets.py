@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,3 +286,22 @@ def test_training_panel_reports_bad_settings(her2st_manifest, tmp_path):
     assert panel.state == "failed" and "training section" in panel.status
     with pytest.raises(StimageInputError, match="manifest not found"):
         _panel(tmp_path / "nope.csv", tmp_path / "run")
+
+
+def test_default_push_without_server_is_an_offline_plan(pred, tmp_path):
+    """No connection: the viewer's push button works out what would be written, with no server."""
+    from stimage_nb.widgets import OverlayViewer
+    from stimage_nb.widgets.omero_panel import offline_push_plan
+
+    v = OverlayViewer(pred, export_dir=tmp_path)
+    v.push_button.click()
+    res = v.last_push
+    assert res["dry_run"] is True and res["server"] is None and res["n_rois"] == pred.n_obs
+    # one table per quantity plus the cell types, each within OMERO.tables' column limit
+    assert [t[0].split()[2] for t in res["tables"]] == ["mean", "aleatoric_var", "epistemic_var", "celltype"]
+    assert all(rows == pred.n_obs and cols <= 500 for _, rows, cols in res["tables"])
+    assert "dry run" in v.status and "n_rois=180" in v.status
+    # with a folder, the attachments are written for inspection
+    plan = offline_push_plan(pred, out=tmp_path / "dry")
+    assert sorted(Path(f).name for f in plan["files"]) == ["C3.geojson.gz", "C3.h5ad"]
+    assert all(Path(f).stat().st_size > 1000 for f in plan["files"])

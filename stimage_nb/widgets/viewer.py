@@ -602,8 +602,8 @@ class OverlayViewer(widgets.VBox):
 
 
 def _summarise(res: dict) -> str:
-    keys = [k for k in ("n_rois", "n_shapes", "table", "table_id", "image_id", "n_rows", "n_columns") if k in res]
-    return ", ".join(f"{k}={res[k]}" for k in keys) or "done"
+    keys = [k for k in ("mode", "n_rois", "rois_written", "tables", "files", "image_id") if res.get(k) is not None]
+    return ", ".join(f"{k}={len(res[k]) if isinstance(res[k], (list, tuple)) else res[k]}" for k in keys) or "done"
 
 
 def _default_exporter():
@@ -626,4 +626,14 @@ def _adapt_exporter(qupath):
 
 
 def _adapt_pusher(om):
-    raise NotImplementedError("stimage_nb.omero push not wired yet")
+    from .omero_panel import offline_push_plan, push_summary
+
+    def push(pred, conn, image_id, dry_run):
+        if conn is None:
+            return offline_push_plan(pred, image_id=image_id)
+        if image_id is None:
+            raise StimageInputError("no OMERO image to push onto: pass omero_image_id= (the image the prediction "
+                                    "was made on) to the viewer.")
+        return push_summary(om.push_predictions(conn, int(image_id), pred, dry_run=dry_run, progress=False))
+
+    return push
