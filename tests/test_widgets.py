@@ -305,3 +305,123 @@ def test_default_push_without_server_is_an_offline_plan(pred, tmp_path):
     plan = offline_push_plan(pred, out=tmp_path / "dry")
     assert sorted(Path(f).name for f in plan["files"]) == ["C3.geojson.gz", "C3.h5ad"]
     assert all(Path(f).stat().st_size > 1000 for f in plan["files"])
+
+
+# ============================================================================ OMERO panel
+PASSWORD = "s3cret-Pa55-word"
+
+
+@pytest.fixture(scope="module")
+def fake_omero(c3):
+    """The BlitzGateway test double (tests/omero) holding one real H&E image (C3, 1/8 scale) with its
+    180 spots as ellipse ROIs, in project 'her2st' / dataset 'patient C'."""
+    pytest.importorskip("Ice", reason="omero-py / zeroc-ice not installed (bash .ci/install_omero.sh)")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "omero"))
+    from fake_omero import FakeOmeroServer
+
+    from stimage_nb.omero import model as M
+
+    lev = 3
+    H, W = c3.image.level_shapes[lev]
+    rgb = c3.image.read_region(0, 0, W, H, level=lev)
+    ds = c3.image.downsamples[lev]
+    server = FakeOmeroServer()
+    pid = server.add_project("her2st")
+    did = server.add_dataset("patient C", pid)
+    iid = server.add_image(rgb, name="C3.jpg", um_per_px=c3.um_per_px * ds, dataset_id=did)
+    r = 50.0 / (c3.um_per_px * ds)  # 100 µm spots
+    rois = [M.roi(iid, [M.ellipse(float(x / ds), float(y / ds), r)], name=str(sid))
+            for sid, (x, y) in zip(c3.adata.obs_names, c3.xy)]
+    gw = server.gateway()
+    gw.getUpdateService().saveAndReturnIds(rois)
+    gw.close()
+    yield {"server": server, "project": pid, "dataset": did, "image": iid, "rgb": rgb}
+    server.close()
+
+
+def _fake_connect(server, seen):
+    from stimage_nb.omero.connection import OmeroAuthError
+
+    def connect(host, port, user, password):
+        seen.append(password)
+        if password.reveal() != PASSWORD or user != "analyst":
+            raise OmeroAuthError(f"logging in on {host}:{port}: login refused. Check the user name and password.")
+        return server.gateway()
+
+    return connect
+
+
+def _all_widget_state(w) -> str:
+    """Every synced value of a widget tree, as the browser (and a saved notebook) would see it."""
+    parts = [json.dumps(w.get_state(), default=lambda o: repr(o))]
+    for c in getattr(w, "children", ()):
+        parts.append(_all_widget_state(c))
+    return "\n".join(parts)
+
+
+def test_omero_login_never_keeps_or_shows_the_password(fake_omero, tmp_path, caplog):
+    import logging
+
+    from stimage_nb.widgets import OmeroPanel
+
+    caplog.set_level(logging.DEBUG)
+    seen = []
+    panel = OmeroPanel(host="omero.test", user="analyst", connect=_fake_connect(fake_omero["server"], seen),
+                       dest=tmp_path)
+    assert not panel.connected and "log in to omero.test" in panel.status
+    # no password: nothing is attempted
+    panel.login_button.click()
+    assert not seen and "password" in panel.status
+    # wrong password: refused, field cleared, the attempt shown without the secret
+    panel.password.value = "wrong-" + PASSWORD
+    panel.login_button.click()
+    assert not panel.connected and "login failed" in panel.status and panel.password.value == ""
+    # right password
+    panel.password.value = PASSWORD
+    panel.login_button.click()
+    assert panel.connected, panel.status
+    assert panel.password.value == "" and panel.password.disabled and not panel.logout_button.disabled
+    assert [r["name"] for r in panel.projects] == ["her2st"]
+    # the password went to connect() only as a Secret, and is nowhere to be seen
+    assert [s.reveal() for s in seen] == ["wrong-" + PASSWORD, PASSWORD]
+    assert PASSWORD not in repr(seen[-1]) and PASSWORD not in str(seen[-1])
+    visible = "\n".join([_all_widget_state(panel), panel.status, panel.error, repr(panel.conn), caplog.text,
+                         json.dumps(panel.projects)])
+    assert PASSWORD not in visible
+    panel.logout_button.click()
+    assert not panel.connected and panel.projects == [] and not panel.login_button.disabled
+
+
+def test_omero_browse_thumbnail_and_pull(fake_omero, tmp_path):
+    from stimage_nb.widgets import OmeroPanel
+
+    panel = OmeroPanel(fake_omero["server"].gateway(), dest=tmp_path)  # an existing connection: no login row
+    assert panel.connected and panel.project_select.options[0][1] == fake_omero["project"]
+    panel.project_select.value = fake_omero["project"]
+    assert [d["name"] for d in panel.datasets] == ["patient C"]
+    panel.dataset_select.value = fake_omero["dataset"]
+    assert [i["id"] for i in panel.images] == [fake_omero["image"]] and panel.pull_button.disabled
+    panel.image_select.value = fake_omero["image"]
+    assert panel.image_id == fake_omero["image"] and not panel.pull_button.disabled
+    h, w = fake_omero["rgb"].shape[:2]
+    assert f"{w}×{h} px" in panel.image_info.value and "µm/px" in panel.image_info.value
+    thumb = Image.open(io.BytesIO(panel.thumbnail))
+    assert max(thumb.size) <= 192
+    # the thumbnail is the slide: its mean colour matches the real pixels' (H&E pink, not blank)
+    real = fake_omero["rgb"].reshape(-1, 3).mean(0)
+    got = np.asarray(thumb.convert("RGB"), dtype=float).reshape(-1, 3).mean(0)
+    assert np.abs(got - real).max() < 8
+
+    panel.pull(block=True)
+    assert panel.pull_state == "done", panel.status
+    assert panel.progress.value == panel.progress.max and panel.progress.bar_style == "success"
+    slide = panel.slide
+    assert Path(panel.pulled_path).is_dir() and Path(panel.pulled_path).parent == tmp_path
+    assert (slide.height, slide.width) == fake_omero["rgb"].shape[:2]
+    np.testing.assert_array_equal(slide.read_region(100, 200, 64, 64), fake_omero["rgb"][200:264, 100:164])
+    sec = panel.section
+    assert sec is not None and sec.adata.n_obs == 180 and "180 observations" in panel.status
+    assert abs(sec.diameter_um - 100) < 1
+

@@ -54,14 +54,14 @@ def thumbnail(conn, image_id: int, max_px: int = THUMB_PX) -> bytes:
 
     from ..omero import pull as P
 
-    img = P.get_image(conn, image_id)
-    try:
-        data = img.getThumbnail(size=(max_px,))
-        if data:
-            return bytes(data)
-    except Exception as e:  # noqa: BLE001 - no thumbnail service: render from the pixels
-        log.debug("thumbnail service unavailable for image %s (%s); reading pixels", image_id, type(e).__name__)
     sess = P.as_session(conn)
+    if hasattr(sess.gateway, "createThumbnailStore"):  # a real server renders thumbnails itself
+        try:
+            data = P.get_image(sess, image_id).getThumbnail(size=(max_px,))
+            if data:
+                return bytes(data)
+        except Exception as e:  # noqa: BLE001 - no thumbnail service: render from the pixels
+            log.debug("thumbnail service failed for image %s (%s); reading pixels", image_id, type(e).__name__)
     info = P.image_info(sess, image_id)
     # smallest level still at least max_px on its long side (levels[0] = full resolution)
     order = sorted(range(len(info.levels)), key=lambda i: max(info.levels[i]))
@@ -186,13 +186,15 @@ class OmeroPanel(widgets.VBox):
         """Log in with the fields' values; the password field is cleared first, whatever happens."""
         from ..omero.connection import OmeroError, Secret
 
-        secret = Secret(self.password.value)
+        typed = self.password.value
         self.password.value = ""
+        secret = Secret(typed) if typed else None
+        del typed
         host, user = self.host.value.strip(), self.user.value.strip()
         if not host or not user:
             self.status = "enter the OMERO host and user name"
             return False
-        if not secret.reveal():
+        if secret is None:
             self.status = "enter the password (it is never stored)"
             return False
         self.status = f"logging in to {host} as {user} …"
@@ -320,7 +322,6 @@ class OmeroPanel(widgets.VBox):
 
     def _pull(self, image_id: int, as_section: bool, target_um: float | None) -> None:
         from ..omero import image_info, pull_image, pull_section
-        from ..omero.pull import pulled_image_path
 
         try:
             self.status = f"image {image_id}: reading its description …"
@@ -328,7 +329,7 @@ class OmeroPanel(widgets.VBox):
             self.progress.value = 1
             dest = None
             if self._dest is not None:
-                dest = pulled_image_path(self.conn.target.host, image_id, 0, self._dest / f"image-{image_id}.ome.zarr")
+                dest = self._dest / f"image-{image_id}-{target_um or 'full'}.ome.zarr"
             self.status = f"image {image_id}: pulling {info.size_x}×{info.size_y} px …"
             self.slide = pull_image(self.conn, image_id, dest=dest, target_um_per_px=target_um, progress=False,
                                     info=info)
