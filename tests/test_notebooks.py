@@ -122,3 +122,69 @@ def test_02_omero_round_trip_runs_without_a_server(tmp_path, monkeypatch):
     assert "dry run" in text.lower()
     assert _n_images(nb) >= 1
     assert list((tmp_path / "out").rglob("*.ome.zarr")), "the local OME-Zarr stand-in was written"
+
+
+@pytest.mark.slow
+def test_02_server_path_against_the_omero_test_double(tmp_path, monkeypatch, her2st_manifest):
+    """The notebook's OMERO branch, cell by cell, against the BlitzGateway test double (tests/omero):
+    connect, browse, pull a real H&E with its spot ROIs, predict, dry-run + real push, read back, remove."""
+    pytest.importorskip("Ice", reason="omero-py / zeroc-ice not installed (bash .ci/install_omero.sh)")
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sys.path.insert(0, str(ROOT / "tests" / "omero"))
+    from fake_omero import FakeOmeroServer
+
+    import stimage_nb.omero as om
+    from stimage_nb.io.readers import read_manifest
+    from stimage_nb.omero import model as M
+    from stimage_nb.omero.connection import as_session
+
+    (c3,) = read_manifest(her2st_manifest, ["C3"])
+    lev = 3
+    H, W = c3.image.level_shapes[lev]
+    ds = c3.image.downsamples[lev]
+    server = FakeOmeroServer()
+    try:
+        did = server.add_dataset("patient C", server.add_project("her2st"))
+        iid = server.add_image(c3.image.read_region(0, 0, W, H, level=lev), name="C3.jpg",
+                               um_per_px=c3.um_per_px * ds, dataset_id=did)
+        r = 50.0 / (c3.um_per_px * ds)
+        gw = server.gateway()
+        gw.getUpdateService().saveAndReturnIds(
+            [M.roi(iid, [M.ellipse(float(x / ds), float(y / ds), r)], name=str(s)) for s, (x, y) in zip(c3.adata.obs_names, c3.xy)])
+        gw.close()
+        calls = []
+
+        def fake_connect(*a, **kw):
+            calls.append(kw)
+            return as_session(server.gateway())
+
+        monkeypatch.setattr(om, "connect", fake_connect)
+        monkeypatch.setenv("OMERO_HOST", "omero.test")
+        monkeypatch.setenv("OMERO_USER", "analyst")
+        monkeypatch.setenv("OMERO_PASSWORD", "from-the-environment")
+        monkeypatch.chdir(tmp_path)
+        nb = _read(ROOT / "notebooks" / "02_omero_round_trip.ipynb")
+        ns = {"display": lambda *a, **k: None}
+        exec(nb.cells[0].source, ns)  # the parameters cell, then the values papermill would inject
+        ns.update(OUT=str(tmp_path / "out"), OMERO_IMAGE_ID=iid, MODE="smoke")
+        printed = []
+        ns["print"] = lambda *a, **k: printed.append(" ".join(map(str, a)))
+        for cell in nb.cells[1:]:
+            if cell.cell_type == "code":
+                exec(compile(cell.source, f"02_omero_round_trip cell {nb.cells.index(cell)}", "exec"), ns)
+        matplotlib.pyplot.close("all")
+    finally:
+        server.close()
+    assert ns["SERVER"] is True and calls and calls[0].get("prompt") is False
+    text = "\n".join(printed)
+    assert "No OMERO server" not in text and "OMERO server: omero.test" in text
+    assert ns["section"].adata.n_obs == 180 and ns["pred"].n_obs == 180
+    assert ns["plan"].mode == "fresh" and ns["plan"].rois_to_write == 180
+    assert ns["result"].rois_written == 180 and len(ns["result"].table_file_ids) >= 4
+    assert f"180 ROIs of this run on image {iid}" in text
+    assert ns["removed"]["Roi"] == 180  # clean-up removed exactly what the run wrote
+    assert server.roi_shapes_count() == 180  # the original spot ROIs are untouched
