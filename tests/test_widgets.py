@@ -228,6 +228,9 @@ def test_js_ships_inside_the_package_without_network_imports():
     assert "http://" not in js and "https://" not in js
     w = SlideCanvas()
     assert "export default" in w._esm and "stimage-viewer" in w._css
+    # and is packaged into wheels (binder/postBuild installs a wheel, not the checkout)
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"widgets/static/*"' in pyproject
 
 
 # ============================================================================ training panel
