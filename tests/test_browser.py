@@ -57,15 +57,13 @@ def _wait(pred, timeout: float, what: str, interval: float = 0.25):
         time.sleep(interval)
 
 
-def test_viewer_in_jupyterlab(tmp_path, request):
+def test_viewer_in_jupyterlab(tmp_path):
     reason = why_no_browser()
     if reason:
         pytest.skip(reason)
     root = tmp_path / "lab"
     root.mkdir()
-    # the run directory persists in pytest's cache: a re-run loads the trained smoke ensemble
-    # instead of retraining it (stimage_nb.train resumes finished runs), every cell still executes
-    out_dir = Path(request.config.cache.mkdir("stimage_nb_browser_nb01"))
+    out_dir = tmp_path / "out"
     _notebook_copy(root, out_dir)
     console: list[str] = []
 
