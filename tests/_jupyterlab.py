@@ -73,6 +73,10 @@ def jupyterlab(root: Path, *, timeout: float = 90.0, env: dict | None = None):
     (home / "settings" / "@jupyterlab" / "apputils-extension").mkdir(exist_ok=True)
     (home / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
         '{"fetchNews": "false", "checkForUpdates": false}')
+    # start the notebook's kernel without asking ("Select Kernel" dialog)
+    (home / "settings" / "@jupyterlab" / "notebook-extension").mkdir(exist_ok=True)
+    (home / "settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        '{"autoStartDefaultKernel": true}')
     log = open(home / "server.log", "wb")
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
@@ -107,6 +111,36 @@ def jupyterlab(root: Path, *, timeout: float = 90.0, env: dict | None = None):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def accept_dialogs(page, wait_ms: int = 0) -> int:
+    """Accept any JupyterLab dialog on screen (e.g. "Select Kernel"); returns how many."""
+    n = 0
+    if wait_ms:
+        try:
+            page.wait_for_selector(".jp-Dialog .jp-mod-accept", timeout=wait_ms)
+        except Exception:  # noqa: BLE001 - no dialog came
+            return 0
+    while page.locator(".jp-Dialog .jp-mod-accept").count():
+        page.locator(".jp-Dialog .jp-mod-accept").first.click()
+        page.wait_for_timeout(300)
+        n += 1
+    return n
+
+
+def run_all_cells(page, timeout_s: float = 60) -> None:
+    """Run every cell of the open notebook (menu Run > Run All Cells), answering kernel dialogs."""
+    import time as _t
+
+    page.wait_for_selector(".jp-Notebook", timeout=timeout_s * 1000)
+    accept_dialogs(page, wait_ms=3000)
+    page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+    page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+    t0 = _t.time()
+    while _t.time() - t0 < 5:  # a kernel dialog may come only now
+        if accept_dialogs(page):
+            break
+        page.wait_for_timeout(250)
 
 
 def server_log(root: Path) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from _jupyterlab import (CANVAS_DIFF, CANVAS_SNAPSHOT, CANVAS_STATS, chromium_page, jupyterlab, server_log,
-                         why_no_browser)
+from _jupyterlab import (CANVAS_DIFF, CANVAS_SNAPSHOT, CANVAS_STATS, chromium_page, jupyterlab, run_all_cells,
+                         server_log, why_no_browser)
 
 ROOT = Path(__file__).resolve().parents[1]
 NB01 = ROOT / "notebooks" / "01_train_and_predict.ipynb"
@@ -72,15 +72,7 @@ def test_viewer_in_jupyterlab(tmp_path):
         page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
         try:
             page.goto(f"{base}/lab/tree/{NB01.name}?token={token}")
-            page.wait_for_selector(".jp-Notebook", timeout=60_000)
-            try:  # JupyterLab may ask which kernel to use
-                page.wait_for_selector(".jp-Dialog .jp-mod-accept", timeout=4_000)
-                page.click(".jp-Dialog .jp-mod-accept")
-            except Exception:  # noqa: BLE001 - no dialog: the kernel started by itself
-                pass
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
-            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+            run_all_cells(page)
 
             canvas = page.wait_for_selector(".stimage-viewer-canvas", timeout=300_000)
             canvas.scroll_into_view_if_needed()

@@ -134,7 +134,8 @@ class OmeroPanel(widgets.VBox):
         self.project_select = widgets.Select(options=[], description="project", rows=6, layout=lay)
         self.dataset_select = widgets.Select(options=[], description="dataset", rows=6, layout=lay)
         self.image_select = widgets.Select(options=[], description="image", rows=6, layout=lay)
-        self.thumb = widgets.Image(format="png", layout=widgets.Layout(width=f"{THUMB_PX}px", height=f"{THUMB_PX}px"))
+        self.thumb = widgets.Image(format="png", layout=widgets.Layout(max_width=f"{THUMB_PX}px",
+                                                                       max_height=f"{THUMB_PX}px", display="none"))
         self.image_info = widgets.HTML()
         self.target_um = widgets.BoundedFloatText(value=0.0, min=0.0, max=50.0, step=0.25,
                                                   description="µm/px", tooltip="0: full resolution",
@@ -180,6 +181,7 @@ class OmeroPanel(widgets.VBox):
         data = change["new"]
         self.thumb.format = "jpeg" if data[:2] == b"\xff\xd8" else "png"
         self.thumb.value = data
+        self.thumb.layout.display = "block" if data else "none"
 
     # ---------------------------------------------------------------------------------- login
     def login(self) -> bool:

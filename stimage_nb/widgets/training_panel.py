@@ -146,9 +146,13 @@ class TrainingPanel(widgets.VBox):
             w.add_class(cls)
 
         left = widgets.VBox([self.sections, self.validate, self.backbone, self.members, self.epochs, self.out_px,
-                             self.tile_um, self.device, self.out])
-        right = widgets.VBox([widgets.HTML("<b>genes</b> (type to add)"), self.genes,
-                              widgets.HBox([self.start_button, self.cancel_button]), self.progress, self.plot])
+                             self.tile_um, self.device, self.out],
+                            layout=widgets.Layout(flex="0 0 320px", width="320px"))
+        genes_box = widgets.Box([self.genes], layout=widgets.Layout(max_height="150px", overflow="auto",
+                                                                    border="1px solid #ddd"))
+        right = widgets.VBox([widgets.HTML("<b>genes</b> (type to add; × to remove)"), genes_box,
+                              widgets.HBox([self.start_button, self.cancel_button]), self.progress, self.plot],
+                             layout=widgets.Layout(flex="1 1 auto", min_width="420px", margin="0 0 0 12px"))
         super().__init__([widgets.HBox([left, right]), self.status_label])
         self.add_class("stimage-training-panel")
         self.start_button.on_click(lambda _b: self.start())
