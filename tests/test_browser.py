@@ -107,7 +107,22 @@ def test_viewer_in_jupyterlab(tmp_path):
                     page.wait_for_timeout(150)
 
             d_zoom = changed_after(zoom, "zoom")
-            page.wait_for_timeout(2000)
+            page.wait_for_timeout(1500)
+            # 4. click the spot nearest the centre of the view: the kernel sends back its values
+            import anndata as ad
+
+            pred = ad.read_h5ad(out_dir / "pred-smoke" / "C6.h5ad")
+            v = json.loads(canvas.get_attribute("data-view"))
+            xy = pred.obsm["spatial"]
+            i = int(((xy[:, 0] - v["cx"]) ** 2 + (xy[:, 1] - v["cy"]) ** 2).argmin())
+            sx = (xy[i, 0] - v["cx"]) * v["zoom"] + v["width"] / 2
+            sy = (xy[i, 1] - v["cy"]) * v["zoom"] + v["height"] / 2
+            canvas.click(position={"x": float(sx), "y": float(sy)})
+            spot = str(pred.obs_names[i])
+            _wait(lambda: f"spot {spot}" in page.locator(".stimage-spot-info").inner_text(), 20,
+                  f"the values of spot {spot} after clicking it")
+            info_text = page.locator(".stimage-spot-info").inner_text()
+            page.wait_for_timeout(800)
             viewer = page.locator(".stimage-overlay-viewer").first
             shot = tmp_path / "overlay_viewer.png"
             viewer.screenshot(path=str(shot))
@@ -121,6 +136,7 @@ def test_viewer_in_jupyterlab(tmp_path):
     assert not errors, errors
     assert d_mode > 0.002 and d_gene > 0.002 and d_zoom > 0.002
     assert shot.stat().st_size > 20_000
+    assert other in info_text and "epistemic" in info_text  # the clicked spot's values for the chosen gene
     if not SCREENSHOT.exists() or os.environ.get("STIMAGE_NB_UPDATE_SCREENSHOTS") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)

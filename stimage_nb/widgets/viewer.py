@@ -553,7 +553,9 @@ class OverlayViewer(widgets.VBox):
             row = cm.iloc[i].sort_values(ascending=False)
             info["top_celltypes"] = {str(k): float(v) for k, v in row.head(3).items()}
         self.spot_info = info
-        rows = "".join(f"<tr><td>{html.escape(m)}</td><td style='text-align:right'>{info[m]:.3g}</td></tr>"
+        label = {"mean": "predicted mean", "aleatoric": "aleatoric SD", "epistemic": "epistemic SD",
+                 OBSERVED: "observed"}
+        rows = "".join(f"<tr><td>{label[m]}</td><td style='text-align:right; padding-left:12px'>{info[m]:.3g}</td></tr>"
                        for m in self.features.modes)
         cts = "".join(f"<li>{html.escape(k)}: {v:.2f}</li>" for k, v in info.get("top_celltypes", {}).items())
         self.info.value = (f"<b>spot {html.escape(sid)}</b> ({info['x']:.0f}, {info['y']:.0f}) px<br>"

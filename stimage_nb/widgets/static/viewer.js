@@ -181,6 +181,8 @@ function render({ model, el }) {
     ctx.fillRect(0, 0, cssW, cssH);
     const im = info();
     if (!view || !im.width) return;
+    // the current view, readable from the page (level-0 px at the centre, css px per level-0 px)
+    canvas.dataset.view = JSON.stringify({ cx: view.cx, cy: view.cy, zoom: view.zoom, width: cssW, height: cssH });
     // base: the overview, then the tiles of the level that matches the zoom
     const [ox, oy] = toScreen(0, 0);
     ctx.imageSmoothingEnabled = true;
