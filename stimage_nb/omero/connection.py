@@ -31,6 +31,7 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ class Secret:
         return hash(("Secret", self._value))
 
 
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 class _Redactor(logging.Filter):
     """Mask every live secret in records logged by omero-py and by this package."""
 
@@ -133,19 +137,19 @@ class _Redactor(logging.Filter):
         with self._lock:
             self._secrets.discard(value)
 
-    def redact(self, text: str) -> str:
+    def redact(self, text: str, *, uuids: bool = False) -> str:
         for s in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(s, "***")
+        if uuids:  # OMERO session keys are UUIDs; omero-py logs a new one before we can learn it
+            text = _UUID_RE.sub("***", text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
         try:
             msg = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is not ours to fix
             return True
-        clean = self.redact(msg)
+        clean = self.redact(msg, uuids=record.name.startswith("omero"))
         if clean != msg:
             record.msg, record.args = clean, ()
         if record.exc_info and record.exc_info[1] is not None:
@@ -417,6 +421,15 @@ def _open_gateway(target: OmeroTarget, kind: str, secret: Secret):
 
     REDACTOR.add(secret.reveal())
     doing = "joining session" if kind == "session" else "logging in"
+    gw = None
+
+    def dispose():
+        try:
+            if gw is not None:
+                gw.close(hard=False)  # destroys the Ice communicator it created
+        except Exception:  # noqa: BLE001
+            pass
+
     try:
         if kind == "session":
             gw = BlitzGateway(host=target.host, port=target.port, secure=target.secure, group=target.group)
@@ -426,13 +439,11 @@ def _open_gateway(target: OmeroTarget, kind: str, secret: Secret):
                               secure=target.secure, group=target.group)
             ok = gw.connect()
     except Exception as e:  # noqa: BLE001 - Ice raises SyscallExceptions straight through connect()
+        dispose()
         raise translate_error(e, target, doing) from None
     if not ok:
         last = gw.getLastError() if hasattr(gw, "getLastError") else None
-        try:
-            gw.close(hard=False)
-        except Exception:  # noqa: BLE001
-            pass
+        dispose()
         if last is not None:
             raise translate_error(last, target, doing) from None
         if kind == "session":

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_PX = 2048          # per getTile request side (servers refuse > omero.pixeldata.max_plane_*, 3192)
 PULL_FORMAT = 1                # bump when the local layout changes
+SOURCE_ATTR = "stimage_nb"     # group attribute holding {"omero": {host, image_id, level, image_scale, ...}}
 MAX_RETRIES = 3
 
 # HQL used by this module (the test double in tests/omero answers exactly these).
@@ -274,6 +275,15 @@ def _build_lower_levels(g, min_size: int = 512, chunk: int = CHUNK) -> int:
         prev = cur
 
 
+def pulled_source(path: str | os.PathLike) -> dict | None:
+    """What a pulled store records about its origin (``.zattrs`` → ``stimage_nb.omero``), or None."""
+    try:
+        attrs = json.loads((Path(path) / ".zattrs").read_text())
+        return attrs.get(SOURCE_ATTR, {}).get("omero")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def pulled_image_path(host: str, image_id: int, server_level: int = 0, dest: str | os.PathLike | None = None) -> Path:
     """Where :func:`pull_image` keeps an image (``dest`` wins when given)."""
     if dest is not None:
@@ -309,8 +319,8 @@ def pull_image(conn, image_id: int, *, dest: str | os.PathLike | None = None, ta
     Returns
     -------
     SlideImage
-        The pulled image; ``image.omero`` holds the rendering block, and ``source.json`` beside the
-        levels records host, image id, level and ``image_scale``.
+        The pulled image; the store's ``.zattrs`` holds the NGFF ``multiscales`` and ``omero`` blocks and
+        ``stimage_nb.omero``: host, image id, server level and ``image_scale`` (see :func:`pulled_source`).
     """
     from tqdm.auto import tqdm
 
@@ -339,12 +349,8 @@ def pull_image(conn, image_id: int, *, dest: str | os.PathLike | None = None, ta
              "pixels_id": info.pixels_id, "size_x": info.size_x, "size_y": info.size_y,
              "pixels_type": info.pixels_type, "server_level": lvl, "level_size": [W, H],
              "um_per_px_full": um_full, "um_per_px": um_local, "image_scale": scale, "name": info.name}
-    src_json = final / "source.json"
-    if not refresh and src_json.is_file():
-        try:
-            old = json.loads(src_json.read_text())
-        except (OSError, ValueError):
-            old = None
+    if not refresh:
+        old = pulled_source(final)
         if old is not None and {k: old.get(k) for k in stamp} == stamp:
             log.info("OMERO image %s already pulled at %s", image_id, final)
             return SlideImage(final, source=f"omero://{sess.target.host}/image/{image_id}")
@@ -398,7 +404,7 @@ def pull_image(conn, image_id: int, *, dest: str | os.PathLike | None = None, ta
             except Exception as e:  # noqa: BLE001
                 _close(store)
                 store = None
-                if not is_connection_loss(e) or failures >= MAX_RETRIES:
+                if not is_connection_loss(e) or failures >= MAX_RETRIES or sess.factory is None:
                     raise translate_error(e, sess.target, f"pulling image {image_id} (band {bi + 1}/{len(bands)}; "
                                           "run the pull again to resume)") if _is_ice(e) else e
                 failures += 1
@@ -418,7 +424,7 @@ def pull_image(conn, image_id: int, *, dest: str | os.PathLike | None = None, ta
     g.attrs["multiscales"] = [multiscales_metadata(n_levels, um_local, name=info.name)]
     g.attrs["omero"] = omero_rgb_metadata(info.name)
     dt = time.perf_counter() - t0
-    _write_json_atomic(partial / "source.json", dict(stamp, pulled_s=round(dt, 3), bytes_read=nbytes))
+    g.attrs[SOURCE_ATTR] = {"omero": dict(stamp, pulled_s=round(dt, 3), bytes_read=nbytes)}
     prog_path.unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)
@@ -731,7 +737,7 @@ def pull_section(conn, image_id: int, *, name: str | None = None, counts: str | 
     info = image_info(sess, image_id)
     slide = pull_image(sess, image_id, dest=dest, target_um_per_px=target_um_per_px, um_per_px=um_per_px,
                        progress=progress, info=info)
-    src = json.loads((slide.path / "source.json").read_text())
+    src = pulled_source(slide.path)
     scale, um_full = float(src["image_scale"]), float(src["um_per_px_full"])
     nm = name or re.sub(r"\.(ome\.)?(tiff?|svs|ndpi|jpe?g|png|zarr|mrxs|scn|czi)$", "", info.name, flags=re.I)
     anns = pull_annotations(sess, image_id)

@@ -76,6 +76,7 @@ def _communicator(client: bool):
         init.properties.setProperty("Ice.Override.Timeout", "60000")  # a servant that never answers fails the test
     else:
         init.properties.setProperty("Ice.ThreadPool.Server.Size", "2")
+        init.properties.setProperty("Ice.Warn.Dispatch", "0")          # injected drops are not news
     ic = Ice.initialize(init)
     _ofr.registerObjectFactory(ic, None)
     for of in omero.rtypes.ObjectFactories.values():
@@ -220,9 +221,15 @@ class FakeOmeroServer:
                     return f
         return None
 
-    def drop(self, current) -> None:
-        """Close the client's TCP connection from the server side (the pending call sees it drop)."""
+    def drop(self, current, cb=None) -> None:
+        """Close the client's TCP connection from the server side (the pending call sees it drop).
+
+        An AMD dispatch is still completed (with an exception nobody receives), or the server could
+        never shut down: Ice waits for every outstanding dispatch.
+        """
         current.con.close(True)
+        if cb is not None:
+            cb.ice_exception(Ice.ConnectionLostException())
 
     def group_of(self, current) -> int:
         g = current.ctx.get("omero.group")
@@ -373,7 +380,7 @@ class _Update(omero.api.IUpdate):
                 if fault is not None:
                     if fault["commit"]:
                         fn()
-                    self.s.drop(current)
+                    self.s.drop(current, cb)
                     return
                 cb.ice_response(fn())
         except Ice.Exception as e:
@@ -523,7 +530,7 @@ class _PixelStore(omero.api.RawPixelsStore):
         try:
             fault = self.s.enter("RawPixelsStore", method, current, detail)
             if fault is not None:
-                self.s.drop(current)
+                self.s.drop(current, cb)
                 return
             cb.ice_response(fn())
         except Ice.Exception as e:
@@ -601,7 +608,7 @@ class _FileStore(omero.api.RawFileStore):
     def _ok(self, cb, method, current, detail, fn):
         try:
             if self.s.enter("RawFileStore", method, current, detail) is not None:
-                self.s.drop(current)
+                self.s.drop(current, cb)
                 return
             with self.s.lock:
                 cb.ice_response(fn())
