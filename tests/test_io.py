@@ -12,7 +12,8 @@ from PIL import Image
 
 from stimage_nb import _keys as K
 from stimage_nb.errors import StimageInputError
-from stimage_nb.io.image import SlideImage, open_image, write_ome_zarr
+from stimage_nb.io.image import SlideImage, open_image
+from stimage_nb.io.ngff import write_ome_zarr
 from stimage_nb.io.readers import read_anndata, read_gene_list, read_manifest, read_visium, read_wsi
 
 EXPECTED = {"B4": (283, 9272, 9923), "C2": (187, 9274, 9911), "C3": (180, 9270, 9936),

@@ -219,7 +219,7 @@ def test_add_label_array_to_a_real_image(tmp_path, data_dir):
 
     src = open_image(data_dir / "fixtures" / "wsi" / "cmu_small_region.svs")
     rgb = src.read_region(0, 0, 1100, 700)
-    from stimage_nb.io.image import write_ome_zarr
+    from stimage_nb.io.ngff import write_ome_zarr
 
     store = write_ome_zarr(rgb, tmp_path / "crop.ome.zarr", um_per_px=src.um_per_px, min_size=256)
     tissue = (rgb.mean(2) < 200).astype(np.uint16)  # 1 = tissue

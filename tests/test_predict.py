@@ -10,7 +10,7 @@ import pytest
 
 from stimage_nb import _keys as K
 from stimage_nb.ensemble import Ensemble
-from stimage_nb.io.image import write_ome_zarr
+from stimage_nb.io.ngff import write_ome_zarr
 from stimage_nb.io.section import Section, make_section_adata
 from stimage_nb.predict import predict_manifest, predict_section
 

@@ -1,6 +1,7 @@
 """Reading sections and images: one data model (:class:`Section`) and one image interface (:class:`SlideImage`)."""
 
-from .image import SlideImage, open_image, write_ome_zarr
+from .image import SlideImage, open_image
+from .ngff import write_ome_zarr
 from .readers import read_anndata, read_gene_list, read_manifest, read_visium, read_wsi
 from .section import Section
 

@@ -21,30 +21,12 @@ import numpy as np
 
 from .._settings import cache_dir
 from ..errors import StimageInputError
+from .ngff import check_um_per_px, write_ome_zarr
 
 log = logging.getLogger(__name__)
 
-MIN_UM_PER_PX = 0.05   # beyond any optical scanner (40x is ~0.25)
-MAX_UM_PER_PX = 50.0   # a thumbnail, not a slide
 _RASTER = {".jpg", ".jpeg", ".png", ".bmp"}
 _TIFF = {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff"}
-
-
-def check_um_per_px(value, source: str | os.PathLike) -> float:
-    """Validate a µm/px value, raising a message that names ``source`` and the fix."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not math.isfinite(v):
-        raise StimageInputError(
-            f"{source}: the pixel size (µm/px) is missing. Give it explicitly (e.g. um_per_px=0.5 or the "
-            "manifest's um_per_px column); typical H&E scans are 0.25 (40x) to 1.0 µm/px.")
-    if not (MIN_UM_PER_PX <= v <= MAX_UM_PER_PX):
-        raise StimageInputError(
-            f"{source}: pixel size {v} µm/px is outside the plausible range [{MIN_UM_PER_PX}, {MAX_UM_PER_PX}]. "
-            "Check the unit (µm per pixel, not pixels per µm or mm).")
-    return v
 
 
 class SlideImage:
@@ -261,8 +243,3 @@ def open_image(path: str | os.PathLike, um_per_px: float | None = None, *, cache
     write_ome_zarr(rgb, out, um, name=p.stem)
     (out / "source.json").write_text(json.dumps({"source": str(p.resolve()), "um_per_px": um}))
     return SlideImage(out, um_per_px=um_per_px, source=str(p))
-
-
-# Writers live in :mod:`stimage_nb.io.ome_zarr`; re-exported here for existing imports.
-from .ome_zarr import (CHUNK, NGFF_VERSION, multiscales_metadata, omero_rgb_metadata,  # noqa: E402,F401
-                       write_ome_zarr)

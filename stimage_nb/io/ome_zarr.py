@@ -34,19 +34,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .. import _keys as K
 from .._colours import class_colours
 from ..errors import StimageInputError
+from .ngff import (CHUNK, NGFF_VERSION, atomic_store, check_um_per_px, compressor, create_array,  # noqa: F401
+                   downsample2, jsonable, multiscales_metadata, omero_rgb_metadata, write_ome_zarr)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -55,138 +54,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-NGFF_VERSION = "0.4"
-CHUNK = 512
 HEATMAP_MIN_DIAMETER_PX = 16.0
 QUANTITIES = ("mean", "aleatoric SD", "epistemic SD")
 QUANTITY_COLOURS = {"mean": "FF00FF", "aleatoric SD": "00FFFF", "epistemic SD": "FFFF00"}
-
-
-# ---------------------------------------------------------------------- metadata
-def multiscales_metadata(n_levels: int, um_per_px: float, name: str = "image", axes: Sequence[str] = "cyx", *,
-                         downscale_type: str = "mean", method: str = "2x2 area mean") -> dict:
-    """NGFF 0.4 ``multiscales`` entry for a pyramid with factor-2 levels.
-
-    Parameters
-    ----------
-    n_levels
-        Number of levels (level ``i`` is ``2**i`` times coarser than level 0).
-    um_per_px
-        Pixel size of level 0 in µm.
-    name
-        The multiscale's name.
-    axes
-        Axis names in array order; ``c`` is a channel axis, ``y``/``x`` are space axes in µm.
-    downscale_type, method
-        How the levels were made (``type`` and ``metadata.method``).
-    """
-    ax = []
-    for a in axes:
-        ax.append({"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", "unit": "micrometer"})
-    datasets = []
-    for i in range(n_levels):
-        s = float(um_per_px) * 2 ** i
-        datasets.append({"path": str(i), "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0 if a == "c" else s for a in axes]}]})
-    return {"version": NGFF_VERSION, "name": name, "axes": ax, "datasets": datasets,
-            "type": downscale_type, "metadata": {"method": method, "software": "stimage_nb"}}
-
-
-def omero_rgb_metadata(name: str = "image") -> dict:
-    """The ``omero`` rendering block for an RGB brightfield image (as omero-cli-zarr writes it)."""
-    colours = ["FF0000", "00FF00", "0000FF"]
-    return {"name": name, "version": NGFF_VERSION, "rdefs": {"model": "color"}, "channels": [
-        {"label": lab, "color": col, "active": True, "window": {"min": 0, "max": 255, "start": 0, "end": 255}}
-        for lab, col in zip(["R", "G", "B"], colours)]}
-
-
-# ---------------------------------------------------------------------- low-level helpers
-def _compressor():
-    import numcodecs
-
-    return numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
-
-
-def _create_array(group, path: str, shape, chunks, dtype, fill_value=0):
-    return group.create_array(path, shape=tuple(int(s) for s in shape), chunks=tuple(int(c) for c in chunks),
-                              dtype=dtype, compressors=_compressor(), fill_value=fill_value,
-                              chunk_key_encoding={"name": "v2", "separator": "/"})
-
-
-@contextmanager
-def _atomic_store(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(path.name + f".old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _downsample2(a: np.ndarray) -> np.ndarray:
-    """Halve a (h, w, c) uint8 image by 2x2 area averaging."""
-    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    if h == 0 or w == 0:
-        return a[:1, :1]
-    b = a[:h, :w].astype(np.uint16)
-    return ((b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) // 4).astype(np.uint8)
-
-
-def _jsonable(v):
-    """Plain JSON value (NaN/inf become None, numpy scalars become Python numbers)."""
-    if isinstance(v, (np.floating, float)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
-    return v
-
-
-# ---------------------------------------------------------------------- image writers
-def write_ome_zarr(rgb: np.ndarray, path: str | os.PathLike, um_per_px: float, *, name: str = "image",
-                   min_size: int = 512, chunk: int = CHUNK) -> Path:
-    """Write an (h, w, 3) uint8 image as an NGFF 0.4 (Zarr v2) pyramid, atomically.
-
-    The store is written beside ``path`` and renamed into place, so a crash never leaves a half
-    store under the final name.
-    """
-    import zarr
-
-    from .image import check_um_per_px
-
-    path = Path(path)
-    um_per_px = check_um_per_px(um_per_px, path)
-    if rgb.ndim != 3 or rgb.shape[2] < 3:
-        raise StimageInputError(f"{path}: expected an (h, w, 3) RGB image, got shape {rgb.shape}.")
-    rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
-    with _atomic_store(path) as tmp:
-        g = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        level, cur = 0, rgb
-        while True:
-            h, w = cur.shape[:2]
-            arr = _create_array(g, str(level), (3, h, w), (3, min(chunk, h), min(chunk, w)), "uint8")
-            arr[:] = np.transpose(cur, (2, 0, 1))
-            level += 1
-            if max(h, w) <= min_size:
-                break
-            cur = _downsample2(cur)
-        g.attrs["multiscales"] = [multiscales_metadata(level, um_per_px, name=name)]
-        g.attrs["omero"] = omero_rgb_metadata(name)
-    return path
 
 
 def copy_image_pyramid(image: "SlideImage", group, *, base_level: int = 0, name: str = "image",
@@ -210,7 +80,7 @@ def copy_image_pyramid(image: "SlideImage", group, *, base_level: int = 0, name:
     levels = list(range(base_level, image.n_levels))
     for out_i, lev in enumerate(tqdm(levels, desc="image levels", disable=not progress, leave=False)):
         h, w = image.level_shapes[lev]
-        arr = _create_array(group, str(out_i), (3, h, w), (3, min(chunk, h), min(chunk, w)), "uint8")
+        arr = create_array(group, str(out_i), (3, h, w), (3, min(chunk, h), min(chunk, w)), "uint8")
         for y0 in range(0, h, chunk):
             y1 = min(h, y0 + chunk)
             arr[:, y0:y1, :] = np.transpose(image._read_level(lev, 0, y0, w, y1), (2, 0, 1))
@@ -336,7 +206,7 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
     labels_grp = group.require_group("labels")
     g = labels_grp.require_group(name)
     for li, (h, w) in enumerate(level_shapes):
-        arr = _create_array(g, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)
+        arr = create_array(g, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)
         ds = 2.0 ** li
         for y0 in range(0, h, chunk):
             y1 = min(h, y0 + chunk)
@@ -387,7 +257,7 @@ def add_label_array(path: str | os.PathLike, name: str, labels: np.ndarray, *,
         lev = labels[s // 2::s, s // 2::s][:h, :w] if s > 1 else labels
         out = np.zeros((h, w), dtype=dtype)
         out[:lev.shape[0], :lev.shape[1]] = lev
-        _create_array(sub, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)[:] = out
+        create_array(sub, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)[:] = out
     sub.attrs["multiscales"] = [multiscales_metadata(img.n_levels, img.um_per_px, name=name, axes="yx",
                                                      downscale_type="nearest", method="stride-2 nearest sampling")]
     sub.attrs["image-label"] = _image_label(colors, properties)
@@ -406,7 +276,7 @@ def _image_label(colors, properties) -> dict:
         cols.append({"label-value": int(v), "rgba": (c + [255])[:4]})
     image_label["colors"] = cols
     if properties:
-        image_label["properties"] = [{"label-value": int(v), **{k: _jsonable(x) for k, x in p.items()}}
+        image_label["properties"] = [{"label-value": int(v), **{k: jsonable(x) for k, x in p.items()}}
                                      for v, p in sorted(properties.items())]
     return image_label
 
@@ -447,7 +317,7 @@ def write_heatmaps(group, shapes: Shapes, channels: dict[str, np.ndarray], level
     hg = group.require_group("heatmaps")
     sub = list(level_shapes[heatmap_level:])
     for li, (h, w) in enumerate(sub):
-        arr = _create_array(hg, str(li), (len(labels), h, w), (1, min(chunk, h), min(chunk, w)), "float32",
+        arr = create_array(hg, str(li), (len(labels), h, w), (1, min(chunk, h), min(chunk, w)), "float32",
                             fill_value=float("nan"))
         ds = 2.0 ** (heatmap_level + li)
         for y0 in range(0, h, chunk):
@@ -659,7 +529,7 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
     kind = _kind(pred)
     ids = [str(i) for i in pred.obs_names]
 
-    with _atomic_store(path) as tmp:
+    with atomic_store(path) as tmp:
         g = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         copy_image_pyramid(image, g, base_level=base_level, name=section, chunk=chunk, progress=progress)
         # instance labels: one value per observation, coloured by its predicted class
@@ -722,7 +592,7 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
         g.attrs["stimage_nb"] = {
             "section": section, "source_image": str(image.source), "source_level": int(base_level),
             "labels": [kind] + (["cell_types"] if names and cls is not None else []),
-            "heatmap_genes": genes, "provenance": {k: _jsonable(v) for k, v in sorted(uns.items())
+            "heatmap_genes": genes, "provenance": {k: jsonable(v) for k, v in sorted(uns.items())
                                                    if isinstance(v, (str, int, float, bool, np.number))}}
     return path
 

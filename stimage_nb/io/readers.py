@@ -23,7 +23,8 @@ import pandas as pd
 
 from .. import _keys as K
 from ..errors import StimageInputError
-from .image import check_um_per_px, open_image
+from .image import open_image
+from .ngff import check_um_per_px
 from .section import Section, check_counts, make_section_adata, select_genes
 
 log = logging.getLogger(__name__)

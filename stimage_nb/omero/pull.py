@@ -3,7 +3,7 @@
 - :func:`pull_image` reads the pixels tile by tile through the ``RawPixelsStore`` (the same calls as
   omero-py's ``PixelsWrapper.getTiles``, decoded with ``numpy.frombuffer`` instead of ``struct``),
   one band of tiles per store session, writes them into an NGFF 0.4 (Zarr v2) store with the same
-  layout and metadata as :func:`stimage_nb.io.image.write_ome_zarr`, records each finished band so an
+  layout and metadata as :func:`stimage_nb.io.ngff.write_ome_zarr`, records each finished band so an
   interrupted pull resumes where it stopped, and builds the lower levels locally. With
   ``target_um_per_px`` it reads the coarsest server resolution level that is still fine enough
   (``image_scale`` < 1) instead of the full-resolution plane. The finished store is cached under
@@ -38,7 +38,7 @@ from .. import _keys as K
 from .._settings import cache_dir
 from ..errors import StimageInputError
 from ..io.image import SlideImage, check_um_per_px
-from ..io.ome_zarr import CHUNK, _create_array, _downsample2, multiscales_metadata, omero_rgb_metadata
+from ..io.ngff import CHUNK, create_array, downsample2, multiscales_metadata, omero_rgb_metadata
 from . import model as M
 from .connection import OmeroError, OmeroNotFoundError, as_session, is_connection_loss, require_omero, translate_error
 
@@ -242,10 +242,10 @@ def _channels(info: ImageInfo) -> list[int]:
 
 
 def _create_level(g, level: int, h: int, w: int, chunk: int = CHUNK):
-    """A (3, h, w) uint8 level laid out exactly as :func:`stimage_nb.io.ome_zarr.write_ome_zarr` lays it out."""
+    """A (3, h, w) uint8 level laid out exactly as :func:`stimage_nb.io.ngff.write_ome_zarr` lays it out."""
     if str(level) in g:
         del g[str(level)]
-    return _create_array(g, str(level), (3, h, w), (3, min(chunk, h), min(chunk, w)), "uint8")
+    return create_array(g, str(level), (3, h, w), (3, min(chunk, h), min(chunk, w)), "uint8")
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -269,7 +269,7 @@ def _build_lower_levels(g, min_size: int = 512, chunk: int = CHUNK) -> int:
             for ox in range(0, nw, step_x):
                 oh, ow = min(step_y, nh - oy), min(step_x, nw - ox)
                 src = np.asarray(prev[:, 2 * oy:2 * (oy + oh), 2 * ox:2 * (ox + ow)])
-                small = _downsample2(np.transpose(src, (1, 2, 0)))
+                small = downsample2(np.transpose(src, (1, 2, 0)))
                 cur[:, oy:oy + oh, ox:ox + ow] = np.transpose(small[:oh, :ow], (2, 0, 1))
         level += 1
         prev = cur

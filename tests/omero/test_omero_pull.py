@@ -57,7 +57,7 @@ def test_pull_image_is_exact_ngff_04_and_cached(server, session_on, he_crop, tmp
     import zarr
 
     from stimage_nb.io.image import SlideImage
-    from stimage_nb.io.ome_zarr import write_ome_zarr
+    from stimage_nb.io.ngff import write_ome_zarr
     from stimage_nb.omero import pull as P
 
     crop, _ = he_crop
