@@ -60,8 +60,8 @@ Q_RUN_ROIS = ("select r.id, r.name, r.description from Roi as r where r.image.id
               "and r.description like :tag order by r.id")
 Q_RUN_ANNS = "select a.id, a.ns, a.description from Annotation as a where a.description like :tag"
 Q_RUN_FILES = "select fa.id, f.id from FileAnnotation as fa join fa.file as f where fa.description like :tag"
-Q_IMAGE_RUNS = ("select l.child.id, l.child.description from ImageAnnotationLink as l "
-                "where l.parent.id = :iid and l.child.ns = :ns")
+Q_RUN_TABLE_FILES = "select f.id, f.name from OriginalFile as f where f.name like :name"
+UPLOAD_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------- the prediction
@@ -234,13 +234,14 @@ class RunState:
 
     rois: pd.DataFrame                     # id, name, fp
     annotations: pd.DataFrame              # id, ns, fp, state, obj, file_id
+    orphan_files: list = field(default_factory=list)  # table files of the run that no annotation holds
 
     @property
     def record(self) -> pd.DataFrame:
         return self.annotations[self.annotations["ns"] == M.NS_RUN]
 
     def is_empty(self) -> bool:
-        return len(self.rois) == 0 and len(self.annotations) == 0
+        return len(self.rois) == 0 and len(self.annotations) == 0 and not self.orphan_files
 
 
 def _projection(gw, query: str, params, ctx) -> list[list]:
@@ -277,7 +278,11 @@ def run_state(gw, image_id: int, run_id: str, ctx) -> RunState:
         if t and t.get("run") == run_id and t.get("image") == str(int(image_id)):
             anns.append({"id": int(aid), "ns": ns, "fp": t.get("fp"), "state": t.get("state"), "obj": t.get("obj"),
                          "file_id": files.get(int(aid))})
-    return RunState(rois, pd.DataFrame(anns, columns=["id", "ns", "fp", "state", "obj", "file_id"]))
+    held = {a["file_id"] for a in anns}
+    tprefix = T.table_prefix(run_id, image_id)
+    orphans = [int(fid) for fid, name in _projection(gw, Q_RUN_TABLE_FILES, _params(name=tprefix + "%"), ctx)
+               if str(name).startswith(tprefix) and int(fid) not in held]
+    return RunState(rois, pd.DataFrame(anns, columns=["id", "ns", "fp", "state", "obj", "file_id"]), orphans)
 
 
 def _delete(gw, targets: dict[str, list[int]], ctx, *, chunk: int = 5000) -> None:
@@ -483,6 +488,8 @@ def _plan(state: RunState, pred, image_id, run_id, fp, opts, specs, file_names, 
         delete["Annotation"] = anns.loc[stale, "id"].tolist()
         delete["OriginalFile"] = [int(f) for f in anns.loc[stale, "file_id"].dropna()]
         anns = anns[~stale]
+    if state.orphan_files:  # a table created just before a dropped connection, never linked
+        delete["OriginalFile"] = sorted(set(delete["OriginalFile"]) | set(state.orphan_files))
     done_objs = set(anns.loc[(anns["ns"] != M.NS_RUN) & (anns["state"] == "done"), "obj"].dropna())
     n_write = (len(names) - len(kept_rois)) if opts["rois"] else 0
     tables = [(s.name, s.n_rows, s.n_columns, "keep" if _obj(s.name) in done_objs else "write") for s in specs]
@@ -538,8 +545,8 @@ def _push_once(sess, image_id, pred, src, run_id, fp, opts, *, batch_size, check
     ctx = gw.SERVICE_OPTS.copy()
     if info.group_id is not None:
         ctx.setOmeroGroup(int(info.group_id))
-    specs = T.plan_tables(pred, run_id=run_id, max_columns=opts["max_columns"], with_roi=opts["rois"]) \
-        if opts["tables"] else []
+    specs = T.plan_tables(pred, run_id=run_id, max_columns=opts["max_columns"], with_roi=opts["rois"],
+                          image_id=image_id) if opts["tables"] else []
     texts_legend = roi_styles(pred, opts["colour_by"])[2] if opts["rois"] else ""
     state = run_state(gw, image_id, run_id, ctx)
     plan = _plan(state, pred, image_id, run_id, fp, opts, specs, _file_names(pred, opts), force, texts_legend)
@@ -648,12 +655,9 @@ def _push_once(sess, image_id, pred, src, run_id, fp, opts, *, batch_size, check
                 path = _make_file(pred, src, name, Path(tmp), info, opts)
                 if path is None:
                     continue
-                fa = gw.createFileAnnfromLocalFile(str(path), origFilePathAndName=name, mimetype=_mimetype(name),
-                                                   ns=M.NS_FILE, desc=M.run_tag(run_id, image_id, fp, state="done", obj=key))
-                import omero.model
-
-                upd.saveObject(M.image_link(image_id, omero.model.FileAnnotationI(int(fa.getId()), False)), ctx)
-                file_ids[name] = int(fa.getId())
+                file_ids[name] = upload_file(gw, path, name, image_id=image_id, ns=M.NS_FILE, ctx=ctx,
+                                             description=M.run_tag(run_id, image_id, fp, state="partial", obj=key),
+                                             done_description=M.run_tag(run_id, image_id, fp, state="done", obj=key))
         # 6. the record says complete
         pairs = _record_pairs(pred, src, run_id, fp, opts, plan, state="complete", n_rois=len(roi_ids),
                               tables=list(table_ids), files=list(file_ids))
@@ -662,6 +666,65 @@ def _push_once(sess, image_id, pred, src, run_id, fp, opts, *, batch_size, check
     log.info("pushed run %s onto image %s: %d ROIs written (%d total), %d tables, %d files in %.1f s", run_id,
              image_id, written, len(roi_ids), len(table_ids), len(file_ids), dt)
     return PushResult(plan, roi_ids, table_ids, file_ids, record_id, dt, written)
+
+
+def upload_file(gw, path: Path, name: str, *, image_id: int, ns: str, ctx, description: str,
+                done_description: str | None = None, mimetype: str | None = None, chunk: int = UPLOAD_CHUNK) -> int:
+    """Attach a local file to an image; returns the FileAnnotation id.
+
+    The annotation, its (empty) OriginalFile and the link to the image are saved in one graph first, so
+    the file can never exist without its tagged annotation; then the bytes go up through a
+    RawFileStore in ``chunk``-byte writes; then the description is switched to ``done_description``.
+    A connection lost half-way leaves a findable ``state=partial`` annotation that the next push
+    deletes and redoes (omero-py's ``createFileAnnfromLocalFile`` saves the file first and could leave
+    an orphan OriginalFile that nothing points to).
+    """
+    import hashlib
+
+    import omero.model
+    from omero.rtypes import rlong, rstring
+
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    f = omero.model.OriginalFileI()
+    f.setName(rstring(name))
+    f.setPath(rstring("stimage_nb/"))
+    f.setMimetype(rstring(mimetype or _mimetype(name)))
+    f.setSize(rlong(size))
+    f.setHash(rstring(h.hexdigest()))
+    algo = omero.model.ChecksumAlgorithmI()
+    algo.setValue(rstring(omero.model.enums.ChecksumAlgorithmSHA1160))
+    f.setHasher(algo)
+    fa = omero.model.FileAnnotationI()
+    fa.setFile(f)
+    fa.setNs(rstring(ns))
+    fa.setDescription(rstring(description))
+    upd = gw.getUpdateService()
+    link = upd.saveAndReturnObject(M.image_link(image_id, fa), ctx)
+    ann = link.getChild()
+    fid = int(M.unwrap(ann.getFile().getId()))
+    store = gw.c.sf.createRawFileStore()
+    try:
+        store.setFileId(fid, ctx)
+        with open(path, "rb") as fh:
+            pos = 0
+            for block in iter(lambda: fh.read(chunk), b""):
+                store.write(block, pos, len(block), ctx)
+                pos += len(block)
+        store.save(ctx)
+    finally:
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001
+            pass
+    if done_description is not None:
+        ann.setDescription(rstring(done_description))
+        ann = upd.saveAndReturnObject(ann, ctx)
+    return int(M.unwrap(ann.getId()))
 
 
 def _roi_map(gw, image_id, run_id, fp, ctx) -> pd.Series:
@@ -776,7 +839,7 @@ def remove_run(conn, image_id: int, run_id: str, *, dry_run: bool = False) -> di
     try:
         st = run_state(gw, image_id, run_id, ctx)
         targets = {"Roi": st.rois["id"].tolist(), "Annotation": st.annotations["id"].tolist(),
-                   "OriginalFile": [int(f) for f in st.annotations["file_id"].dropna()]}
+                   "OriginalFile": [int(f) for f in st.annotations["file_id"].dropna()] + st.orphan_files}
         counts = {k: len(v) for k, v in targets.items()}
         if dry_run or not any(counts.values()):
             return counts

@@ -55,9 +55,19 @@ def _dense_cols(M, cols: np.ndarray):
     return get
 
 
+def table_prefix(run_id: str, image_id: int | None = None) -> str:
+    """Start of the names of a run's tables (the OriginalFile name; with the image when pushed)."""
+    return f"stimage_nb {run_id} " + (f"image{int(image_id)} " if image_id is not None else "")
+
+
 def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: bool = False,
-                celltypes: bool = True) -> list[TableSpec]:
-    """The tables a prediction becomes (no server needed); each has at most ``max_columns`` columns."""
+                celltypes: bool = True, image_id: int | None = None) -> list[TableSpec]:
+    """The tables a prediction becomes (no server needed); each has at most ``max_columns`` columns.
+
+    Table names are ``"stimage_nb <run> [image<id> ]<quantity> <k>of<n>"``: the run and the image
+    make a table findable by its file name alone, even before it is linked to the image.
+    """
+    prefix = table_prefix(run_id, image_id)
     n_key = len(KEY_COLUMNS) - (0 if with_roi else 1)
     per = int(max_columns) - n_key
     if per < 1:
@@ -74,7 +84,7 @@ def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: 
             idx = np.arange(p * per, min(len(genes), (p + 1) * per))
             if idx.size == 0:
                 continue
-            specs.append(TableSpec(f"stimage_nb {run_id} {qname} {p + 1}of{n_parts}", qname,
+            specs.append(TableSpec(f"{prefix}{qname} {p + 1}of{n_parts}", qname,
                                    [genes[i] for i in idx], pred.n_obs, _dense_cols(M, idx), with_roi))
     if celltypes and K.CELLTYPE_MEAN in pred.obsm:
         mean = pred.obsm[K.CELLTYPE_MEAN]
@@ -87,7 +97,7 @@ def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: 
             cols += [f"SD({c})" for c in names]
         if len(cols) + n_key > max_columns:
             raise ValueError(f"{len(names)} cell types need {len(cols) + n_key} columns > max_columns={max_columns}")
-        specs.append(TableSpec(f"stimage_nb {run_id} celltype 1of1", "celltype", cols, pred.n_obs,
+        specs.append(TableSpec(f"{prefix}celltype 1of1", "celltype", cols, pred.n_obs,
                                lambda a, b, arr=arr: arr[a:b], with_roi))
     return specs
 

@@ -62,7 +62,8 @@ from stimage_nb.omero import push as U
 MAX_PLANE = 3192
 MAX_TABLE_COLUMNS = 1000
 KNOWN_QUERIES = {P.Q_IMAGE_ANN_LINKS: "image_ann_links", P.Q_ROI_ANN_LINKS: "roi_ann_links",
-                 U.Q_RUN_ROIS: "run_rois", U.Q_RUN_ANNS: "run_anns", U.Q_RUN_FILES: "run_files"}
+                 U.Q_RUN_ROIS: "run_rois", U.Q_RUN_ANNS: "run_anns", U.Q_RUN_FILES: "run_files",
+                 U.Q_RUN_TABLE_FILES: "run_table_files"}
 
 
 def _communicator(client: bool):
@@ -148,11 +149,40 @@ class FakeOmeroServer:
         self.ic = _communicator(client=False)
         self.adapter = self.ic.createObjectAdapterWithEndpoints("FakeOmero", "tcp -h 127.0.0.1")
         self.adapter.activate()
-        self._prx = {}
-        for name, servant in (("update", _Update(self)), ("query", _Query(self)), ("roi", _Roi(self)),
-                              ("resources", _Resources(self))):
-            self._prx[name] = self.ic.proxyToString(self.adapter.add(servant, self.ic.stringToIdentity(name)))
+        self._servants = {"update": _Update(self), "query": _Query(self), "roi": _Roi(self),
+                          "resources": _Resources(self)}
+        self._identities: dict[str, list] = {}   # session id -> identities registered for it
         self._clients: list = []
+
+    # ------------------------------------------------------------------ sessions
+    # Each session gets its own Ice identities (category = session id), the way each Glacier2 session
+    # has its own service proxies: when a session dies its identities are removed, and any call on an
+    # old proxy fails with Ice's own ObjectNotExistException.
+    def open_session(self) -> tuple[str, dict[str, str]]:
+        sid = str(uuid.uuid4())
+        with self.lock:
+            self.sessions.add(sid)
+            self._identities[sid] = []
+            prx = {name: self.ic.proxyToString(self.add_servant(servant, sid, name))
+                   for name, servant in self._servants.items()}
+        return sid, prx
+
+    def add_servant(self, servant, sid: str, name: str | None = None):
+        ident = Ice.Identity(name or str(uuid.uuid4()), sid)
+        with self.lock:
+            if sid in self.dead_sessions:
+                raise Ice.ObjectNotExistException()
+            self._identities[sid].append(ident)
+        return self.adapter.add(servant, ident)
+
+    def kill_session(self, sid: str) -> None:
+        with self.lock:
+            self.dead_sessions.add(sid)
+            for ident in self._identities.pop(sid, []):
+                try:
+                    self.adapter.remove(ident)
+                except Ice.NotRegisteredException:
+                    pass
 
     # ------------------------------------------------------------------ set-up helpers
     def new_id(self) -> int:
@@ -164,12 +194,12 @@ class FakeOmeroServer:
                   group_id: int | None = None, n_levels: int = 3, tile=(256, 256), dataset_id: int | None = None,
                   levels: list | None = None) -> int:
         """An image whose pixels are ``rgb`` (H, W, C), with a factor-2 server pyramid of ``n_levels``."""
-        from stimage_nb.io.ome_zarr import _downsample2
+        from stimage_nb.io.ngff import downsample2
 
         if levels is None:
             levels = [np.asarray(rgb)]
             for _ in range(n_levels - 1):
-                levels.append(_downsample2(levels[-1]))
+                levels.append(downsample2(levels[-1]))
         iid, pid = self.new_id(), self.new_id()
         self.images[iid] = FakeImage(iid, pid, name, levels, um_per_px, group_id or self.default_group, tuple(tile),
                                      str(np.asarray(levels[0][:1, :1]).dtype), dataset_id)
@@ -207,7 +237,7 @@ class FakeOmeroServer:
     # ------------------------------------------------------------------ call bookkeeping
     def enter(self, service: str, method: str, current, detail=None, *, commit_fn=None):
         """Record a call, check the session, inject faults. Returns True when the call must drop."""
-        sid = current.ctx.get("omero.session") if current is not None else None
+        sid = current.id.category if current is not None else None
         with self.lock:
             self.calls.append((service, method, detail))
             if sid in self.dead_sessions:
@@ -217,7 +247,7 @@ class FakeOmeroServer:
                 if f["method"] == method and f["at"] == self.counts[method]:
                     self.faults.remove(f)
                     f["fired"] = True
-                    self.dead_sessions.add(sid)
+                    self.kill_session(sid)
                     return f
         return None
 
@@ -348,6 +378,8 @@ class _Update(omero.api.IUpdate):
                 obj.setId(rlong(aid))
                 obj.setVersion(rint(0))
                 if isinstance(obj, omero.model.FileAnnotationI) and obj.getFile() is not None:
+                    if obj.getFile().getId() is None:      # a new file saved in the same graph
+                        obj.setFile(self._store(obj.getFile(), gid))
                     fid = unwrap(obj.getFile().getId())
                     if fid not in s.files:
                         raise omero.ValidationException(message=f"file annotation of unknown file {fid}")
@@ -491,6 +523,11 @@ class _Query(omero.api.IQuery):
                 if isinstance(a, omero.model.FileAnnotationI) and a.getFile() is not None
                 and self.s.ann_group[aid] in vis and pat.match(unwrap(a.getDescription()) or "")]
 
+    def _q_run_table_files(self, params, current):
+        pat = _like(unwrap(params.map["name"]))
+        return [[rlong(fid), rstring(unwrap(f.getName()))] for fid, f in sorted(self.s.files.items())
+                if pat.match(unwrap(f.getName()) or "")]
+
 
 @_strict
 class _Roi(omero.api.IRoi):
@@ -593,7 +630,7 @@ class _PixelStore(omero.api.RawPixelsStore):
     def close_async(self, cb, current=None):
         try:
             self.s.enter("RawPixelsStore", "close", current)
-            current.adapter.remove(current.id)
+            _forget(self.s, current)
             cb.ice_response()
         except Ice.Exception as e:
             cb.ice_exception(e)
@@ -646,7 +683,7 @@ class _FileStore(omero.api.RawFileStore):
     def close_async(self, cb, current=None):
         try:
             self.s.enter("RawFileStore", "close", current)
-            current.adapter.remove(current.id)
+            _forget(self.s, current)
             cb.ice_response(None)
         except Ice.Exception as e:
             cb.ice_exception(e)
@@ -715,7 +752,7 @@ class _Table(omero.grid.Table):
 
     def close(self, current=None):
         self._enter("close", current)
-        current.adapter.remove(current.id)
+        _forget(self.s, current)
 
 
 class _Resources(omero.grid.SharedResources):
@@ -744,7 +781,7 @@ class _Resources(omero.grid.SharedResources):
             self.s.files[fid] = f
             self.s.file_data[fid] = bytearray()
             data = self.s.tables[fid] = _TableData(fid)
-        prx = current.adapter.addWithUUID(_Table(self.s, data))
+        prx = self.s.add_servant(_Table(self.s, data), current.id.category)
         return omero.grid.TablePrx.uncheckedCast(prx)
 
     def openTable(self, file, current=None):
@@ -752,7 +789,19 @@ class _Resources(omero.grid.SharedResources):
         data = self.s.tables.get(unwrap(file.getId()))
         if data is None:
             return None
-        return omero.grid.TablePrx.uncheckedCast(current.adapter.addWithUUID(_Table(self.s, data)))
+        return omero.grid.TablePrx.uncheckedCast(self.s.add_servant(_Table(self.s, data), current.id.category))
+
+
+def _forget(s: FakeOmeroServer, current) -> None:
+    """Remove a stateful servant (closed store or table)."""
+    with s.lock:
+        try:
+            current.adapter.remove(current.id)
+        except Ice.NotRegisteredException:
+            pass
+        ids = s._identities.get(current.id.category, [])
+        if current.id in ids:
+            ids.remove(current.id)
 
 
 # ====================================================================== the gateway surface
@@ -884,14 +933,12 @@ class FakeBlitzGateway:
 
     def __init__(self, server: FakeOmeroServer):
         self.server = server
-        self.session_id = str(uuid.uuid4())
+        self.session_id, self._prx = server.open_session()
         self.host, self.port = "fake-omero.test", 4064
         self.SERVICE_OPTS = ServiceOptsDict()
         self._ic = _communicator(client=True)
-        self._ic.getImplicitContext().put("omero.session", self.session_id)
         self._connected = True
         self.c = _Client(self)
-        server.sessions.add(self.session_id)
 
     # --------------------------------------------------------------- connection state
     def _check(self):
@@ -901,7 +948,7 @@ class FakeBlitzGateway:
             raise Ice.ConnectionLostException()
 
     def _proxy(self, name: str):
-        return self._ic.stringToProxy(self.server._prx[name])
+        return self._ic.stringToProxy(self._prx[name])
 
     def isConnected(self) -> bool:
         return self._connected and self.session_id not in self.server.dead_sessions
@@ -949,12 +996,12 @@ class FakeBlitzGateway:
 
     def createRawPixelsStore(self):
         self._check()
-        prx = self.server.adapter.addWithUUID(_PixelStore(self.server))
+        prx = self.server.add_servant(_PixelStore(self.server), self.session_id)
         return omero.api.RawPixelsStorePrx.uncheckedCast(self._ic.stringToProxy(self.server.ic.proxyToString(prx)))
 
     def createRawFileStore(self):
         self._check()
-        prx = self.server.adapter.addWithUUID(_FileStore(self.server))
+        prx = self.server.add_servant(_FileStore(self.server), self.session_id)
         return omero.api.RawFileStorePrx.uncheckedCast(self._ic.stringToProxy(self.server.ic.proxyToString(prx)))
 
     # --------------------------------------------------------------- objects (omero-py wrappers)
