@@ -263,3 +263,15 @@ def test_push_lands_in_the_image_group_and_checks_the_image(server, session_on, 
     with pytest.raises(StimageInputError, match="colour_by"):
         U.push_predictions(sess, iid, c3_pred, colour_by="NOT_A_GENE", progress=False)
     assert rlong(1).getValue() == 1
+
+
+def test_the_live_round_trip_passes_on_the_double(server, session_on, he_crop, c3_pred):
+    """The exact steps the live suite runs on a real server (tests/omero/round_trip.py), here on the double."""
+    from round_trip import crop_prediction, round_trip
+
+    crop, offset = he_crop
+    iid = server.add_image(crop, name="stimage_nb-live-C3-crop", um_per_px=0.69)
+    pred = crop_prediction(c3_pred, offset, (1400, 1100))
+    assert pred.n_obs >= 5
+    out = round_trip(session_on(server), iid, pred, crop)
+    assert out["removed"]["Roi"] == pred.n_obs and not server.rois and not server.annotations and not server.files
