@@ -12,14 +12,14 @@ import numpy as np
 from stimage_nb import _keys as K
 
 
-def round_trip(sess, image_id: int, pred, pixels: np.ndarray | None = None, *, tmp_path=None) -> dict:
+def round_trip(sess, image_id: int, pred, pixels: np.ndarray | None = None, *, um_per_px: float | None = None) -> dict:
     from stimage_nb.omero import model as M
     from stimage_nb.omero import pull as P
     from stimage_nb.omero import push as U
 
     out = {}
     # 1. pull: a local OME-Zarr 0.4 pyramid with the server's pixels and pixel size
-    img = P.pull_image(sess, image_id, progress=False, refresh=True)
+    img = P.pull_image(sess, image_id, progress=False, refresh=True, um_per_px=um_per_px)
     info = P.image_info(sess, image_id)
     assert (img.width, img.height) == (info.size_x, info.size_y)
     assert info.um_per_px is None or abs(img.um_per_px - info.um_per_px) < 1e-6
@@ -66,7 +66,7 @@ def round_trip(sess, image_id: int, pred, pixels: np.ndarray | None = None, *, t
     assert len(ours) == pred.n_obs and ours["roi_name"].is_unique
     assert all(str(t).startswith(gene + " ") for t in ours["text"])
     # 5. a pulled section skips prediction ROIs unless asked
-    sec = P.pull_section(sess, image_id, counts=None, progress=False, include_predictions=True)
+    sec = P.pull_section(sess, image_id, counts=None, progress=False, include_predictions=True, um_per_px=um_per_px)
     assert set(map(str, pred.obs_names)) <= set(sec.adata.obs_names)
     # 6. remove the run: nothing of it is left
     counts = U.remove_run(sess, image_id, run_id)

@@ -52,8 +52,9 @@ def test_live_round_trip(live, he_crop, c3_pred, c3_image, tmp_path, monkeypatch
     monkeypatch.setenv("STIMAGE_NB_CACHE", str(tmp_path / "cache"))
     given = os.environ.get("OMERO_TEST_IMAGE")
     created = None
-    if given:
-        iid, pred, pixels = int(given), c3_pred, None
+    um = None
+    if given:   # C3.jpg imported as in .ci/omero/README.md (a JPEG records no pixel size: give C3's)
+        iid, pred, pixels, um = int(given), c3_pred, None, c3_image.um_per_px
     else:
         crop, offset = he_crop
         created = iid = _create_image(live.gateway, crop, c3_image.um_per_px, "stimage_nb-live-C3-crop")
@@ -61,7 +62,7 @@ def test_live_round_trip(live, he_crop, c3_pred, c3_image, tmp_path, monkeypatch
         assert pred.n_obs >= 5
     pred.uns[K.UNS] = dict(pred.uns[K.UNS], run_id="live-test-run")
     try:
-        out = round_trip(live, iid, pred, pixels)
+        out = round_trip(live, iid, pred, pixels, um_per_px=um)
         assert out["removed"]["Roi"] == pred.n_obs
     finally:
         if created is not None:
