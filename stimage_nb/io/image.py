@@ -240,6 +240,14 @@ def open_image(path: str | os.PathLike, um_per_px: float | None = None, *, cache
         rgb, um = _read_raster(p), um_per_px
     um = check_um_per_px(um, p)
     log.info("converting %s to OME-Zarr at %s", p, out)
-    write_ome_zarr(rgb, out, um, name=p.stem)
-    (out / "source.json").write_text(json.dumps({"source": str(p.resolve()), "um_per_px": um}))
+    try:
+        write_ome_zarr(rgb, out, um, name=p.stem)
+    except OSError:
+        # Another process finished the same conversion first (the rename found the target taken).
+        if not is_ome_zarr(out):
+            raise
+    try:
+        (out / "source.json").write_text(json.dumps({"source": str(p.resolve()), "um_per_px": um}))
+    except OSError:  # read-only or concurrently replaced cache: the provenance note is optional
+        pass
     return SlideImage(out, um_per_px=um_per_px, source=str(p))
