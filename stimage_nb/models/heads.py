@@ -3,7 +3,9 @@
 - :class:`NBHead`: one negative-binomial distribution per gene (the STimage head). The mean is
   ``exp(W f + b)`` with a per-gene log-mean bias ``b`` initialised from the training counts (so an
   untrained head already predicts each gene's average), and the dispersion θ is a learned per-gene
-  parameter (initialised by the method of moments).
+  parameter (initialised by the method of moments). With ``rank=k > 0`` the map is low-rank,
+  ``W = W_dec W_enc`` (features -> k -> genes, the decoder without bias), which shares a few
+  expression programmes across genes (the offline default uses k = 8).
 - :class:`CellTypeHead`: softmax over cell types, trained by cross-entropy against soft targets
   (per-spot proportions) or one-hot labels; rows with NaN targets are ignored.
 """
@@ -30,16 +32,31 @@ class NBHead(nn.Module):
         Number of genes.
     dropout
         Dropout on the features during training.
+    rank
+        ``0``: a full linear map features -> genes (``linear``). ``k > 0``: ``encoder`` (features -> k,
+        with bias) then ``linear`` (k -> genes, no bias).
     """
 
-    def __init__(self, in_features: int, n_genes: int, dropout: float = 0.0):
+    def __init__(self, in_features: int, n_genes: int, dropout: float = 0.0, rank: int = 0):
         super().__init__()
+        self.rank = int(rank)
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, not {rank}")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.linear = nn.Linear(in_features, n_genes)
-        nn.init.normal_(self.linear.weight, std=0.01)
-        nn.init.zeros_(self.linear.bias)
+        self.encoder = nn.Linear(in_features, self.rank) if self.rank else nn.Identity()
+        self.linear = nn.Linear(self.rank or in_features, n_genes, bias=not self.rank)
         self.log_mean_bias = nn.Parameter(torch.zeros(n_genes))
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw the weights (from torch's global RNG): encoder as :class:`torch.nn.Linear`, gene map N(0, 0.01²)."""
+        if self.rank:
+            self.encoder.reset_parameters()
+        nn.init.normal_(self.linear.weight, std=0.01)
+        if self.linear.bias is not None:
+            nn.init.zeros_(self.linear.bias)
 
     @torch.no_grad()
     def init_from_counts(self, counts: Tensor) -> None:
@@ -50,7 +67,7 @@ class NBHead(nn.Module):
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(log_mu (n, genes), log_theta (genes,))``."""
-        eta = self.linear(self.dropout(features)).float() + self.log_mean_bias
+        eta = self.linear(self.encoder(self.dropout(features))).float() + self.log_mean_bias
         return eta.clamp(max=MAX_LOG_MEAN), self.log_theta.clamp(*LOG_THETA_RANGE)
 
     @staticmethod
@@ -66,6 +83,11 @@ class CellTypeHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = nn.Linear(in_features, n_types)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw the weights N(0, 0.01²) and zero the bias."""
         nn.init.normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
