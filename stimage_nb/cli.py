@@ -24,12 +24,21 @@ def _add_train(sub) -> None:
     p.add_argument("--drop-missing-genes", action="store_true", help="drop listed genes absent from the counts")
     p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it holds a run)")
     p.add_argument("--members", type=int, default=5)
-    p.add_argument("--backbone", default=None, help="timm model name (default: the offline default)")
+    p.add_argument("--backbone", default=None,
+                   help="timm model name to fine-tune end to end (e.g. resnet18; default: the offline default, "
+                        "frozen k-means + handcrafted features with low-rank NB heads). With --frozen or "
+                        "--extractor timm: its frozen features")
     p.add_argument("--weights", default=None, help="PATH to a safetensors file, a timm/hf-hub name, or 'none'")
+    p.add_argument("--extractor", default=None,
+                   help="frozen feature branches joined by '+': kmeans, handcrafted, timm (the --backbone with "
+                        "--weights, e.g. a local pathology foundation model). Default: kmeans+handcrafted")
+    p.add_argument("--rank", type=int, default=None, help="rank of the NB head (0: full; default 8 frozen, 0 fine-tuned)")
+    p.add_argument("--bagging", action="store_true", help="train each member on a bootstrap sample of the spots")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frozen", action="store_true", help="frozen-backbone fast path (features cached once)")
+    p.add_argument("--frozen", action="store_true",
+                   help="with --backbone: frozen-backbone fast path (features cached once, heads trained)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -11,9 +11,12 @@ negative-binomial gene head and a soft-target cell-type head.
   as JSON); a killed or cancelled run restarted with the same command continues from the last
   finished epoch, and gives the same weights as an uninterrupted run (every epoch re-seeds its RNGs
   from ``(seed, member, epoch)``).
-- **Frozen-backbone fast path** (``frozen=True``): features of every tile (8 dihedral views) are
-  computed once, cached in ``RUN_DIR/cache/``, and only the heads are trained; otherwise full
-  fine-tuning.
+- **Frozen fast path** (``frozen=True``, the default): a frozen feature extractor
+  (:mod:`stimage_nb.models.features`; by default k-means convolutional + handcrafted features, the
+  k-means filters fitted on the training sections' tiles) describes every tile once (cached in
+  ``RUN_DIR/cache/`` until the ensemble is saved), and each member trains only its heads, optionally
+  on a bootstrap sample of the spots (``bagging``). ``frozen=False``: full fine-tuning of a timm
+  backbone.
 - On CUDA: bf16 autocast and channels_last.
 - **Callbacks** (:class:`Callback`, Lightning-style empty hooks) drive progress bars, live loss
   curves and cancellation.
@@ -48,6 +51,7 @@ from .errors import StimageInputError
 from .io.section import Section, select_genes
 from .models.heads import labels_to_targets, soft_cross_entropy
 from .models.model import STModel, build_model
+from .models.features import DEFAULT_EXTRACTOR
 from .models.nb import nb_nll
 from .stain import MacenkoNormalizer
 
@@ -59,14 +63,50 @@ _RESUMABLE_FIELDS = {"device", "amp", "channels_last", "progress", "eval_batch_s
 
 
 # ---------------------------------------------------------------------- configuration
+#: Defaults that depend on the mode: the offline default's frozen fast path vs full fine-tuning.
+MODE_DEFAULTS = {
+    "frozen": dict(epochs=150, batch_size=1024, lr=3e-3, weight_decay=1e-2, patience=150, stain="none", dropout=0.2,
+                   rank=8, early_stop="pearson"),
+    "finetune": dict(epochs=12, batch_size=32, lr=1e-3, weight_decay=1e-4, patience=4, stain="macenko", dropout=0.1,
+                     rank=0, early_stop="loss"),
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. The defaults are the package's offline default method.
 
+    The offline default (``frozen=True``, ``extractor="kmeans+handcrafted"``; measured in
+    ``docs/offline_default.md``): every tile (150 µm at 112 px, no stain normalisation) is described
+    once by frozen features — k-means convolutional features learned from the training sections'
+    own tiles plus 40 handcrafted colour/texture statistics, standardised with the training spots'
+    mean/SD — and each member trains a low-rank (k = 8) negative-binomial head and a cell-type head
+    on them (AdamW lr 3e-3, weight decay 1e-2, cosine, full batch, up to 150 epochs, early stopping
+    on the validation sections). ``frozen=False`` fine-tunes the timm ``backbone`` end to end.
+
+    Settings left ``None`` take the default of the mode (:data:`MODE_DEFAULTS`) when the config is
+    built; ``to_dict()`` records the resolved values. As on the command line, naming a ``backbone``
+    alone means fine-tuning it: ``TrainConfig()`` is the offline default, ``TrainConfig(backbone=
+    "resnet18")`` fine-tunes resnet18, ``TrainConfig(backbone="resnet18", frozen=True)`` trains heads
+    on its frozen features.
+
     Attributes
     ----------
+    frozen
+        ``True``: frozen features (``extractor``) computed once, only the heads are trained.
+        ``False``: full fine-tuning of the timm ``backbone``. ``None``: frozen unless a ``backbone``
+        is named without an ``extractor``.
+    extractor
+        Frozen feature branches joined by ``+``: ``kmeans`` (Coates & Ng k-means filters fitted on the
+        training tiles), ``handcrafted`` (the baseline's 40 statistics), ``timm`` (the frozen timm
+        ``backbone`` with ``weights``, e.g. a pathology foundation model in a local safetensors file).
+        ``None``: ``"timm"`` when a backbone is named, else ``"kmeans+handcrafted"``. Recorded as
+        ``""`` when fine-tuning.
+    kmeans_k, kmeans_patches
+        Number of k-means centroids (features: 2 K) and of random training patches they are fitted on.
     backbone
-        timm model name; several names separated by commas are cycled over the members.
+        timm model name (fine-tuned, or the ``timm`` extractor branch; ``None``: resnet18); several
+        names separated by commas are cycled over the members.
     weights
         ``"none"`` (train from scratch), a local ``.safetensors`` file, ``"pretrained"``, a timm
         ``name.tag`` or ``"hf-hub:org/repo"`` (see :func:`stimage_nb.models.create_backbone`).
@@ -75,14 +115,27 @@ class TrainConfig:
     tile_um, out_px
         Tile side in µm (``None``: 1.5 x the spot diameter) and in pixels after resampling.
     epochs, batch_size, lr, weight_decay, patience
-        Optimisation (AdamW, cosine schedule, early stopping after ``patience`` epochs without a
-        better validation loss).
+        Optimisation (AdamW, warm-up then cosine schedule, early stopping after ``patience`` epochs
+        without a better validation criterion; the best epoch is kept). A batch size at least the
+        number of training spots is full-batch training.
+    early_stop
+        The validation criterion: ``"loss"`` (NB NLL + cell-type loss) or ``"pearson"`` (mean over
+        genes of the Pearson correlation of log1p predicted means with log1p counts on the validation
+        sections, the evaluation metric). On her2st the validation NLL of the frozen path is flat
+        within noise after ~10 epochs while the validation correlation still rises, so the frozen
+        path selects on ``"pearson"``. Its validation correlation peaks early (high learning rate),
+        dips, and rises again to its best as the cosine schedule anneals, so the frozen path's
+        patience is the whole run (150): every epoch is trained and the best validation epoch is kept
+        (a patience of 30 stopped at ~35 epochs and lost 0.02–0.05 of held-out correlation).
+    rank
+        Rank of the NB head's gene map (0: a full linear head).
+    bagging
+        Train each member on a bootstrap sample of the training spots (more diverse members, so a
+        larger epistemic variance when they share frozen features).
     members, seed
         Ensemble size; member ``i`` is seeded from ``seed`` and ``i``.
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    frozen
-        Frozen-backbone fast path (features computed once; heads trained).
     frozen_views
         Dihedral views per tile whose features are cached for the frozen path (1 or 8).
     val_sections
@@ -92,39 +145,66 @@ class TrainConfig:
     stain
         ``"macenko"`` or ``"none"``.
     augment
-        :class:`~stimage_nb.augment.AugmentConfig` fields.
+        :class:`~stimage_nb.augment.AugmentConfig` fields (fine-tuning only).
     celltype_weight
         Weight of the cell-type loss relative to the gene NLL.
     dropout
         Dropout on the features before the heads.
     """
 
-    backbone: str = "resnet18"
+    frozen: bool | None = None
+    extractor: str | None = None
+    kmeans_k: int = 128
+    kmeans_patches: int = 60000
+    backbone: str | None = None
     weights: str = "none"
     backbone_kwargs: dict = field(default_factory=dict)
     tile_um: float | None = 150.0
     out_px: int = 112
-    epochs: int = 12
-    batch_size: int = 32
-    lr: float = 1e-3
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     head_lr: float | None = None
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None
+    rank: int | None = None
+    early_stop: str | None = None
+    bagging: bool = False
     members: int = 5
     seed: int = 0
     device: str = "auto"
-    frozen: bool = False
-    frozen_views: int = 8
-    patience: int = 4
+    frozen_views: int = 1
+    patience: int | None = None
     val_sections: list[str] | None = None
     amp: bool = True
     channels_last: bool = True
-    stain: str = "macenko"
+    stain: str | None = None
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
     celltype_weight: float = 1.0
-    dropout: float = 0.1
+    dropout: float | None = None
     eval_batch_size: int = 256
 
     def __post_init__(self):
+        named = self.backbone is not None
+        if self.frozen is None:
+            self.frozen = bool(self.extractor) or not named
+        if self.extractor is None:
+            self.extractor = ("timm" if named else DEFAULT_EXTRACTOR) if self.frozen else ""
+        if self.backbone is None:
+            self.backbone = "resnet18"
+        for k, v in MODE_DEFAULTS["frozen" if self.frozen else "finetune"].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.frozen:
+            from .models.features import parse_extractor
+
+            self.extractor = "+".join(parse_extractor(self.extractor))
+            if self.kmeans_k < 2 or self.kmeans_patches < self.kmeans_k:
+                raise StimageInputError(f"invalid k-means settings: kmeans_k={self.kmeans_k}, "
+                                        f"kmeans_patches={self.kmeans_patches}")
+        if self.early_stop not in ("loss", "pearson"):
+            raise StimageInputError(f"early_stop must be 'loss' or 'pearson', not {self.early_stop!r}")
+        if self.rank < 0:
+            raise StimageInputError(f"rank must be >= 0 (0: full NB head), not {self.rank}")
         if self.stain not in ("macenko", "none"):
             raise StimageInputError(f"stain must be 'macenko' or 'none', not {self.stain!r}")
         if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
@@ -155,12 +235,18 @@ class TrainConfig:
         """A config from ``stimage-nb train`` arguments; options left unset keep the defaults."""
         d = {}
         for name in ("backbone", "weights", "epochs", "members", "device", "seed", "tile_um", "out_px",
-                     "batch_size", "lr", "patience"):
+                     "batch_size", "lr", "patience", "rank", "kmeans_k"):
             v = getattr(args, name, None)
             if v is not None:
                 d[name] = v
+        # --backbone NAME alone fine-tunes it; with --frozen its frozen features are used; --extractor
+        # names frozen branches (a 'timm' branch is the --backbone). See TrainConfig.frozen/extractor.
+        if getattr(args, "extractor", None):
+            d["extractor"] = args.extractor
         if getattr(args, "frozen", False):
             d["frozen"] = True
+        if getattr(args, "bagging", False):
+            d["bagging"] = True
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
@@ -182,6 +268,7 @@ class TrainState:
     batch_loss: float = float("nan")
     train_loss: float = float("nan")
     val_loss: float = float("nan")
+    val_pearson: float = float("nan")
     best_val: float = float("inf")
     best_epoch: int = -1
     history: list = field(default_factory=list)
@@ -469,7 +556,7 @@ def _make_model(cfg: TrainConfig, backbone: str, n_genes: int, n_types: int, see
     torch.manual_seed(seed)
     bb = create_backbone(backbone, cfg.weights, **cfg.backbone_kwargs)
     return STModel(bb, n_genes, n_types, backbone_name=backbone, backbone_kwargs=cfg.backbone_kwargs,
-                   dropout=cfg.dropout)
+                   dropout=cfg.dropout, rank=cfg.rank)
 
 
 def _loss(out, counts, targets, w_ct: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -478,10 +565,23 @@ def _loss(out, counts, targets, w_ct: float) -> tuple[torch.Tensor, torch.Tensor
     return nll + w_ct * ce, nll, ce
 
 
+def _mean_pearson_log1p(mu: torch.Tensor, counts: torch.Tensor) -> float:
+    """Mean over genes of Pearson(log1p mu, log1p counts); constant genes count as 0 (as in evaluate)."""
+    p, o = torch.log1p(mu.double()), torch.log1p(counts.double())
+    pc, oc = p - p.mean(0), o - o.mean(0)
+    den = torch.sqrt((pc * pc).sum(0) * (oc * oc).sum(0))
+    ok = den > 1e-12 * max(1.0, float(len(p)))
+    r = torch.where(ok, (pc * oc).sum(0) / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+    return float(r.mean())
+
+
 @torch.no_grad()
-def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torch.Tensor | None = None) -> float:
+def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torch.Tensor | None = None
+              ) -> tuple[float, float]:
+    """Validation (loss, mean per-gene Pearson of log1p means vs log1p counts)."""
     model.eval()
     tot, n = 0.0, 0
+    mus = []
     use_amp = cfg.amp and device.type == "cuda"
     for i in range(0, len(data), cfg.eval_batch_size):
         sl = slice(i, i + cfg.eval_batch_size)
@@ -496,7 +596,9 @@ def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torc
         b = data.counts[sl].shape[0]
         tot += float(loss) * b
         n += b
-    return tot / max(n, 1)
+        mus.append(torch.exp(out.log_mu.float()))
+    r = _mean_pearson_log1p(torch.cat(mus), data.counts) if mus else float("nan")
+    return tot / max(n, 1), r
 
 
 @torch.no_grad()
@@ -521,6 +623,100 @@ def compute_features(model: STModel, tiles: torch.Tensor, *, views: int = 8, bat
     return out
 
 
+@torch.no_grad()
+def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, amp: bool,
+                  progress: bool = False) -> torch.Tensor:
+    """Unstandardised stack features (views, n, dim) of uint8 tiles (view 0 is the tile itself)."""
+    stack.eval()
+    dev = tiles.device
+    use_amp = amp and dev.type == "cuda"
+    out = torch.empty((views, tiles.shape[0], stack.num_features), dtype=torch.float32, device=dev)
+    it = range(0, tiles.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="features", leave=False, unit="batch")
+    for i in it:
+        x = to_float(tiles[i:i + batch_size])
+        for v, xv in enumerate(dihedral_views(x)[:views]):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                out[v, i:i + x.shape[0]] = stack.raw(_layout(xv, None)).float()
+    return out
+
+
+def _stack_id(cfg: TrainConfig, backbone: str) -> str:
+    """Members whose frozen extractors are identical share one id (the backbone matters only for 'timm')."""
+    return backbone if "timm" in cfg.extractor.split("+") else "-"
+
+
+def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data | None, out: Path, device,
+                  cache: dict, progress: bool = False):
+    """The fitted :class:`~stimage_nb.models.features.FeatureStack` of ``backbone`` and its standardised
+    features ``(views, n_train, F)``, ``(1, n_val, F)``; fitted once per run (kept in ``RUN_DIR/cache``
+    until the ensemble is saved, so a resumed run reuses them)."""
+    from safetensors.torch import load_file
+
+    from .models.features import build_stack
+
+    ident = _stack_id(cfg, backbone)
+    if ident in cache:
+        return cache[ident]
+    cdir = out / "cache"
+    cdir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    sp, fp = cdir / f"extractor-{key}.safetensors", cdir / f"features-{key}-v{cfg.frozen_views}.safetensors"
+    torch.manual_seed(_seed(cfg.seed, "backbone", backbone))  # a random timm branch is the same in every run
+    stack = build_stack(cfg.extractor, backbone=backbone, weights=cfg.weights, backbone_kwargs=cfg.backbone_kwargs,
+                        kmeans_k=cfg.kmeans_k)
+    for p in stack.parameters():
+        p.requires_grad_(False)
+    if sp.is_file() and fp.is_file():
+        stack.load_state_dict(load_file(str(sp)))
+        stack.to(device)
+        d = load_file(str(fp), device=str(device))
+        if d["train"].shape[1] == len(train_d) and (val_d is None or d["val"].shape[1] == len(val_d)):
+            log.info("using the cached frozen extractor and features in %s", cdir)
+            cache[ident] = (stack, d["train"], d.get("val") if val_d is not None else None)
+            return cache[ident]
+    t0 = time.perf_counter()
+    stack.fit(train_d.tiles, n_patches=cfg.kmeans_patches, seed=cfg.seed)
+    stack.to(device)
+    raw_tr = _raw_features(stack, train_d.tiles, views=cfg.frozen_views, batch_size=cfg.eval_batch_size,
+                           amp=cfg.amp, progress=progress)
+    stack.set_standardisation(raw_tr[0])
+    ft = stack.standardise(raw_tr)
+    fv = stack.standardise(_raw_features(stack, val_d.tiles, views=1, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+                                         progress=progress)) if val_d is not None else None
+    log.info("frozen features %s (%d) of %d training x %d views and %d validation tiles in %.1fs", stack.name,
+             stack.num_features, len(train_d), cfg.frozen_views, len(val_d) if val_d is not None else 0,
+             time.perf_counter() - t0)
+    save_state_dict(stack.state_dict(), sp)
+    save_state_dict({"train": ft, **({"val": fv} if fv is not None else {})}, fp)
+    cache[ident] = (stack, ft, fv)
+    return cache[ident]
+
+
+def _bag(cfg: TrainConfig, i: int, n: int) -> torch.Tensor:
+    """Training rows of member ``i``: all of them, or a bootstrap sample (``cfg.bagging``)."""
+    if not cfg.bagging:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(_seed(cfg.seed, i, "bag"))
+    return torch.randint(0, n, (n,), generator=g)
+
+
+def _member_state(model: STModel, frozen: bool) -> dict:
+    """What a checkpoint holds: the whole member, or only its heads when the extractor is frozen and shared."""
+    sd = model.state_dict()
+    return {k: v for k, v in sd.items() if not k.startswith("backbone.")} if frozen else sd
+
+
+def _load_member_state(model: STModel, sd: dict, frozen: bool) -> None:
+    missing, unexpected = model.load_state_dict(sd, strict=not frozen)
+    bad = [k for k in missing if not k.startswith("backbone.")] + list(unexpected)
+    if bad:
+        raise StimageInputError(f"checkpoint does not fit the member (e.g. {bad[:5]}); delete the run directory.")
+
+
 def _member_dir(out: Path, i: int) -> Path:
     d = out / "members" / f"m{i}"
     d.mkdir(parents=True, exist_ok=True)
@@ -539,32 +735,30 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     backbone = cfg.backbones[i % len(cfg.backbones)]
     n_genes = train_d.counts.shape[1]
     n_types = 0 if train_d.targets is None else train_d.targets.shape[1]
-    # In the frozen path members share one backbone (seeded from `seed`), so features are computed once.
-    bb_seed = _seed(cfg.seed, "backbone", backbone) if cfg.frozen else _seed(cfg.seed, i, "init")
-    model = _make_model(cfg, backbone, n_genes, n_types, bb_seed)
+    rows = _bag(cfg, i, len(train_d))
+    feats_tr = feats_va = None
+    if cfg.frozen:
+        # Members share one fitted extractor and its features (computed once); only the heads differ.
+        stack, feats_tr, feats_va = _frozen_stack(cfg, backbone, train_d, val_d, out, device, feature_cache)
+        model = STModel(stack, n_genes, n_types, backbone_name=stack.name, backbone_kwargs=cfg.backbone_kwargs,
+                        dropout=cfg.dropout, rank=cfg.rank)
+    else:
+        model = _make_model(cfg, backbone, n_genes, n_types, _seed(cfg.seed, i, "init"))
     torch.manual_seed(_seed(cfg.seed, i, "heads"))
-    model.nb.init_from_counts(train_d.counts)
-    for head in filter(None, (model.nb.linear, model.celltype.linear if model.celltype else None)):
-        torch.nn.init.normal_(head.weight, std=0.01)  # re-drawn per member (the backbone may be shared)
+    model.nb.reset_parameters()  # re-drawn per member (the extractor may be shared)
+    model.nb.init_from_counts(train_d.counts[rows.to(train_d.counts.device)])
     if model.celltype is not None:
+        model.celltype.reset_parameters()
         model.celltype.init_from_targets(train_d.targets)
     model.to(device)
     if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    feats_tr = feats_va = None
+    head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     if cfg.frozen:
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        key = (backbone, model.backbone_digest())
-        if key not in feature_cache:
-            feature_cache[key] = _cached_features(model, train_d, val_d, cfg, out, key[1], state)
-        feats_tr, feats_va = feature_cache[key]
-        head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
         opt = torch.optim.AdamW(head_params, lr=cfg.head_lr or cfg.lr, weight_decay=cfg.weight_decay)
     else:
         bb_params = [p for p in model.backbone.parameters()]
-        head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
         opt = torch.optim.AdamW([{"params": bb_params, "lr": cfg.lr},
                                  {"params": head_params, "lr": cfg.head_lr or cfg.lr}],
                                 weight_decay=cfg.weight_decay)
@@ -575,7 +769,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     if mstate:  # resume
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(mdir / mstate["model_file"])))
+        _load_member_state(model, load_file(str(mdir / mstate["model_file"])), cfg.frozen)
         _load_optimizer(opt, mdir / mstate["optim_file"], mstate["optim"])
         start = mstate["epoch"] + 1
         best_val, best_epoch, bad, history = mstate["best_val"], mstate["best_epoch"], mstate["bad_epochs"], mstate["history"]
@@ -586,7 +780,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     for cb in callbacks:
         cb.on_member_start(state)
 
-    n = len(train_d)
+    n = len(rows)
     bs = min(cfg.batch_size, n)
     n_it = max(1, n // bs)  # drop the last incomplete batch (BatchNorm and equal-weight steps)
     aug_cfg = AugmentConfig.from_dict(cfg.augment)
@@ -604,7 +798,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                 break
             torch.manual_seed(_seed(cfg.seed, i, epoch, "global"))
             g = torch.Generator().manual_seed(_seed(cfg.seed, i, epoch, "data"))
-            perm = torch.randperm(n, generator=g)
+            perm = rows[torch.randperm(n, generator=g)]
             model.train()
             if cfg.frozen:
                 model.backbone.eval()
@@ -643,16 +837,17 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"member {i} epoch {epoch}: the training loss became {train_loss}; "
                                          "lower the learning rate (TrainConfig.lr).")
-            val_loss = _evaluate(model, val_d, cfg, device, feats_va) if val_d is not None else float("nan")
-            improved = val_d is None or val_loss < best_val - 1e-5
+            val_loss, val_r = _evaluate(model, val_d, cfg, device, feats_va) if val_d is not None else (float("nan"),) * 2
+            crit = -val_r if cfg.early_stop == "pearson" else val_loss  # lower is better
+            improved = val_d is None or crit < best_val - 1e-5
             if pending is not None:
                 pending.result()  # surface a failed write of the previous epoch
-            model_snap = _snapshot(model.state_dict())
+            model_snap = _snapshot(_member_state(model, cfg.frozen))
             if improved:
-                best_val, best_epoch, bad = (val_loss if val_d is not None else float("inf")), epoch, 0
+                best_val, best_epoch, bad = (crit if val_d is not None else float("inf")), epoch, 0
             else:
                 bad += 1
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_pearson": val_r,
                             "seconds": round(time.perf_counter() - t0, 3)})
             mfile, ofile = f"last-e{epoch}.safetensors", f"optim-e{epoch}.safetensors"
             otensors, ometa = _optimizer_snapshot(opt)
@@ -662,7 +857,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
             pending = writer.submit(_write_checkpoint, mdir, model_snap, otensors, new_state, improved)
             log.info("member %d epoch %d: train %.4f val %.4f%s", i, epoch, train_loss, val_loss,
                      " *" if improved else "")
-            state.epoch, state.train_loss, state.val_loss = epoch, train_loss, val_loss
+            state.epoch, state.train_loss, state.val_loss, state.val_pearson = epoch, train_loss, val_loss, val_r
             state.best_val, state.best_epoch, state.history = best_val, best_epoch, history
             for cb in callbacks:
                 cb.on_epoch_end(state)
@@ -679,31 +874,6 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     for cb in callbacks:
         cb.on_member_end(state)
     return final
-
-
-def _cached_features(model: STModel, train_d: _Data, val_d: _Data | None, cfg: TrainConfig, out: Path, digest: str,
-                     state: TrainState):
-    from safetensors.torch import load_file
-
-    cdir = out / "cache"
-    cdir.mkdir(parents=True, exist_ok=True)
-    p = cdir / f"features-{digest[:16]}-v{cfg.frozen_views}.safetensors"
-    if p.is_file():
-        d = load_file(str(p), device=str(train_d.tiles.device))
-        if d["train"].shape[1] == len(train_d) and (val_d is None or d["val"].shape[1] == len(val_d)):
-            log.info("using cached features %s", p)
-            return d["train"], (d["val"] if val_d is not None else None)
-    t0 = time.perf_counter()
-    ft = compute_features(model, train_d.tiles, views=cfg.frozen_views, batch_size=cfg.eval_batch_size, amp=cfg.amp)
-    fv = compute_features(model, val_d.tiles, views=1, batch_size=cfg.eval_batch_size, amp=cfg.amp) \
-        if val_d is not None else None
-    log.info("computed frozen features of %d tiles x %d views in %.1fs", len(train_d), cfg.frozen_views,
-             time.perf_counter() - t0)
-    tensors = {"train": ft}
-    if fv is not None:
-        tensors["val"] = fv
-    save_state_dict(tensors, p)
-    return ft, fv
 
 
 # ---------------------------------------------------------------------- the public entry point
@@ -772,10 +942,17 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
              len(train_d), [s.name for s in train_s], len(val_d) if val_d else 0, [s.name for s in val_s],
              len(genes_used), len(celltypes), time.perf_counter() - t0)
     feature_cache: dict = {}
+    if cfg.frozen:
+        if "timm" not in cfg.extractor and cfg.backbone != "resnet18":
+            log.warning("backbone %r is not used by the frozen extractor %r: pass frozen=False (CLI: --backbone "
+                        "alone) to fine-tune it, or extractor='timm' to use its frozen features", cfg.backbone,
+                        cfg.extractor)
+        for bb in cfg.backbones:
+            _frozen_stack(cfg, bb, train_d, val_d, out, device, feature_cache, progress=progress)
     mstates = []
     for i in range(cfg.members):
         mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
-    ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s)
+    ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s, feature_cache)
     for cb in cbs:
         cb.on_train_end(state)
     log.info("trained %r in %s", ens, out)
@@ -793,18 +970,27 @@ def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progres
 
 
 def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes, tile_um, normalizer, run,
-              train_s, val_s) -> Ensemble:
+              train_s, val_s, stacks: dict) -> Ensemble:
     from safetensors.torch import load_file
 
     members, info = [], []
     for i, st in enumerate(mstates):
         mdir = _member_dir(out, i)
-        m = build_model(st["model_config"], "none")
         best = mdir / "best.safetensors"
-        m.load_state_dict(load_file(str(best if best.is_file() else mdir / st["model_file"])))
+        sd = load_file(str(best if best.is_file() else mdir / st["model_file"]))
+        if cfg.frozen:  # heads on the shared fitted extractor
+            stack = stacks[_stack_id(cfg, st["backbone"])][0].cpu()
+            m = STModel(stack, len(genes), len(celltypes), backbone_name=stack.name,
+                        backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank)
+            _load_member_state(m, sd, True)
+        else:
+            m = build_model(st["model_config"], "none")
+            m.load_state_dict(sd)
         members.append(m)
         info.append({"member": i, "seed": _seed(cfg.seed, i, "init"), "weights": str(cfg.weights),
-                     "best_epoch": st["best_epoch"], "best_val_loss": st["best_val"],
+                     "best_epoch": st["best_epoch"], "early_stop": cfg.early_stop,
+                     "best_val_loss" if cfg.early_stop == "loss" else "best_val_pearson":
+                         st["best_val"] if cfg.early_stop == "loss" else -st["best_val"],
                      "epochs_run": len(st["history"]), "stopped_early": st.get("stopped_early", False)})
     meta = {"run_id": run["run_id"], "train_sections": [s.name for s in train_s],
             "val_sections": [s.name for s in val_s],

@@ -42,7 +42,17 @@ def genes() -> list[str]:
 def tiny_config(**kw):
     from stimage_nb.train import TrainConfig
 
-    d = dict(backbone="test_resnet", out_px=OUT_PX, epochs=2, members=3, batch_size=16, device="cpu", patience=5)
+    d = dict(frozen=False, backbone="test_resnet", out_px=OUT_PX, epochs=2, members=3, batch_size=16, device="cpu",
+             patience=5)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def tiny_frozen_config(**kw):
+    """The default recipe (frozen k-means + handcrafted features, low-rank NB heads), made small and fast."""
+    from stimage_nb.train import TrainConfig
+
+    d = dict(out_px=OUT_PX, kmeans_k=8, kmeans_patches=3000, epochs=6, members=3, device="cpu")
     d.update(kw)
     return TrainConfig(**d)
 

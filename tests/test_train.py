@@ -57,8 +57,20 @@ def test_config_from_cli_and_validation():
     assert (cfg.members, cfg.backbone, cfg.epochs, cfg.frozen, cfg.seed, cfg.device) == (3, "test_resnet", 2, True, 7, "cpu")
     assert cfg.val_sections == ["C4"]
     assert (cfg.tile_um, cfg.out_px, cfg.lr) == (default.tile_um, default.out_px, default.lr)
+    assert cfg.extractor == "timm"  # --backbone NAME --frozen: that backbone's frozen features
     a2 = build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"])
     assert TrainConfig.from_cli(a2) == TrainConfig()
+    # the default is the offline recipe; --backbone NAME alone fine-tunes it with the fine-tuning defaults
+    assert (default.frozen, default.extractor, default.rank, default.epochs, default.lr, default.weight_decay,
+            default.stain, default.members) == (True, "kmeans+handcrafted", 8, 150, 3e-3, 1e-2, "none", 5)
+    ft = TrainConfig.from_cli(build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o",
+                                                         "--backbone", "resnet18", "--weights", "none"]))
+    assert (ft.frozen, ft.backbone, ft.rank, ft.stain, ft.epochs) == (False, "resnet18", 0, "macenko", 12)
+    ex = TrainConfig.from_cli(build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o",
+                                                         "--extractor", "handcrafted", "--rank", "0", "--bagging"]))
+    assert (ex.frozen, ex.extractor, ex.rank, ex.bagging) == (True, "handcrafted", 0, True)
+    with pytest.raises(StimageInputError, match="feature extractor"):
+        TrainConfig(extractor="kmeans+sift")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(StimageInputError):
         TrainConfig(stain="reinhard")
@@ -139,14 +151,16 @@ def test_cancel_from_a_callback_then_resume(tmp_path):
 
 def test_frozen_backbone_fast_path_shares_features(tmp_path):
     kw = dict(genes=kit.genes(), val_sections=["C4"], progress=False)
-    ens = train(kit.sections(), out=tmp_path / "f", config=kit.tiny_config(members=2, epochs=3, frozen=True), **kw)
+    ens = train(kit.sections(), out=tmp_path / "f",
+                config=kit.tiny_config(members=2, epochs=3, frozen=True, extractor="timm"), **kw)
     w = _weights(tmp_path / "f")
     bb = [k for k in w[0] if k.startswith("backbone.")]
     assert bb and all(torch.equal(w[0][k], w[1][k]) for k in bb)           # one frozen backbone
     assert not torch.equal(w[0]["nb.linear.weight"], w[1]["nb.linear.weight"])  # heads trained per member
     assert len(ens._groups()) == 1  # prediction computes the shared features once
     # the frozen backbone is the untrained one: same as a fresh frozen run's
-    ens2 = train(kit.sections(), out=tmp_path / "f2", config=kit.tiny_config(members=1, epochs=1, frozen=True), **kw)
+    ens2 = train(kit.sections(), out=tmp_path / "f2",
+                 config=kit.tiny_config(members=1, epochs=1, frozen=True, extractor="timm"), **kw)
     w2 = _weights(tmp_path / "f2")
     assert all(torch.equal(w[0][k], w2[0][k]) for k in bb)
     assert ens2.n_members == 1
