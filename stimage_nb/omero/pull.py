@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
 import math

@@ -341,7 +341,7 @@ class PushPlan:
         lines = [f"push run {self.run_id!r} of section {self.section!r} onto OMERO image {self.image_id}: "
                  f"{self.mode} (fingerprint {self.fingerprint})",
                  f"  ROIs: {self.rois_to_write} to write, {self.rois_kept} already there ({self.n_obs} observations)",
-                 f"  delete: " + (", ".join(f"{len(v)} {k}" for k, v in self.delete.items() if v) or "nothing")]
+                 "  delete: " + (", ".join(f"{len(v)} {k}" for k, v in self.delete.items() if v) or "nothing")]
         for name, rows, cols, what in self.tables:
             lines.append(f"  table {name!r}: {rows} rows x {cols} columns ({what})")
         for name, what in self.files:

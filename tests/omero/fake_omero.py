@@ -34,7 +34,6 @@ code under test can tell:
 
 from __future__ import annotations
 
-import fnmatch
 import random
 import re
 import threading
@@ -1068,8 +1067,7 @@ class FakeBlitzGateway:
 
 
 def _ice_copy(gw, obj):
-    """A client-side copy of a server object, as a real query would return it (through Ice)."""
-    q = gw.getQueryService()  # noqa: F841 - the copy below is what a real round trip yields
+    """A client-side copy of a server object (what a query would hand back: not the stored object)."""
     import copy
 
     return copy.deepcopy(obj)

@@ -151,7 +151,6 @@ def _annotate(server, sess, iid, c3_pred, offset, *, table: bool = True, region:
     """Put C3's real spots inside the crop as ellipse ROIs, a tumour polygon and a per-ROI counts table."""
     import omero.grid
 
-    from stimage_nb.io.readers import read_manifest
     from stimage_nb.omero import model as M
     from stimage_nb.omero import pull as P
 
@@ -257,3 +256,32 @@ def test_pull_section_from_an_attached_tsv_and_skips_pushed_predictions(server, 
         P.pull_section(sess, pts, progress=False)
     ok = P.pull_section(sess, pts, diameter_um=55.0, progress=False)
     assert list(ok.adata.obs[K.DIAMETER_UM]) == [55.0] and not ok.has_counts
+
+
+def test_pull_section_of_cell_masks(server, session_on, c3_image):
+    """Cells outlined as mask ROIs (real nuclei of a C3 crop) become observations sized by their area."""
+    from scipy import ndimage
+
+    from stimage_nb.omero import model as M
+    from stimage_nb.omero import pull as P
+
+    rgb = c3_image.read_region(4000, 4000, 512, 512)
+    dark = rgb.mean(axis=2) < np.percentile(rgb.mean(axis=2), 20)
+    lab, n = ndimage.label(ndimage.binary_opening(dark, iterations=1))
+    sizes = ndimage.sum(np.ones_like(lab), lab, index=range(1, n + 1))
+    keep = [i + 1 for i in np.argsort(-sizes)[:20]]                       # the 20 largest nuclei
+    masks = M.masks_from_labels(np.where(np.isin(lab, keep), lab, 0).astype(np.int32))
+    iid = server.add_image(rgb, name="nuclei.tif", um_per_px=0.69)
+    sess = session_on(server)
+    ctx = sess.gateway.SERVICE_OPTS.copy()
+    sess.gateway.getUpdateService().saveAndReturnIds(
+        [M.roi(iid, [masks[i]], name=f"cell-{i}") for i in keep], ctx)
+    sec = P.pull_section(sess, iid, counts=None, progress=False)
+    a = sec.adata
+    assert sorted(a.obs_names) == sorted(f"cell-{i}" for i in keep) and set(a.obs["shape_kind"]) == {"mask"}
+    for i in keep:
+        cy, cx = ndimage.center_of_mass(lab == i)
+        area = float((lab == i).sum())
+        row = a.obs.loc[f"cell-{i}"]
+        assert (row[K.PIXEL_X], row[K.PIXEL_Y]) == pytest.approx((cx + 0.5, cy + 0.5))
+        assert row[K.DIAMETER_UM] == pytest.approx(2 * np.sqrt(area / np.pi) * 0.69)

@@ -40,7 +40,7 @@ def test_push_writes_rois_tables_and_files(server, session_on, c3_on_server, c3_
     from stimage_nb._colours import class_colours
     from stimage_nb.omero import model as M
     from stimage_nb.omero import push as U
-    from stimage_nb.omero.pull import Attachment, download_file, pull_annotations
+    from stimage_nb.omero.pull import download_file, pull_annotations
 
     iid = c3_on_server
     sess = session_on(server)
