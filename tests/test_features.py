@@ -160,3 +160,27 @@ def test_bagging_draws_bootstrap_members(tmp_path):
     assert len(r0) == 100 and len(torch.unique(r0)) < 90 and not torch.equal(r0, r1)
     assert torch.equal(r0, _bag(cfg, 0, 100))  # reproducible
     assert torch.equal(_bag(kit.tiny_frozen_config(), 0, 100), torch.arange(100))
+
+
+def test_frozen_run_resumes_to_the_same_weights(tmp_path):
+    """Frozen checkpoints hold the heads only; a killed run resumes on the cached extractor to the same weights."""
+    from stimage_nb.train import Callback, train
+
+    class _Interrupt(Callback):
+        def on_epoch_end(self, state):
+            if (state.member, state.epoch) == (1, 1):
+                raise KeyboardInterrupt
+
+    cfg = kit.tiny_frozen_config(members=2, epochs=3)
+    kw = {"genes": kit.genes(), "val_sections": ["C4"], "config": cfg, "progress": False}
+    train(kit.sections(), out=tmp_path / "a", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(kit.sections(), out=tmp_path / "b", callbacks=[_Interrupt()], **kw)
+    ck = load_file(str(next((tmp_path / "b" / "members" / "m1").glob("last-e1.safetensors"))))
+    assert ck and not any(k.startswith("backbone.") for k in ck)  # heads only
+    assert (tmp_path / "b" / "cache").is_dir()
+    train(kit.sections(), out=tmp_path / "b", **kw)
+    for i in range(2):
+        a = load_file(str(tmp_path / "a" / f"member_{i}.safetensors"))
+        b = load_file(str(tmp_path / "b" / f"member_{i}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
