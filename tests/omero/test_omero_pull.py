@@ -245,8 +245,17 @@ def test_pull_section_from_an_attached_tsv_and_skips_pushed_predictions(server, 
     # a stimage_nb prediction ROI on the same image must not become an observation
     tag = M.run_tag("old-run", iid, "f")
     gw.getUpdateService().saveAndReturnIds([M.roi(iid, [M.ellipse(5, 5, 3)], name="pred-roi", description=tag)], ctx)
+    comment = __import__("omero").model.CommentAnnotationI()
+    comment.setTextValue(__import__("omero").rtypes.rstring("scanned 2019, re-stained"))
+    gw.getUpdateService().saveAndReturnObject(M.image_link(iid, comment), ctx)
+    gw.getUpdateService().saveAndReturnObject(
+        M.image_link(iid, M.map_annotation({"patient": "C", "stain": "H&E"}, ns="lab/metadata")), ctx)
     sec = P.pull_section(sess, iid, progress=False)
     assert list(sec.adata.obs_names) == names and "pred-roi" not in sec.adata.obs_names
+    assert sec.patient == "C" and sec.adata.uns[K.UNS]["patient"] == "C"
+    kept = json.loads(sec.adata.uns[K.UNS]["omero"]["annotations"])
+    assert [c["text"] for c in kept["comments"]] == ["scanned 2019, re-stained"]
+    assert ["stain", "H&E"] in kept["maps"][0]["pairs"]
     assert np.array_equal(sec.adata.X.toarray(), counts.to_numpy(np.float32))
     anns = P.pull_annotations(sess, iid)
     assert [f.name for f in anns.files] == ["C3_counts.tsv.gz"]
