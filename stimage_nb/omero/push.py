@@ -146,7 +146,7 @@ def roi_styles(pred, colour_by: str | None) -> tuple[list[str], np.ndarray, str]
         names = [str(c) for c in P.columns]
         arr = np.asarray(P, dtype=np.float64)
         best = np.nanargmax(np.nan_to_num(arr, nan=-1.0), axis=1)
-        cols = class_colours(names, (_prov(pred).get(K.CLASS_COLOURS) if hasattr(K, "CLASS_COLOURS") else None))
+        cols = class_colours(names, _prov(pred).get(K.CLASS_COLOURS))
         rgb = np.array([cols[names[i]] for i in best], dtype=np.int64)
         texts = [f"{names[i]} p={arr[k, i]:.2f}" for k, i in enumerate(best)]
         legend = "cell type: " + ", ".join(f"{c}=#{r:02X}{g:02X}{b:02X}" for c, (r, g, b) in cols.items())
@@ -173,11 +173,20 @@ def roi_styles(pred, colour_by: str | None) -> tuple[list[str], np.ndarray, str]
     return texts, fill, legend
 
 
-def build_rois(pred, image_id: int, tag: str, *, colour_by: str | None = None, rows: Sequence[int] | None = None):
-    """omero.model RoiI objects (one ellipse each) for the given observation rows (default all)."""
+def roi_geometry(pred, colour_by: str | None = None) -> tuple:
+    """(names, xy, radius, texts, fill) of every observation, in full-resolution px (see build_rois)."""
     xy, r, _, _ = _full_res_geometry(pred)
     texts, fill, _ = roi_styles(pred, colour_by)
-    names = pred.obs_names
+    return list(map(str, pred.obs_names)), xy, r, texts, fill
+
+
+def build_rois(pred, image_id: int, tag: str, *, colour_by: str | None = None, rows: Sequence[int] | None = None,
+               geometry: tuple | None = None):
+    """omero.model RoiI objects (one ellipse each) for the given observation rows (default all).
+
+    ``geometry`` is :func:`roi_geometry`'s result, computed once when building in batches.
+    """
+    names, xy, r, texts, fill = geometry or roi_geometry(pred, colour_by)
     out = []
     for i in (range(pred.n_obs) if rows is None else rows):
         f = fill[i]
@@ -585,19 +594,13 @@ def _push_once(sess, image_id, pred, src, run_id, fp, opts, *, batch_size, check
         if opts["rois"]:
             have = set(state.rois.loc[(state.rois["fp"] == fp), "name"].astype(str)) if plan.mode == "resume" else set()
             todo = [i for i, nm in enumerate(map(str, pred.obs_names)) if nm not in have]
-            tag = M.run_tag(run_id, image_id, fp)
-            xy, r, _, _ = _full_res_geometry(pred)
-            texts, fill, _ = roi_styles(pred, opts["colour_by"])
-            names = list(map(str, pred.obs_names))
+            tag = M.run_tag(run_id, image_id, fp, ns=M.NS_ROI)
+            geom = roi_geometry(pred, opts["colour_by"])
+            names = geom[0]
             bar = tqdm(total=len(todo), desc=f"ROIs -> image {image_id}", unit="roi", disable=not progress)
             try:
                 for a in range(0, len(todo), batch_size):
-                    batch = []
-                    for i in todo[a:a + batch_size]:
-                        f = fill[i]
-                        shape = M.ellipse(xy[i, 0], xy[i, 1], r[i], text=texts[i], fill=tuple(int(c) for c in f),
-                                          stroke=(int(f[0]), int(f[1]), int(f[2]), 255))
-                        batch.append(M.roi(image_id, [shape], name=names[i], description=tag))
+                    batch = build_rois(pred, image_id, tag, rows=todo[a:a + batch_size], geometry=geom)
                     ids = upd.saveAndReturnIds(batch, ctx)
                     if len(ids) != len(batch):
                         raise OmeroError(f"saveAndReturnIds returned {len(ids)} ids for {len(batch)} ROIs")
@@ -764,6 +767,9 @@ def _record_pairs(pred, src, run_id, fp, opts, plan, *, state, n_rois=None, tabl
              ("weights sha256", prov.get("weights_sha256", "")), ("predicted", prov.get("created", "")),
              ("pushed", datetime.now(timezone.utc).isoformat(timespec="seconds")),
              ("stimage_nb", __version__), ("fingerprint", fp), ("source", str(src or "in-memory AnnData"))]
+    if opts.get("label") and ct:
+        pairs.append(("label image values", "; ".join(f"{i + 1}={c}" for i, c in enumerate(ct))
+                      + f" (0 = none; {opts['label_um']:g} µm/px)"))
     if n_rois is not None:
         pairs.append(("ROIs", n_rois))
     if tables is not None:
@@ -802,7 +808,7 @@ def _make_file(pred, src, name: str, tmp: Path, info, opts) -> Path | None:
             return None
         return export_qupath(pred, path)
     if name.endswith(".celltypes.ome.tif"):
-        lab, um, legend = celltype_label_image(pred, (info.size_x, info.size_y), um_per_px_label=opts["label_um"])
+        lab, um, _ = celltype_label_image(pred, (info.size_x, info.size_y), um_per_px_label=opts["label_um"])
         return _write_label_tiff(lab, um, path)
     return None
 

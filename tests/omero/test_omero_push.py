@@ -61,7 +61,8 @@ def test_push_writes_rois_tables_and_files(server, session_on, c3_on_server, c3_
     assert sh["kind"] == "ellipse" and sh["rx"] == pytest.approx(50.0 / 0.69)   # 100 µm spot at 0.69 µm/px
     assert (sh["x"], sh["y"]) == pytest.approx(tuple(c3_pred.obsm[K.SPATIAL][i]))
     assert sh["fill"] == (*colours[best], U.FILL_ALPHA) and sh["text"].startswith(f"{best} p=")
-    assert M.parse_tag(unwrap(roi.getDescription()))["run"] == "test-run"
+    tag = M.parse_tag(unwrap(roi.getDescription()))
+    assert (tag["run"], tag["image"], tag["ns"]) == ("test-run", str(iid), M.NS_ROI)
     # tables: the mean and both variances for all 50 genes, the cell types; Roi column = the ROI ids
     tname = f"stimage_nb test-run image{iid} {{}} 1of1"
     assert set(res.table_file_ids) == {tname.format(q) for q in ("mean", "aleatoric_var", "epistemic_var", "celltype")}
@@ -199,7 +200,10 @@ def test_cells_get_tables_and_a_label_image_instead_of_rois(server, session_on, 
     res = U.push_predictions(sess, c3_on_server, c3_pred, max_rois=100, attach_h5ad=False, progress=False)
     assert len(server.rois) == 0 and res.rois_written == 0 and len(res.roi_ids) == 0
     assert all(t.headers[1][0] == "spot" for t in server.tables.values())       # no Roi column without ROIs
-    lab = {f.name: f for f in pull_annotations(sess, c3_on_server).files}["C3.celltypes.ome.tif"]
+    anns = pull_annotations(sess, c3_on_server)
+    lab = {f.name: f for f in anns.files}["C3.celltypes.ome.tif"]
+    record = dict(next(m["pairs"] for m in anns.maps if m["ns"].endswith("/run")))
+    assert record["label image values"].startswith("1=B-cells; 2=CAFs;") and "2 µm/px" in record["label image values"]
     path = download_file(sess, lab, tmp_path / "labels.ome.tif")
     with tifffile.TiffFile(path) as tf:
         img = tf.asarray()
