@@ -44,7 +44,7 @@ from .. import _keys as K
 from ..errors import StimageInputError
 from . import model as M
 from . import tables as T
-from .connection import OmeroError, as_session, is_connection_loss, require_omero, translate_error
+from .connection import OmeroConnectionError, OmeroError, as_session, is_connection_loss, require_omero, translate_error
 from .pull import _params, image_info
 
 log = logging.getLogger(__name__)
@@ -451,6 +451,13 @@ def push_predictions(conn, image_id: int, pred, *, run_id: str | None = None, co
             if isinstance(res, PushResult):
                 res.attempts = attempts
             return res
+        except OmeroConnectionError as e:  # already translated (e.g. by get_image): a reconnect may cure it
+            if sess.factory is not None and attempts <= MAX_RETRIES:
+                log.warning("connection to %s lost during the push; reconnecting and resuming (%d/%d)",
+                            sess.target, attempts, MAX_RETRIES)
+                sess.reconnect()
+                continue
+            raise e
         except (OmeroError, StimageInputError):
             raise
         except Exception as e:  # noqa: BLE001

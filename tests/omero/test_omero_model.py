@@ -16,6 +16,7 @@ def _stack(omero_stack):
 
 
 def test_colours_match_omero_py_and_ezomero():
+    pytest.importorskip("ezomero")
     from ezomero._gets import _int_to_rgba
     from ezomero._posts import _rgba_to_int
     from omero.gateway import ColorHolder
@@ -32,6 +33,7 @@ def test_colours_match_omero_py_and_ezomero():
 
 
 def test_spot_roi_encodes_and_decodes_with_omero_marshal():
+    pytest.importorskip("omero_marshal")
     from omero_marshal import get_decoder, get_encoder
 
     from stimage_nb.omero import model as M
@@ -54,6 +56,7 @@ def test_spot_roi_encodes_and_decodes_with_omero_marshal():
 
 
 def test_point_polygon_and_map_annotation():
+    pytest.importorskip("omero_marshal")
     from omero_marshal import get_encoder
 
     from stimage_nb.omero import model as M
@@ -89,6 +92,7 @@ def test_run_tags_round_trip_and_run_id_checks():
 
 def test_masks_from_labels_equal_omero_rois_and_are_faster(c3_image):
     """Cell-like labels from a real H&E crop: the crop-per-label masks are byte-identical to omero-rois'."""
+    pytest.importorskip("omero_rois")
     from omero_rois import masks_from_label_image
     from scipy import ndimage
 
