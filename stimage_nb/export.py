@@ -19,6 +19,7 @@ from typing import Sequence
 
 from . import _keys as K
 from .errors import StimageInputError
+from .io.prediction import read_prediction
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,6 @@ def prediction_files(pred: str | os.PathLike, sections: Sequence[str] | None = N
         if missing:
             raise StimageInputError(f"{p}: no predictions for sections {sorted(missing)}.")
     return files
-
-
-def read_prediction(path: str | os.PathLike):
-    """Read one prediction AnnData and check the keys exporters need."""
-    import anndata as ad
-
-    path = Path(path)
-    try:
-        a = ad.read_h5ad(path)
-    except Exception as e:  # noqa: BLE001
-        raise StimageInputError(f"{path}: not a readable .h5ad prediction ({type(e).__name__}: {e}).") from e
-    if K.SPATIAL not in a.obsm:
-        raise StimageInputError(f"{path}: no obsm['{K.SPATIAL}'] with observation centres; is this a prediction "
-                                "written by `stimage-nb predict`?")
-    a.uns.setdefault(K.UNS, {})
-    a.uns[K.UNS].setdefault("section", path.name[:-len(".h5ad")])
-    return a
 
 
 def _resolve_genes(genes) -> list[str] | None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _keys as K
 from .ensemble import Ensemble, versions
+from .io.prediction import write_h5ad
 from .io.section import Section
 
 log = logging.getLogger(__name__)
@@ -153,19 +154,6 @@ def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:
         "package_version": str(versions().get("stimage_nb")), "versions": {k: str(v) for k, v in versions().items()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def write_h5ad(adata, path: str | os.PathLike) -> Path:
-    """Write an AnnData atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def predict_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike,

@@ -294,7 +294,7 @@ def test_training_panel_reports_bad_settings(her2st_manifest, tmp_path):
 def test_default_push_without_server_is_an_offline_plan(pred, tmp_path):
     """No connection: the viewer's push button works out what would be written, with no server."""
     from stimage_nb.widgets import OverlayViewer
-    from stimage_nb.widgets.omero_panel import offline_push_plan
+    from stimage_nb.omero.push import offline_push_plan
 
     v = OverlayViewer(pred, export_dir=tmp_path)
     v.push_button.click()

@@ -207,7 +207,7 @@ def _cmd_push(a) -> int:
 
     targets = _targets(a)
     if a.dry_run and not (a.host or __import__("os").environ.get("OMERO_HOST")):
-        from ..widgets.omero_panel import offline_push_plan
+        from .push import offline_push_plan
 
         for f, iid in targets:
             print(json.dumps(offline_push_plan(f, image_id=iid, colour_by=a.colour_by,

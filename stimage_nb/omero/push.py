@@ -42,6 +42,7 @@ import pandas as pd
 
 from .. import _keys as K
 from ..errors import StimageInputError
+from ..io.prediction import read_prediction, write_h5ad
 from . import model as M
 from . import tables as T
 from .connection import OmeroConnectionError, OmeroError, as_session, is_connection_loss, require_omero, translate_error
@@ -66,33 +67,9 @@ UPLOAD_CHUNK = 1 << 20
 
 # ----------------------------------------------------------------------------- the prediction
 def load_prediction(pred):
-    """A prediction AnnData from an object or an ``.h5ad`` path; checks the contract keys."""
-    import anndata as ad
-
-    src = pred if not isinstance(pred, ad.AnnData) else None
-    if src is not None:
-        p = Path(src)
-        if not p.is_file():
-            raise StimageInputError(f"{p}: prediction file not found (expected PRED_DIR/<section>.h5ad).")
-        try:
-            pred = ad.read_h5ad(p)
-        except Exception as e:  # noqa: BLE001
-            raise StimageInputError(f"{p}: not a readable .h5ad ({type(e).__name__}: {e}).") from e
-    where = str(src) if src is not None else "prediction AnnData"
-    missing = [f"obs[{k!r}]" for k in (K.PIXEL_X, K.PIXEL_Y, K.DIAMETER_UM) if k not in pred.obs]
-    if K.SPATIAL not in pred.obsm:
-        missing.append(f"obsm[{K.SPATIAL!r}]")
-    prov = pred.uns.get(K.UNS)
-    if not isinstance(prov, dict):
-        missing.append(f"uns[{K.UNS!r}]")
-    elif prov.get("um_per_px") is None:
-        missing.append(f"uns[{K.UNS!r}]['um_per_px']")
-    if missing:
-        raise StimageInputError(f"{where}: not a stimage_nb prediction: missing {missing}. Push the files "
-                                "written by `stimage-nb predict` (PRED_DIR/<section>.h5ad).")
-    if pred.n_obs == 0:
-        raise StimageInputError(f"{where}: the prediction has no observations.")
-    return pred, src
+    """The prediction (object or ``.h5ad`` path, strictly checked) and its source path or ``None``."""
+    src = pred if isinstance(pred, (str, os.PathLike)) else None
+    return read_prediction(pred, strict=True), src
 
 
 def fingerprint(pred, options: dict) -> str:
@@ -865,3 +842,50 @@ def remove_run(conn, image_id: int, run_id: str, *, dry_run: bool = False) -> di
         raise
     log.info("removed run %s from image %s: %s", run_id, image_id, counts)
     return counts
+
+
+# ----------------------------------------------------------------------------- without a server
+def offline_push_plan(pred, *, image_id: int | None = None, out=None, colour_by: str | None = None,
+                      max_rois: int | None = None) -> dict:
+    """What a push of ``pred`` would write to OMERO, worked out without a server (a local dry run).
+
+    Uses the same building blocks as :func:`stimage_nb.omero.push_predictions` (ROI styles, the
+    table plan under the column limit, the attachments); with ``out`` the attachments (the h5ad and
+    its QuPath GeoJSON) are written there so they can be inspected. Needs neither omero-py nor a
+    connection, so it also runs on Binder.
+    """
+    from ..qupath import export_qupath
+
+    pred = read_prediction(pred)
+    prov = dict(pred.uns.get(K.UNS) or {})
+    run_id = str(prov.get("run_id") or "local")
+    max_rois = MAX_ROIS if max_rois is None else int(max_rois)
+    do_rois = pred.n_obs <= max_rois
+    texts, fill, legend = roi_styles(pred, colour_by)
+    specs = T.plan_tables(pred, run_id=run_id, with_roi=do_rois)
+    res = {"dry_run": True, "server": None, "image_id": image_id, "run_id": run_id,
+           "section": str(prov.get("section") or ""), "n_obs": int(pred.n_obs),
+           "n_rois": int(pred.n_obs) if do_rois else 0, "example_roi_text": texts[0] if texts else "",
+           "colour_legend": legend, "tables": [(s.name, s.n_rows, s.n_columns) for s in specs],
+           "max_table_columns": max((s.n_columns for s in specs), default=0), "files": []}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = res["section"] or "prediction"
+        files = [write_h5ad(pred, out / f"{name}.h5ad"), export_qupath(pred, out / f"{name}.geojson.gz")]
+        res["files"] = [str(f) for f in files]
+    return res
+
+
+def push_summary(result) -> dict:
+    """A plain dict of a :class:`~stimage_nb.omero.push.PushPlan` or ``PushResult`` (for widget traits)."""
+    plan = getattr(result, "plan", None)
+    if plan is None:  # a PushPlan (dry run)
+        p = result
+        return {"dry_run": True, "image_id": p.image_id, "run_id": p.run_id, "mode": p.mode,
+                "n_rois": p.rois_to_write, "rois_kept": p.rois_kept, "tables": len(p.tables),
+                "delete": {k: len(v) for k, v in p.delete.items()}, "plan": str(p)}
+    return {"dry_run": False, "image_id": plan.image_id, "run_id": plan.run_id, "mode": plan.mode,
+            "n_rois": len(result.roi_ids), "rois_written": result.rois_written,
+            "tables": len(result.table_file_ids), "files": len(result.file_annotation_ids),
+            "record_id": result.record_id, "seconds": round(result.seconds, 2)}

@@ -17,7 +17,6 @@ import html
 import io
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Sequence

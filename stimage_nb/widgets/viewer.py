@@ -36,6 +36,7 @@ import pandas as pd
 
 from .. import _keys as K
 from ..errors import StimageInputError
+from ..io.prediction import read_prediction
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +79,6 @@ def encode_image(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 85) -> bytes
 
 def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64).ravel()
-
-
-def load_prediction(pred) -> "anndata.AnnData":  # noqa: F821
-    """A prediction AnnData from an object or an ``.h5ad`` path, checked against the contract."""
-    import anndata as ad
-
-    if isinstance(pred, (str, os.PathLike)):
-        p = Path(pred)
-        if not p.is_file():
-            raise StimageInputError(f"{p}: prediction file not found. Run `stimage-nb predict` first, or pass "
-                                    "the AnnData it returned.")
-        pred = ad.read_h5ad(p)
-    if not isinstance(pred, ad.AnnData):
-        raise StimageInputError(f"expected a prediction AnnData or an .h5ad path, got {type(pred).__name__}.")
-    if K.SPATIAL not in pred.obsm:
-        raise StimageInputError(f"the prediction AnnData has no obsm[{K.SPATIAL!r}] (spot centres in level-0 px); "
-                                "was it written by stimage_nb.predict?")
-    return pred
 
 
 def _provenance(pred) -> dict:
@@ -393,7 +376,7 @@ class OverlayViewer(widgets.VBox):
                  exporter: Callable | None = None, pusher: Callable | None = None, height: int = 520,
                  tile_format: str = "jpeg"):
         self._pred_path = Path(pred) if isinstance(pred, (str, os.PathLike)) else None
-        self.pred = load_prediction(pred)
+        self.pred = read_prediction(pred)
         self.features = FeatureValues(self.pred, observed)
         if not self.features.genes and not self.features.celltypes:
             raise StimageInputError("the prediction has neither genes nor cell types to show.")
@@ -628,7 +611,7 @@ def _adapt_exporter(qupath):
 
 
 def _adapt_pusher(om):
-    from .omero_panel import offline_push_plan, push_summary
+    from ..omero.push import offline_push_plan, push_summary
 
     def push(pred, conn, image_id, dry_run):
         if conn is None:
