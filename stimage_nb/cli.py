@@ -122,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
-    for mod in ("stimage_nb.export", "stimage_nb.omero.cli"):
-        try:
-            __import__(mod, fromlist=["add_cli"]).add_cli(sub)
-        except ImportError:
-            pass
+    from . import export
+    from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
+
+    export.add_cli(sub)
+    omero_cli.add_cli(sub)
     return parser
 
 
