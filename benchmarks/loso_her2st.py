@@ -6,8 +6,10 @@ Folds (769 genes of ``genes_stimage_her2st.txt``):
 - cross-patient: the training pool is C2..C6, the test section is B4.
 
 In every fold the **last section of the training pool** (in C2..C6 order) is the validation section
-for early stopping (test C2..C5 -> validation C6, test C6 -> validation C5, test B4 -> validation
-C6); the model and the ridge baseline are trained on the remaining sections.
+(test C2..C5 -> validation C6, test C6 -> validation C5, test B4 -> validation C6): ``train`` scores it
+every epoch (early stopping when ``TrainConfig.early_stop`` is not ``"none"``; the frozen default trains
+its 150 epochs and keeps the last) and this script scores it at the end. The model and the ridge
+baseline are trained on the remaining sections.
 
 Each fold runs ``stimage_nb.train.train`` (the default :class:`~stimage_nb.train.TrainConfig`, i.e. the
 offline default recipe, unless options say otherwise) -> ``stimage_nb.predict.predict_manifest`` ->
@@ -110,7 +112,7 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> di
 
 def markdown(recs: list[dict], title: str) -> str:
     cols = [r["test"] for r in recs]
-    lines = [f"### {title}", "", "Held-out section in each column (validation section for early stopping: "
+    lines = [f"### {title}", "", "Held-out section in each column (validation section, monitored every epoch: "
              + ", ".join(f"{r['test']}→{r['val_section']}" for r in recs) + ").", "",
              "| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
 
@@ -137,7 +139,7 @@ def markdown(recs: list[dict], title: str) -> str:
     line("coverage of the 90% interval, aleatoric only", "coverage_90_aleatoric_only", "{:.2f}")
     line("predicted / observed median depth", "depth_pred_over_obs", "{:.2f}")
     if all(r.get("val_metrics") for r in recs):
-        lines += ["", "Validation sections (early stopping only; where settings are chosen):", "",
+        lines += ["", "Validation sections (never trained on; where settings are chosen):", "",
                   "| metric | " + " | ".join(f"{r['val_section']} (fold {r['test']})" for r in recs) + " |",
                   "|---|" + "---|" * len(cols)]
         line("ensemble, mean r vs log1p counts", "r_log1p", src="val_metrics")
