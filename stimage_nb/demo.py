@@ -79,14 +79,14 @@ class DemoPlan:
     n_best_genes: int = 3
 
 
-#: The full demo: 769 genes, trained on C2-C5 (C5 for early stopping), tested on C6 and B4.
-#: Sized for the 15-minute budget on a 2-core CPU: resnet18 from scratch on 64 px tiles takes ~11 s per
-#: epoch there (551 training tiles), so 3 members x 10 epochs train in ~6 min; converting the six JPEGs
-#: to OME-Zarr on a fresh machine adds ~2 min, prediction, evaluation and figures ~0.5 min.
+#: The full demo: 769 genes, trained on C2-C5 (C5 for early stopping), tested on C6 and B4, with the
+#: package's offline default (:class:`stimage_nb.train.TrainConfig` defaults: frozen k-means +
+#: handcrafted features, low-rank NB head, 5 members; see docs/offline_default.md). On 2 cores: ~1 min
+#: converting the six JPEGs to OME-Zarr on a fresh machine, ~1-5 min training (k-means filters,
+#: features, 5 heads), under a minute to predict, evaluate (with the ridge baseline) and draw.
 FULL = DemoPlan(
     train_sections=["C2", "C3", "C4", "C5"], val_sections=["C5"], test_sections=["C6", "B4"], n_genes=None,
-    config=dict(backbone="resnet18", weights="none", tile_um=150.0, out_px=64, epochs=10, batch_size=32,
-                members=3, patience=3, seed=0),
+    config=dict(members=5, seed=0),
 )
 
 #: The smoke run: a tiny timm test model, C4 (train) + C5 (validation), 24 genes, 2 epochs.
@@ -212,12 +212,20 @@ def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
     w("## Setup\n")
     w(f"- Data: the bundled her2st sections (Andersson et al., Nat Commun 2021), manifest `{info['manifest']}`.")
     w(f"- Training: sections {', '.join(info['train_sections'])} of patient C "
-      f"({', '.join(info['val_sections'])} held out of fitting, for early stopping); {info['n_genes']} genes "
+      f"({', '.join(info['val_sections'])} held out of fitting, for validation); {info['n_genes']} genes "
       f"({info['genes_source']}).")
     c = info["config"]
-    w(f"- Model: deep ensemble of {c['members']} × `{c['backbone']}` (weights: {c['weights']}), negative-binomial "
-      f"gene head + cell-type head; tiles of {c['tile_um']:g} µm resampled to {c['out_px']} px; up to "
-      f"{c['epochs']} epochs. Run `{info['run_id']}`.")
+    if c.get("frozen") and c.get("extractor") not in (None, "timm"):
+        model = (f"deep ensemble of {c['members']} members on frozen `{c['extractor']}` features (the offline "
+                 "default: k-means convolutional filters learned from the training sections' own tiles plus "
+                 "handcrafted colour/texture statistics; no pretrained weights), each with a "
+                 f"{'rank-' + str(c['rank']) + ' ' if c.get('rank') else ''}negative-binomial gene head and a "
+                 f"cell-type head trained for {c['epochs']} epochs")
+    else:
+        model = (f"deep ensemble of {c['members']} × `{c['backbone']}` (weights: {c['weights']}"
+                 f"{', frozen' if c.get('frozen') else ', fine-tuned'}), negative-binomial gene head + cell-type "
+                 f"head; up to {c['epochs']} epochs")
+    w(f"- Model: {model}; tiles of {c['tile_um']:g} µm resampled to {c['out_px']} px. Run `{info['run_id']}`.")
     w(f"- Held out: {', '.join(info['test_sections'])} — "
       + "; ".join(f"{s} ({'another patient' if secs[s]['held_out_patient'] else 'same patient, unseen section'})"
                   for s in info["test_sections"] if s in secs) + ".")
