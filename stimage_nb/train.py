@@ -602,28 +602,6 @@ def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torc
 
 
 @torch.no_grad()
-def compute_features(model: STModel, tiles: torch.Tensor, *, views: int = 8, batch_size: int = 256,
-                     amp: bool = True, progress: bool = False) -> torch.Tensor:
-    """Backbone features (views, n, dim) of uint8 tiles (dihedral views; view 0 is the tile itself)."""
-    model.eval()
-    dev = tiles.device
-    use_amp = amp and dev.type == "cuda"
-    out = torch.empty((views, tiles.shape[0], model.feat_dim), dtype=torch.float32, device=dev)
-    it = range(0, tiles.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="features", leave=False, unit="batch")
-    for i in it:
-        x = to_float(tiles[i:i + batch_size])
-        vs = dihedral_views(x)[:views]
-        for v, xv in enumerate(vs):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                out[v, i:i + x.shape[0]] = model.features(_layout(xv, None)).float()
-    return out
-
-
-@torch.no_grad()
 def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, amp: bool,
                   progress: bool = False) -> torch.Tensor:
     """Unstandardised stack features (views, n, dim) of uint8 tiles (view 0 is the tile itself)."""
