@@ -243,3 +243,31 @@ def test_gene_list(tmp_path, her2st_genes):
     (tmp_path / "g.txt").write_text("A\nB\nA\n")
     with pytest.raises(StimageInputError, match="duplicate"):
         read_gene_list(tmp_path / "g.txt")
+
+
+# --------------------------------------------------------------------------- tile extraction
+def test_grouped_tile_reads_equal_single_reads(sections, data_dir):
+    from stimage_nb.tiles import extract_tiles
+
+    s = sections["C3"]
+    xy = s.xy[:60]
+    tiles = extract_tiles(s.image, xy, 150.0, 48, cache=False)
+    single = np.stack([s.image.read_physical(x, y, 150.0, 48) for x, y in xy])
+    np.testing.assert_array_equal(tiles, single)
+    w = read_wsi(data_dir / "fixtures" / "wsi" / "cmu_small_region.svs", spacing_um=55)
+    np.testing.assert_array_equal(extract_tiles(w.image, w.xy[:80], 80.0, 32, cache=False),
+                                  np.stack([w.image.read_physical(x, y, 80.0, 32) for x, y in w.xy[:80]]))
+
+
+def test_read_groups_rows_for_dense_grids_singles_for_sparse_points():
+    from stimage_nb.tiles import _read_groups
+
+    n = 100
+    grid = np.array([(x, y) for y in range(0, 600, 130) for x in range(0, 1300, 130)])
+    groups = _read_groups(grid, n)
+    assert sorted(len(g) for g in groups) == [10] * 5  # one read per row of the spot grid
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(grid)))
+    sparse = np.array([[0, 0], [5000, 10], [9000, 20]])
+    assert [len(g) for g in _read_groups(sparse, n)] == [1, 1, 1]
+    wide = np.array([(x, 0) for x in range(0, 20000, 130)])
+    assert all(np.ptp(wide[g][:, 0]) + n <= 8192 for g in _read_groups(wide, n))

@@ -131,25 +131,35 @@ class SlideImage:
                 best = i
         return best
 
+    def tile_box(self, cx: float, cy: float, size_um: float, out_px: int) -> tuple[int, int, int, int]:
+        """Where :meth:`read_physical` reads: ``(level, x, y, n)``, an n x n box at (x, y) of that level.
+
+        The level is the coarsest whose pixels are still at least as fine as ``size_um / out_px``.
+        """
+        level = self.best_level(size_um / out_px)
+        ds = self.downsamples[level]
+        side = size_um / self.um_per_px / ds  # tile side in that level's pixels
+        return level, int(round(cx / ds - side / 2)), int(round(cy / ds - side / 2)), int(math.ceil(side))
+
+    @staticmethod
+    def resample(region: np.ndarray, out_px: int) -> np.ndarray:
+        """Resize a square (n, n, 3) box to (out_px, out_px, 3): area average down, bilinear up."""
+        from PIL import Image
+
+        n = region.shape[0]
+        if n == out_px:
+            return region
+        return np.asarray(Image.fromarray(region).resize((out_px, out_px), Image.Resampling.BILINEAR
+                                                         if n < out_px else Image.Resampling.BOX))
+
     def read_physical(self, cx: float, cy: float, size_um: float, out_px: int) -> np.ndarray:
         """A square tile of side ``size_um`` centred on level-0 pixel (cx, cy), resampled to ``out_px``.
 
         Reads from the pyramid level closest to (not coarser than) the target resolution, so a tile
         has the same physical content whatever the scan resolution.
         """
-        from PIL import Image
-
-        level = self.best_level(size_um / out_px)
-        ds = self.downsamples[level]
-        side = size_um / self.um_per_px / ds  # tile side in that level's pixels
-        n = int(math.ceil(side))
-        x = int(round(cx / ds - side / 2))
-        y = int(round(cy / ds - side / 2))
-        region = self.read_region(x, y, n, n, level=level)
-        if n == out_px:
-            return region
-        return np.asarray(Image.fromarray(region).resize((out_px, out_px), Image.Resampling.BILINEAR
-                                                         if n < out_px else Image.Resampling.BOX))
+        level, x, y, n = self.tile_box(cx, cy, size_um, out_px)
+        return self.resample(self.read_region(x, y, n, n, level=level), out_px)
 
     def thumbnail(self, max_px: int = 1024) -> tuple[np.ndarray, float]:
         """The whole image at most ``max_px`` on its long side; returns (rgb, downsample factor)."""
