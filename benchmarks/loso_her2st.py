@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 C = ["C2", "C3", "C4", "C5", "C6"]
 FOLDS = {**{h: [c for c in C if c != h] for h in C}, "B4": list(C)}
 
@@ -71,6 +73,16 @@ def _row(entry: dict) -> dict:
     return out
 
 
+def _uncertainty(pred_path: Path) -> dict:
+    """Mean epistemic SD / mean predictive mean, and the same for the aleatoric SD, of one prediction file."""
+    import anndata as ad
+
+    a = ad.read_h5ad(pred_path)
+    mu = float(np.mean(a.X))
+    return {"epistemic_sd_over_mean": float(np.mean(np.sqrt(a.layers["epistemic_var"]))) / mu,
+            "aleatoric_sd_over_mean": float(np.mean(np.sqrt(a.layers["aleatoric_var"]))) / mu}
+
+
 def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> dict:
     from stimage_nb.evaluate import evaluate
     from stimage_nb.predict import predict_manifest
@@ -81,7 +93,8 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> di
     done = fdir / "fold.json"
     if done.is_file():
         return json.loads(done.read_text())
-    kw = {"members": args.members, "device": args.device, "bagging": args.bagging, "seed": args.seed}
+    kw = {"members": args.members, "device": args.device, "bagging": args.bagging, "seed": args.seed,
+          "member_features": args.member_features}
     for k in ("epochs", "kmeans_k", "rank", "extractor"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
@@ -99,9 +112,12 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> di
     res = evaluate(fdir / "pred", manifest, out=fdir / "eval", sections=secs, figures=False, progress=args.progress)
     t_eval = time.perf_counter() - t0
     members = ens.meta.get("members", [])
+    rows = {s: _row(res["sections"][s]) for s in secs}
+    for s in secs:
+        rows[s].update(_uncertainty(fdir / "pred" / f"{s}.h5ad"))
     rec = {"test": test, "train_sections": train_secs, "val_section": val, "config": cfg.to_dict(),
-           "test_metrics": _row(res["sections"][test]),
-           "val_metrics": _row(res["sections"][val]) if args.score_val else None,
+           "test_metrics": rows[test],
+           "val_metrics": rows[val] if args.score_val else None,
            "best_epochs": [m.get("best_epoch") for m in members],
            "seconds": {"train": round(t_train, 1), "predict": round(t_pred, 1), "evaluate_with_baseline": round(t_eval, 1)}}
     tmp = done.with_suffix(".tmp")
@@ -138,6 +154,7 @@ def markdown(recs: list[dict], title: str) -> str:
     line("coverage of the 90% interval", "coverage_90", "{:.2f}")
     line("coverage of the 90% interval, aleatoric only", "coverage_90_aleatoric_only", "{:.2f}")
     line("predicted / observed median depth", "depth_pred_over_obs", "{:.2f}")
+    line("mean epistemic SD / mean predictive mean", "epistemic_sd_over_mean", "{:.4f}")
     if all(r.get("val_metrics") for r in recs):
         lines += ["", "Validation sections (never trained on; where settings are chosen):", "",
                   "| metric | " + " | ".join(f"{r['val_section']} (fold {r['test']})" for r in recs) + " |",
@@ -145,7 +162,9 @@ def markdown(recs: list[dict], title: str) -> str:
         line("ensemble, mean r vs log1p counts", "r_log1p", src="val_metrics")
         line("baseline, mean r vs log1p counts", "baseline_r_log1p", src="val_metrics")
         line("ensemble, mean r vs log1p CP10k", "r_cp10k", src="val_metrics")
-        line("coverage of the 90% interval", "coverage_90", "{:.2f}", src="val_metrics")
+        line("coverage of the 90% interval", "coverage_90", "{:.3f}", src="val_metrics")
+        line("coverage of the 90% interval, aleatoric only", "coverage_90_aleatoric_only", "{:.3f}", src="val_metrics")
+        line("mean epistemic SD / mean predictive mean", "epistemic_sd_over_mean", "{:.4f}", src="val_metrics")
     lines += ["", "Seconds per fold (train / predict / evaluate incl. baseline): " + ", ".join(
         f"{r['test']} {r['seconds']['train']:.0f}/{r['seconds']['predict']:.0f}/{r['seconds']['evaluate_with_baseline']:.0f}"
         for r in recs), "Best epochs per member: " + ", ".join(f"{r['test']} {r['best_epochs']}" for r in recs)]
@@ -166,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--extractor", default=None)
     p.add_argument("--bagging", action="store_true", help="bootstrap the training spots per member")
+    p.add_argument("--member-features", default="shared", choices=["shared", "per_member"],
+                   help="one frozen feature stack for all members, or a k-means dictionary per member")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-score-val", dest="score_val", action="store_false")

@@ -34,6 +34,8 @@ def _add_train(sub) -> None:
                         "--weights, e.g. a local pathology foundation model). Default: kmeans+handcrafted")
     p.add_argument("--rank", type=int, default=None, help="rank of the NB head (0: full; default 8 frozen, 0 fine-tuned)")
     p.add_argument("--bagging", action="store_true", help="train each member on a bootstrap sample of the spots")
+    p.add_argument("--member-features", default=None, choices=["shared", "per_member"],
+                   help="frozen path: one k-means dictionary for all members, or one per member")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)

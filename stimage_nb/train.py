@@ -104,6 +104,12 @@ class TrainConfig:
         ``""`` when fine-tuning.
     kmeans_k, kmeans_patches
         Number of k-means centroids (features: 2 K) and of random training patches they are fitted on.
+    member_features
+        ``"shared"``: all members use one fitted frozen feature stack (only the heads differ).
+        ``"per_member"``: member ``i`` fits its own k-means dictionary (seed ``seed + i``, its own random
+        patch sample), so members see different features and disagree more (a larger epistemic
+        variance); costs one k-means fit and feature pass per member. Only matters with a ``kmeans``
+        branch; see ``docs/offline_default.md``.
     backbone
         timm model name (fine-tuned, or the ``timm`` extractor branch; ``None``: resnet18); several
         names separated by commas are cycled over the members.
@@ -156,6 +162,7 @@ class TrainConfig:
     extractor: str | None = None
     kmeans_k: int = 128
     kmeans_patches: int = 60000
+    member_features: str = "shared"
     backbone: str | None = None
     weights: str = "none"
     backbone_kwargs: dict = field(default_factory=dict)
@@ -201,6 +208,8 @@ class TrainConfig:
             if self.kmeans_k < 2 or self.kmeans_patches < self.kmeans_k:
                 raise StimageInputError(f"invalid k-means settings: kmeans_k={self.kmeans_k}, "
                                         f"kmeans_patches={self.kmeans_patches}")
+        if self.member_features not in ("shared", "per_member"):
+            raise StimageInputError(f"member_features must be 'shared' or 'per_member', not {self.member_features!r}")
         if self.early_stop not in ("loss", "pearson", "none"):
             raise StimageInputError(f"early_stop must be 'loss', 'pearson' or 'none', not {self.early_stop!r}")
         if self.rank < 0:
@@ -247,6 +256,8 @@ class TrainConfig:
             d["frozen"] = True
         if getattr(args, "bagging", False):
             d["bagging"] = True
+        if getattr(args, "member_features", None):
+            d["member_features"] = args.member_features
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
@@ -622,13 +633,24 @@ def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, am
     return out
 
 
-def _stack_id(cfg: TrainConfig, backbone: str) -> str:
-    """Members whose frozen extractors are identical share one id (the backbone matters only for 'timm')."""
-    return backbone if "timm" in cfg.extractor.split("+") else "-"
+def _per_member(cfg: TrainConfig) -> bool:
+    return cfg.member_features == "per_member" and "kmeans" in cfg.extractor.split("+")
+
+
+def _stack_id(cfg: TrainConfig, backbone: str, member: int = 0) -> str:
+    """Members whose frozen extractors are identical share one id (the backbone matters only for 'timm';
+    with ``member_features="per_member"`` every member has its own k-means dictionary)."""
+    base = backbone if "timm" in cfg.extractor.split("+") else "-"
+    return f"{base}#m{member}" if _per_member(cfg) else base
+
+
+def _stack_seed(cfg: TrainConfig, member: int) -> int:
+    """The k-means seed (patch sample and clustering) of ``member``'s stack: ``seed`` when shared, else ``seed + i``."""
+    return cfg.seed + member if _per_member(cfg) else cfg.seed
 
 
 def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data | None, out: Path, device,
-                  cache: dict, progress: bool = False):
+                  cache: dict, progress: bool = False, member: int = 0):
     """The fitted :class:`~stimage_nb.models.features.FeatureStack` of ``backbone`` and its standardised
     features ``(views, n_train, F)``, ``(1, n_val, F)``; fitted once per run (kept in ``RUN_DIR/cache``
     until the ensemble is saved, so a resumed run reuses them)."""
@@ -636,7 +658,7 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
 
     from .models.features import build_stack
 
-    ident = _stack_id(cfg, backbone)
+    ident = _stack_id(cfg, backbone, member)
     if ident in cache:
         return cache[ident]
     cdir = out / "cache"
@@ -657,7 +679,7 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
             cache[ident] = (stack, d["train"], d.get("val") if val_d is not None else None)
             return cache[ident]
     t0 = time.perf_counter()
-    stack.fit(train_d.tiles, n_patches=cfg.kmeans_patches, seed=cfg.seed)
+    stack.fit(train_d.tiles, n_patches=cfg.kmeans_patches, seed=_stack_seed(cfg, member))
     stack.to(device)
     raw_tr = _raw_features(stack, train_d.tiles, views=cfg.frozen_views, batch_size=cfg.eval_batch_size,
                            amp=cfg.amp, progress=progress)
@@ -726,8 +748,9 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     rows = _bag(cfg, i, len(train_d))
     feats_tr = feats_va = None
     if cfg.frozen:
-        # Members share one fitted extractor and its features (computed once); only the heads differ.
-        stack, feats_tr, feats_va = _frozen_stack(cfg, backbone, train_d, val_d, out, device, feature_cache)
+        # Members share one fitted extractor and its features (computed once) unless member_features="per_member".
+        stack, feats_tr, feats_va = _frozen_stack(cfg, backbone, train_d, val_d, out, device, feature_cache,
+                                                  member=i)
         model = STModel(stack, n_genes, n_types, backbone_name=stack.name, backbone_kwargs=cfg.backbone_kwargs,
                         dropout=cfg.dropout, rank=cfg.rank)
     else:
@@ -936,8 +959,9 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
             log.warning("backbone %r is not used by the frozen extractor %r: pass frozen=False (CLI: --backbone "
                         "alone) to fine-tune it, or extractor='timm' to use its frozen features", cfg.backbone,
                         cfg.extractor)
-        for bb in cfg.backbones:
-            _frozen_stack(cfg, bb, train_d, val_d, out, device, feature_cache, progress=progress)
+        for i in range(cfg.members) if _per_member(cfg) else range(len(cfg.backbones)):
+            _frozen_stack(cfg, cfg.backbones[i % len(cfg.backbones)], train_d, val_d, out, device, feature_cache,
+                          progress=progress, member=i)
     mstates = []
     for i in range(cfg.members):
         mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
@@ -968,7 +992,7 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
         best = mdir / "best.safetensors"
         sd = load_file(str(best if best.is_file() else mdir / st["model_file"]))
         if cfg.frozen:  # heads on the shared fitted extractor
-            stack = stacks[_stack_id(cfg, st["backbone"])][0].cpu()
+            stack = stacks[_stack_id(cfg, st["backbone"], i)][0].cpu()
             m = STModel(stack, len(genes), len(celltypes), backbone_name=stack.name,
                         backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank)
             _load_member_state(m, sd, True)
