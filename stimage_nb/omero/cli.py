@@ -301,9 +301,3 @@ def add_cli(subparsers) -> None:
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.set_defaults(func=_guard(_cmd_rm))
-
-
-def main(argv=None) -> int:  # pragma: no cover - convenience: python -m stimage_nb.omero.cli
-    from ..cli import main as cli_main
-
-    return cli_main(["omero", *(sys.argv[1:] if argv is None else argv)])
