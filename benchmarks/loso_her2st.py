@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/loso_her2st.py --out bench_out/loso            # all 6 folds, the default recipe
     python benchmarks/loso_her2st.py --out bench_out/bag --bagging   # the same with bootstrap members
+    python benchmarks/loso_her2st.py --out bench_out/mac --stain macenko   # with Macenko normalisation
     python benchmarks/loso_her2st.py --out o --folds C5,B4 --members 2 --epochs 20   # a quick look
 
 Writes ``OUT/results.json`` and ``OUT/results.md``; run directories and predictions go in ``OUT/runs``
@@ -95,7 +96,7 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> di
         return json.loads(done.read_text())
     kw = {"members": args.members, "device": args.device, "bagging": args.bagging, "seed": args.seed,
           "member_features": args.member_features}
-    for k in ("epochs", "kmeans_k", "rank", "extractor"):
+    for k in ("epochs", "kmeans_k", "rank", "extractor", "stain"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     cfg = TrainConfig(**kw)
@@ -175,7 +176,7 @@ def markdown(recs: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, runs/)")
     p.add_argument("--folds", default=",".join(FOLDS), help="held-out sections (default: C2,C3,C4,C5,C6,B4)")
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--kmeans-k", type=int, default=None)
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--extractor", default=None)
+    p.add_argument("--stain", default=None, choices=["none", "macenko"],
+                   help="stain normalisation (default: the recipe's, 'none' for the frozen default)")
     p.add_argument("--bagging", action="store_true", help="bootstrap the training spots per member")
     p.add_argument("--member-features", default="shared", choices=["shared", "per_member"],
                    help="one frozen feature stack for all members, or a k-means dictionary per member")
@@ -192,6 +195,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-score-val", dest="score_val", action="store_false")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--title", default=None)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
@@ -214,7 +226,8 @@ def main(argv=None) -> int:
         print(f"{test}: ensemble r {m['r_log1p']:.3f} / cp10k {m['r_cp10k']:.3f} | baseline {m['baseline_r_log1p']:.3f} / "
               f"{m['baseline_r_cp10k']:.3f} | r>0.3 {m['n_r_gt_0.3']} | cov50 {m['coverage_50']:.2f} cov90 "
               f"{m['coverage_90']:.2f} | {time.perf_counter() - t0:.0f}s", flush=True)
-    title = args.title or ("offline default" + (" + bagging" if args.bagging else ""))
+    title = args.title or ("offline default" + (" + bagging" if args.bagging else "")
+                           + (f" + stain {args.stain}" if args.stain else ""))
     md = markdown(recs, title)
     print(md)
     for name, text in (("results.json", json.dumps(recs, indent=1)), ("results.md", md)):

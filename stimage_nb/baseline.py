@@ -29,13 +29,11 @@ import pandas as pd
 
 from . import _keys as K
 from .errors import StimageInputError
+from .stain import RUIFROK_HED
 
 log = logging.getLogger(__name__)
 
-#: Ruifrok & Johnston (2001) stain vectors (rows: hematoxylin, eosin, DAB), optical density per RGB channel.
-_RUIFROK = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
-_RUIFROK = _RUIFROK / np.linalg.norm(_RUIFROK, axis=1, keepdims=True)
-_STAIN_INV = np.linalg.inv(_RUIFROK).astype(np.float32)  # od (.., 3) @ inv -> concentrations (H, E, DAB)
+_STAIN_INV = np.linalg.inv(RUIFROK_HED).astype(np.float32)  # od (.., 3) @ inv -> concentrations (H, E, DAB)
 
 #: Names of the columns returned by :func:`handcrafted_features`, in order.
 FEATURE_NAMES: tuple[str, ...] = (

@@ -26,6 +26,12 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+#: Ruifrok & Johnston (2001) stain vectors (rows: hematoxylin, eosin, DAB; unit optical-density vectors
+#: per RGB channel): the fixed colour deconvolution used by the handcrafted features and the simulated
+#: restaining of :mod:`stimage_nb.shifts`.
+RUIFROK_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+RUIFROK_HED = RUIFROK_HED / np.linalg.norm(RUIFROK_HED, axis=1, keepdims=True)
+
 # A commonly used H&E reference (Macenko's/torchstain's defaults); columns = hematoxylin, eosin.
 HE_REF = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 MAXC_REF = (1.9705, 1.0308)
