@@ -12,6 +12,9 @@ softmax probabilities and their standard deviation across members.
 On disk (``Ensemble.save(dir)``): ``member_{i}.safetensors`` per member and ``ensemble.json``
 (genes, cell types, tile µm, out_px, how µm/px is handled, stain normalisation parameters, training
 sections, member architectures and sha256 of their files, package/torch/timm versions). No pickle.
+A backbone that several members share (a frozen extractor: the default's k-means + handcrafted stack,
+or a frozen timm/foundation model) is written once, as ``backbone_{sha256[:16]}.safetensors``, and the
+members' files hold only their heads; loading gives those members one backbone module, in memory too.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .stain import MacenkoNormalizer, normalizer_from_dict
 log = logging.getLogger(__name__)
 
 FORMAT = "stimage_nb.ensemble"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shared backbones in their own file (version 1 files still load)
 CONFIG_NAME = "ensemble.json"
 UM_PER_PX_HANDLING = ("Tiles are squares of tile_um micrometres around each spot, read from the pyramid level "
                       "nearest to (not coarser than) tile_um/out_px µm/px and resampled to out_px pixels, so a "
@@ -273,16 +276,32 @@ class Ensemble:
         cfg.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         members_meta = list(self.meta.get("members") or [{} for _ in self.members])
         digests = self._digests or [m.backbone_digest() for m in self.members]
-        entries = []
+        entries, shared = [], {}
         for i, m in enumerate(self.members):
             f = d / f"member_{i}.safetensors"
-            save_state_dict(m, f, metadata={"format": FORMAT, "member": i})
             extra = members_meta[i] if i < len(members_meta) else {}
-            entries.append({**extra, **m.config(), "file": f.name, "sha256": sha256_file(f), "backbone_sha256": digests[i]})
+            extra = {k: v for k, v in extra.items() if k not in ("backbone_file", "backbone_file_sha256")}
+            entry = {**extra, **m.config(), "file": f.name, "backbone_sha256": digests[i]}
+            if digests.count(digests[i]) > 1:  # written once, beside the heads-only member files
+                if digests[i] not in shared:
+                    bf = d / f"backbone_{digests[i][:16]}.safetensors"
+                    save_state_dict(m.backbone, bf, metadata={"format": FORMAT, "backbone_sha256": digests[i]})
+                    shared[digests[i]] = (bf.name, sha256_file(bf))
+                entry["backbone_file"], entry["backbone_file_sha256"] = shared[digests[i]]
+                sd = {k: v for k, v in m.state_dict().items() if not k.startswith("backbone.")}
+            else:
+                sd = m
+            save_state_dict(sd, f, metadata={"format": FORMAT, "member": i})
+            entry["sha256"] = sha256_file(f)
+            entries.append(entry)
         cfg["members"] = entries
         cfg["n_members"] = len(entries)
-        cfg["weights_sha256"] = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
+        cfg["weights_sha256"] = hashlib.sha256("".join(
+            e["sha256"] + e.get("backbone_file_sha256", "") for e in entries).encode()).hexdigest()
         write_json(cfg, d / CONFIG_NAME)
+        for old in d.glob("backbone_*.safetensors"):  # of an ensemble saved here before
+            if old.name not in {v[0] for v in shared.values()}:
+                old.unlink()
         self.meta.update({k: cfg[k] for k in ("members", "weights_sha256", "created")})
         log.info("saved %r to %s", self, d)
         return d
@@ -304,7 +323,10 @@ class Ensemble:
             raise StimageInputError(f"{p}: unreadable model config ({e}).") from e
         if cfg.get("format") != FORMAT:
             raise StimageInputError(f"{p}: not a stimage_nb ensemble config (format={cfg.get('format')!r}).")
-        members = []
+        if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
+            raise StimageInputError(f"{p}: written by a newer stimage_nb (format version {cfg['format_version']}); "
+                                    "upgrade the package to load it.")
+        members, backbones = [], {}
         for e in cfg["members"]:
             f = d / e["file"]
             if not f.is_file():
@@ -313,6 +335,22 @@ class Ensemble:
                 raise StimageInputError(f"{f}: sha256 does not match {p}; the file is corrupt or was replaced.")
             m = build_model(e, "none")
             sd = load_file(str(f))
+            bname = e.get("backbone_file")
+            if bname:
+                if bname not in backbones:
+                    bf = d / bname
+                    if not bf.is_file():
+                        raise StimageInputError(f"{bf}: shared backbone weights missing (listed in {p}).")
+                    if verify and e.get("backbone_file_sha256") and sha256_file(bf) != e["backbone_file_sha256"]:
+                        raise StimageInputError(f"{bf}: sha256 does not match {p}; the file is corrupt or was replaced.")
+                    bsd = load_file(str(bf))
+                    bad = m.backbone.load_state_dict(bsd, strict=False)
+                    if bad.missing_keys or bad.unexpected_keys:
+                        raise StimageInputError(f"{bf}: weights do not fit the recorded backbone {e['backbone']!r} "
+                                                f"(missing {bad.missing_keys[:5]}, unexpected {bad.unexpected_keys[:5]}).")
+                    backbones[bname] = m.backbone
+                m.backbone = backbones[bname]  # one module for every member that shares it
+                sd = {**{f"backbone.{k}": v for k, v in m.backbone.state_dict().items()}, **sd}
             missing, unexpected = m.load_state_dict(sd, strict=False)
             if missing or unexpected:
                 raise StimageInputError(f"{f}: weights do not fit the recorded architecture {e['backbone']!r} "

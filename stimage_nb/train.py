@@ -22,7 +22,8 @@ negative-binomial gene head and a soft-target cell-type head.
   curves and cancellation.
 
 The finished run directory is an :class:`~stimage_nb.ensemble.Ensemble` (``ensemble.json`` +
-``member_{i}.safetensors``) that ``predict`` loads.
+``member_{i}.safetensors``, plus ``backbone_*.safetensors`` for a frozen backbone the members share) that
+``predict`` loads.
 """
 
 from __future__ import annotations

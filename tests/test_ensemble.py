@@ -97,6 +97,50 @@ def test_load_refuses_corrupt_or_unfinished_models(ens, tmp_path):
         ens.predict_tiles(np.zeros((2, 48, 48, 3), np.uint8))
 
 
+def test_a_shared_backbone_is_written_once_and_shared_after_loading(ens, tmp_path):
+    """Members on one frozen backbone (e.g. a foundation model): one backbone file, heads-only members."""
+    from safetensors.torch import load_file, save_file
+
+    members = [copy.deepcopy(m) for m in ens.members]
+    for m in members[1:]:
+        m.backbone = members[0].backbone
+    shared = Ensemble(members, genes=ens.genes, celltypes=ens.celltypes, tile_um=ens.tile_um, out_px=ens.out_px,
+                      stain=ens.stain)
+    d = shared.save(tmp_path / "shared")
+    bfiles = sorted(d.glob("backbone_*.safetensors"))
+    assert len(bfiles) == 1 and sorted(p.name for p in d.glob("member_*")) == [f"member_{i}.safetensors" for i in range(3)]
+    for i in range(3):
+        assert not [k for k in load_file(str(d / f"member_{i}.safetensors")) if k.startswith("backbone.")]
+    back = Ensemble.load(d, "cpu")
+    assert back.members[1].backbone is back.members[0].backbone is back.members[2].backbone
+    tiles = _c4_tiles()
+    a, b = shared.predict_tiles(tiles), back.predict_tiles(tiles)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert np.all(a["epistemic_var"] > 0)  # the heads still differ
+    # re-saving the same ensemble keeps one backbone file; a tampered one is refused
+    back.save(d)
+    assert sorted(d.glob("backbone_*.safetensors")) == bfiles
+    bfiles[0].write_bytes(bfiles[0].read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(StimageInputError, match="sha256"):
+        Ensemble.load(d)
+    # a format-1 directory (each member file holding its whole model) still loads
+    cfg = json.loads((d / "ensemble.json").read_text())
+    cfg["format_version"] = 1
+    for i, e in enumerate(cfg["members"]):
+        f = d / e.pop("file")
+        save_file({k: v.contiguous() for k, v in members[i].state_dict().items()}, str(d / f"v1_{i}.safetensors"))
+        e.pop("backbone_file"), e.pop("backbone_file_sha256"), e.pop("sha256")
+        e["file"] = f"v1_{i}.safetensors"
+    (d / "ensemble.json").write_text(json.dumps(cfg))
+    old = Ensemble.load(d, "cpu")
+    c = old.predict_tiles(tiles)
+    assert all(np.array_equal(a[k], c[k]) for k in a)
+    cfg["format_version"] = 99
+    (d / "ensemble.json").write_text(json.dumps(cfg))
+    with pytest.raises(StimageInputError, match="newer stimage_nb"):
+        Ensemble.load(d)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_load_on_gpu_matches_cpu(ens):
     gpu = Ensemble.load(kit.tiny_run(), "cuda")

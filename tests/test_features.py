@@ -130,7 +130,9 @@ def test_default_recipe_train_save_load_predict(tmp_path):
     assert (cfg.frozen, cfg.extractor, cfg.rank, cfg.stain) == (True, "kmeans+handcrafted", 8, "none")
     ens = train(secs, genes=kit.genes(), out=tmp_path / "run", val_sections=["C4"], config=cfg, progress=False)
     files = sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_file())
-    assert files == ["ensemble.json", "member_0.safetensors", "member_1.safetensors", "member_2.safetensors", "run.json"]
+    assert files[1:] == ["ensemble.json", "member_0.safetensors", "member_1.safetensors", "member_2.safetensors",
+                         "run.json"]
+    assert files[0].startswith("backbone_")  # the shared fitted extractor, written once
     assert not list((tmp_path / "run").rglob("*.pkl")) and not (tmp_path / "run" / "cache").exists()
     meta = json.loads((tmp_path / "run" / "ensemble.json").read_text())
     assert meta["members"][0]["extractor"]["components"] == ["kmeans", "handcrafted"]
@@ -206,8 +208,9 @@ def test_per_member_features_give_members_their_own_dictionary_and_more_disagree
     assert cen and not torch.equal(w[0][cen[0]], w[1][cen[0]]) and not torch.equal(w[1][cen[0]], w[2][cen[0]])
     assert len(ens_p._groups()) == 3 and len(ens_s._groups()) == 1
     # member 0 fits with the run's seed: its dictionary is the shared run's
-    w_s = load_file(str(tmp_path / "s" / "member_0.safetensors"))
-    assert torch.equal(w[0][cen[0]], w_s[cen[0]])
+    (shared_file,) = (tmp_path / "s").glob("backbone_*.safetensors")  # written once for the shared run
+    w_s = load_file(str(shared_file))
+    assert torch.equal(w[0][cen[0]], w_s[cen[0].removeprefix("backbone.")])
 
     s = kit.sections(("C5",))[0]
     a_s = predict_section(ens_s.to("cpu"), s, progress=False)

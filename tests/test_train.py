@@ -153,17 +153,22 @@ def test_frozen_backbone_fast_path_shares_features(tmp_path):
     kw = dict(genes=kit.genes(), val_sections=["C4"], progress=False)
     ens = train(kit.sections(), out=tmp_path / "f",
                 config=kit.tiny_config(members=2, epochs=3, frozen=True, extractor="timm"), **kw)
+    from stimage_nb.ensemble import Ensemble
+
     w = _weights(tmp_path / "f")
-    bb = [k for k in w[0] if k.startswith("backbone.")]
-    assert bb and all(torch.equal(w[0][k], w[1][k]) for k in bb)           # one frozen backbone
+    assert not [k for k in w[0] if k.startswith("backbone.")]               # heads only in the member files
+    (bfile,) = (tmp_path / "f").glob("backbone_*.safetensors")              # one frozen backbone, written once
+    bb = load_file(str(bfile))
     assert not torch.equal(w[0]["nb.linear.weight"], w[1]["nb.linear.weight"])  # heads trained per member
     assert len(ens._groups()) == 1  # prediction computes the shared features once
-    # the frozen backbone is the untrained one: same as a fresh frozen run's
+    back = Ensemble.load(tmp_path / "f")
+    assert back.members[0].backbone is back.members[1].backbone
+    # the frozen backbone is the untrained one: same as a fresh frozen run's (one member: in its own file)
     ens2 = train(kit.sections(), out=tmp_path / "f2",
                  config=kit.tiny_config(members=1, epochs=1, frozen=True, extractor="timm"), **kw)
     w2 = _weights(tmp_path / "f2")
-    assert all(torch.equal(w[0][k], w2[0][k]) for k in bb)
-    assert ens2.n_members == 1
+    assert bb and all(torch.equal(v, w2[0]["backbone." + k]) for k, v in bb.items())
+    assert ens2.n_members == 1 and not list((tmp_path / "f2").glob("backbone_*"))
 
 
 def test_bad_training_inputs(tmp_path):
