@@ -11,7 +11,9 @@ the same sections and tiles), and writes ``OUT/report.md`` with its figures:
 - observed vs predicted maps of the best-predicted genes with their aleatoric and epistemic
   uncertainty,
 - predicted vs observed dominant cell-type maps,
-- the calibration curve of the predictive distribution.
+- the calibration curve of the predictive distribution,
+- robustness: the held-out section C6 re-made as a 2x coarser scan, defocused, restained and
+  JPEG-compressed (:mod:`stimage_nb.shifts`), model vs baseline.
 
 Layout of ``OUT``::
 
@@ -20,6 +22,8 @@ Layout of ``OUT``::
     pred[-quick]/        <section>.h5ad predictions
     eval[-quick]/        metrics.json, metrics_per_gene.csv, figures/ (from stimage_nb.evaluate)
     figures[-quick]/     the demo's maps
+    shifted[-quick]/     the robustness check: C6 as a coarser scan, defocused, restained, JPEG-compressed
+                         (images, manifest.csv, pred/, eval/; see stimage_nb.shifts)
 
 Re-running resumes: a finished training run is loaded, not retrained (an interrupted one continues
 from its last epoch), and predictions made by the same run are reused.
@@ -69,6 +73,10 @@ class DemoPlan:
         :class:`stimage_nb.train.TrainConfig` settings.
     n_best_genes
         Genes per held-out section shown as maps.
+    shift_section, shifts
+        A held-out section re-made as other acquisitions would have made it (names of
+        :data:`stimage_nb.shifts.STANDARD_SHIFTS`), predicted by the same ensemble and scored with the
+        same baseline; ``shift_section=None`` skips the robustness check.
     """
 
     train_sections: list[str]
@@ -77,6 +85,8 @@ class DemoPlan:
     n_genes: int | None
     config: dict = field(default_factory=dict)
     n_best_genes: int = 3
+    shift_section: str | None = "C6"
+    shifts: tuple[str, ...] = ("scan_2x", "defocus_1.5um", "stain_H0.8_E1.3", "jpeg_q30")
 
 
 #: The full demo: 769 genes, trained on C2-C5 (C5 for early stopping), tested on C6 and B4, with the
@@ -94,7 +104,7 @@ QUICK = DemoPlan(
     train_sections=["C4", "C5"], val_sections=["C5"], test_sections=["C6", "B4"], n_genes=24,
     config=dict(backbone="test_resnet", weights="none", tile_um=150.0, out_px=32, epochs=2, batch_size=32,
                 members=2, patience=2, seed=0),
-    n_best_genes=2,
+    n_best_genes=2, shifts=("scan_2x",),
 )
 
 
@@ -298,6 +308,22 @@ def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
     if "calibration" in figs:
         w(f"![calibration]({_rel(figs['calibration'], out)})\n")
 
+    rob = info.get("robustness")
+    if rob:
+        sec = rob["section"]
+        w("## Robustness to other scanners and stains (simulated)\n")
+        w(f"Held-out section {sec} re-made as other acquisitions would have made it (`stimage_nb.shifts`: a coarser "
+          "scan, defocus, another staining, JPEG compression; same spots and counts) and predicted by the same "
+          "ensemble, unchanged; the baseline is scored on the same shifted tiles. Mean per-gene Pearson r vs "
+          "log1p counts. The full six-fold table: `benchmarks/shift_her2st.py`.\n")
+        w("| acquisition | model r | baseline r | model − baseline | model coverage 90% |")
+        w("|---|---|---|---|---|")
+        for name, e in rob["rows"].items():
+            diff = None if e["model"] is None or e["baseline"] is None else e["model"] - e["baseline"]
+            w(f"| {name} | {_f(e['model'])} | {_f(e['baseline'])} | {'–' if diff is None else f'{diff:+.3f}'} | "
+              f"{_f(e['coverage_90'], 2)} |")
+        w("")
+
     w("## Cell types\n")
     w("Stereoscope proportions (major types) as soft targets. Pearson r per type averaged over types, mean "
       "absolute error, Jensen–Shannon divergence per spot, and how often the dominant type agrees.\n")
@@ -328,6 +354,34 @@ def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
     w(f"- reproduce: `stimage-nb demo{' --quick' if info['quick'] else ''} --out {out}` "
       "(re-running reuses the finished run and predictions).")
     return "\n".join(L) + "\n"
+
+
+def _robustness(manifest: Path, metrics: dict, plan: DemoPlan, sdir: Path, run_dir: Path, run_id: str, device: str,
+                progress: bool) -> dict:
+    """Predict and score the plan's held-out section under simulated acquisition shifts."""
+    from .evaluate import evaluate
+    from .shifts import parse_shifts, shift_manifest
+
+    sec = plan.shift_section
+    shifts = parse_shifts(",".join(plan.shifts))
+    shifted = shift_manifest(manifest, [sec], shifts, sdir)
+    names = [f"{sec}__{sh.name}" for sh in shifts]
+    _predict(run_dir, shifted, sdir / "pred", names, run_id, device, progress)
+    m = evaluate(sdir / "pred", shifted, out=sdir / "eval", baseline=True, sections=names, figures=False,
+                 progress=progress)
+
+    def row(e):
+        if e is None:
+            return {"model": None, "baseline": None, "coverage_90": None}
+        b = (e.get("baseline") or {}).get("genes")
+        return {"model": e["model"]["genes"]["log1p_counts"]["pearson"]["mean"],
+                "baseline": b["log1p_counts"]["pearson"]["mean"] if b else None,
+                "coverage_90": e["model"]["calibration"]["coverage_90"]}
+
+    rows = {f"as scanned ({sec})": row(metrics["sections"].get(sec))}
+    for sh, n in zip(shifts, names):
+        rows[sh.name] = row(m["sections"].get(n))
+    return {"section": sec, "rows": rows, "manifest": str(shifted)}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -404,6 +458,12 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     maps = _maps(preds, manifest, per_gene, fig_dir, plan.n_best_genes)
     timings["figures"] = time.perf_counter() - t
 
+    robustness = None
+    if plan.shift_section and plan.shifts and plan.shift_section in metrics["sections"]:
+        t = time.perf_counter()
+        robustness = _robustness(manifest, metrics, plan, out / f"shifted{sfx}", run_dir, run_id, device, progress)
+        timings["robustness (simulated shifts)"] = time.perf_counter() - t
+
     dev = resolve_device(device)
     info = {
         "quick": quick, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -412,7 +472,7 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
         f"{platform.python_version()}", "manifest": str(manifest), "train_sections": plan.train_sections,
         "val_sections": plan.val_sections, "test_sections": plan.test_sections, "n_genes": len(ens.genes),
         "genes_source": genes_source, "config": {**ens.meta.get("train_config", plan.config)}, "run_id": run_id,
-        "timings": timings, "cpu_s": _cpu_seconds() - cpu_start, "eval_dir": eval_dir, "pred_dir": pred_dir, "run_dir": run_dir,
+        "timings": timings, "robustness": robustness, "cpu_s": _cpu_seconds() - cpu_start, "eval_dir": eval_dir, "pred_dir": pred_dir, "run_dir": run_dir,
     }
     text = _report(out, metrics, maps, info)
     report = out / "report.md"

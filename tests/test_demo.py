@@ -6,6 +6,7 @@ import json
 import re
 import time
 
+import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.slow  # ~1 min on a 2-core CPU (a tiny ensemble really trains)
@@ -57,6 +58,16 @@ def test_quick_demo_metrics_and_predictions(quick_demo):
         assert e["model"]["celltypes"]["n_spots"] > 100
     p = ad.read_h5ad(out / "pred-quick" / "C6.h5ad")
     assert p.n_vars == 24 and p.uns["stimage_nb"]["backbone"] == "test_resnet"
+    # the robustness check: C6 as a 2x coarser scan, same spots, scored with model and baseline
+    s = json.loads((out / "shifted-quick" / "eval" / "metrics.json").read_text())["sections"]["C6__scan_2x"]
+    assert s["n_spots"] == c6["n_spots"]
+    man = pd.read_csv(out / "shifted-quick" / "manifest.csv").set_index("section")
+    assert man.loc["C6__scan_2x", "um_per_px"] == pytest.approx(2 * man.loc["C6", "um_per_px"])
+    assert s["baseline"]["genes"]["log1p_counts"]["pearson"]["mean"] is not None
+    text = (out / "report.md").read_text()
+    assert "## Robustness to other scanners and stains (simulated)" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| scan_2x |"))
+    assert re.match(r"\| scan_2x \| -?0\.\d{3} \| -?0\.\d{3} \| [+-]0\.\d{3} \| 0\.\d\d \|", row), row
 
 
 def test_quick_demo_rerun_resumes(quick_demo):
