@@ -115,7 +115,6 @@ def bench_push(copies: int, batches: list[int]) -> list[dict]:
 
 def bench_pull(tmp: Path) -> dict:
     import zarr
-
     from fake_omero import FakeOmeroServer
 
     from stimage_nb._settings import data_dir

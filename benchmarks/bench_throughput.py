@@ -32,8 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stimage_nb  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is imported)
 import torch  # noqa: E402
+
+import stimage_nb  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is imported)
 
 
 def _sync(dev):

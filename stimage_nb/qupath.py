@@ -699,7 +699,7 @@ def _split_measurements(m: pd.DataFrame):
         else:
             other.append(c)
     genes = [g for g in genes if (g, MEAN) in q]
-    for (g, qq), c in list(q.items()):  # SD columns without a mean stay plain measurements
+    for (g, _), c in list(q.items()):  # SD columns without a mean stay plain measurements
         if g not in genes:
             other.append(c)
     return genes, q, cts, pcols, other

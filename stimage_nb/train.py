@@ -50,9 +50,9 @@ from .augment import AugmentConfig, _layout, augment, dihedral_views, to_float
 from .ensemble import CONFIG_NAME, Ensemble, resolve_device, save_state_dict, versions, write_json
 from .errors import StimageInputError
 from .io.section import Section, select_genes
+from .models.features import DEFAULT_EXTRACTOR
 from .models.heads import labels_to_targets, soft_cross_entropy
 from .models.model import STModel, build_model
-from .models.features import DEFAULT_EXTRACTOR
 from .models.nb import nb_nll
 from .stain import MacenkoNormalizer
 

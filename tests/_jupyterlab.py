@@ -40,8 +40,8 @@ def why_no_browser() -> str | None:
     except ImportError:
         return "playwright-python is not installed (pip install playwright; its browser download is not needed)"
     try:
-        import jupyterlab  # noqa: F401
         import ipykernel  # noqa: F401
+        import jupyterlab  # noqa: F401
     except ImportError as e:
         return f"JupyterLab is not installed ({e}); pip install 'stimage_nb[jupyter]'"
     return None

@@ -8,8 +8,14 @@ import pytest
 
 from stimage_nb import _keys as K
 from stimage_nb._settings import data_dir, her2st_manifest
-from stimage_nb.baseline import (FEATURE_NAMES, RidgeBaseline, _folds, evaluate_baseline, handcrafted_features,
-                                 per_gene_pearson)
+from stimage_nb.baseline import (
+    FEATURE_NAMES,
+    RidgeBaseline,
+    _folds,
+    evaluate_baseline,
+    handcrafted_features,
+    per_gene_pearson,
+)
 from stimage_nb.errors import StimageInputError
 from stimage_nb.io.readers import read_gene_list, read_manifest
 from stimage_nb.tiles import section_tiles

@@ -22,9 +22,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from _jupyterlab import (CANVAS_DIFF, CANVAS_SNAPSHOT, CANVAS_STATS, chromium_page, jupyterlab, run_all_cells,
-                         server_log, why_no_browser)
+from _jupyterlab import (
+    CANVAS_DIFF,
+    CANVAS_SNAPSHOT,
+    CANVAS_STATS,
+    chromium_page,
+    jupyterlab,
+    run_all_cells,
+    server_log,
+    why_no_browser,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NB01 = ROOT / "notebooks" / "01_train_and_predict.ipynb"

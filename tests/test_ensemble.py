@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 
+import _modelkit as kit
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,6 @@ import torch
 from stimage_nb.ensemble import Ensemble
 from stimage_nb.errors import StimageInputError
 from stimage_nb.tiles import extract_tiles
-
-import _modelkit as kit
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,7 +126,7 @@ def test_a_shared_backbone_is_written_once_and_shared_after_loading(ens, tmp_pat
     cfg = json.loads((d / "ensemble.json").read_text())
     cfg["format_version"] = 1
     for i, e in enumerate(cfg["members"]):
-        f = d / e.pop("file")
+        e.pop("file")
         save_file({k: v.contiguous() for k, v in members[i].state_dict().items()}, str(d / f"v1_{i}.safetensors"))
         e.pop("backbone_file"), e.pop("backbone_file_sha256"), e.pop("sha256")
         e["file"] = f"v1_{i}.safetensors"

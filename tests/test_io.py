@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -166,7 +165,7 @@ def test_corrupt_image(mini, data_dir):
     m.write_text(m.read_text().replace(str(data_dir / "her2st" / "images" / "C5.jpg"), "bad.jpg"))
     (s,) = read_manifest(m)
     with pytest.raises(StimageInputError, match="bad.jpg.*cannot decode"):
-        s.image
+        _ = s.image
 
 
 def test_spots_outside_image_are_counted_and_excluded(mini, caplog):

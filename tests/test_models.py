@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import time
 
+import _modelkit as kit
 import numpy as np
 import pytest
 import torch
 
 from stimage_nb.errors import StimageInputError, WeightsUnavailableError
-from stimage_nb.models import (CellTypeHead, NBHead, STModel, build_model, create_backbone, hub_reachable,
-                               labels_to_targets, moment_init, nb_log_prob, nb_nll, nb_variance, soft_cross_entropy,
-                               to_torch_distribution)
-
-import _modelkit as kit
+from stimage_nb.models import (
+    CellTypeHead,
+    NBHead,
+    STModel,
+    build_model,
+    create_backbone,
+    hub_reachable,
+    labels_to_targets,
+    moment_init,
+    nb_log_prob,
+    nb_nll,
+    nb_variance,
+    soft_cross_entropy,
+    to_torch_distribution,
+)
 
 
 # ---------------------------------------------------------------------- negative binomial

@@ -15,8 +15,14 @@ from stimage_nb._colours import class_colours
 from stimage_nb.errors import StimageInputError
 from stimage_nb.export import export_predictions
 from stimage_nb.io.image import SlideImage, open_image
-from stimage_nb.io.ome_zarr import (QUANTITY_COLOURS, Shapes, read_heatmaps, read_labels,
-                                    read_prediction_ome_zarr, write_prediction_ome_zarr)
+from stimage_nb.io.ome_zarr import (
+    QUANTITY_COLOURS,
+    Shapes,
+    read_heatmaps,
+    read_labels,
+    read_prediction_ome_zarr,
+    write_prediction_ome_zarr,
+)
 
 SCHEMAS = Path(__file__).parent / "ngff_schemas" / "0.4"
 BASE_LEVEL = 2  # a light store: the section's pyramid from level 2 (2.76 µm/px) down

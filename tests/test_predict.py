@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import _modelkit as kit
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,8 +14,6 @@ from stimage_nb.ensemble import Ensemble
 from stimage_nb.io.ngff import write_ome_zarr
 from stimage_nb.io.section import Section, make_section_adata
 from stimage_nb.predict import predict_manifest, predict_section
-
-import _modelkit as kit
 
 UNS_KEYS = {"section", "patient", "image", "um_per_px", "image_scale", "train_sections", "genes", "celltypes",
             "tile_um", "out_px", "backbone", "n_members", "run_id", "weights_sha256", "package_version", "created"}

@@ -14,8 +14,7 @@ from stimage_nb import _keys as K
 from stimage_nb._colours import class_colours
 from stimage_nb.cli import main
 from stimage_nb.errors import StimageInputError
-from stimage_nb.qupath import (Region, assign_regions, export_qupath, import_qupath, read_qupath,
-                               restrict_to_regions)
+from stimage_nb.qupath import Region, assign_regions, export_qupath, import_qupath, read_qupath, restrict_to_regions
 
 ACCEPTED = {  # file: (n annotations, object types of the points, classes, measurement names)
     "A_canonical": (1, ["detection", "cell", "detection"], ["Tumor", "Immune: T cell", ""],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import _modelkit as kit
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,6 @@ import torch
 from stimage_nb.augment import AugmentConfig, augment, dihedral_views, hed_jitter, to_float
 from stimage_nb.stain import MacenkoNormalizer, estimate_stains, normalizer_from_dict
 from stimage_nb.tiles import extract_tiles
-
-import _modelkit as kit
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
+import _modelkit as kit
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,6 @@ from safetensors.torch import load_file
 
 from stimage_nb.errors import StimageInputError
 from stimage_nb.train import Callback, LossHistory, StopOnEvent, TrainConfig, TrainingCancelled, train
-
-import _modelkit as kit
 
 
 class _Interrupt(Callback):

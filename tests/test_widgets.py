@@ -17,12 +17,12 @@ import pytest
 pytest.importorskip("ipywidgets")
 pytest.importorskip("anywidget")
 
+import traitlets  # noqa: E402
+from _predictions import make_prediction  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from stimage_nb import _keys as K  # noqa: E402
 from stimage_nb.errors import StimageInputError  # noqa: E402
-
-from _predictions import make_prediction  # noqa: E402
 
 GENES = ["ERBB2", "GNAS", "MYL12B", "FASN", "SCD"]
 
@@ -105,9 +105,9 @@ def test_gene_mode_and_opacity_change_what_is_drawn(viewer, pred):
     assert viewer.feature == "FASN" and "FASN" in viewer.status
     viewer.search.value = "NOT_A_GENE"
     assert viewer.feature == "FASN"
-    with pytest.raises(Exception):
+    with pytest.raises(traitlets.TraitError):
         viewer.feature = "NOT_A_GENE"
-    with pytest.raises(Exception):
+    with pytest.raises(traitlets.TraitError):
         viewer.mode = "median"
     viewer.opacity_slider.value = 0.35
     assert viewer.canvas.opacity == pytest.approx(0.35)
@@ -293,8 +293,8 @@ def test_training_panel_reports_bad_settings(her2st_manifest, tmp_path):
 
 def test_default_push_without_server_is_an_offline_plan(pred, tmp_path):
     """No connection: the viewer's push button works out what would be written, with no server."""
-    from stimage_nb.widgets import OverlayViewer
     from stimage_nb.omero.push import offline_push_plan
+    from stimage_nb.widgets import OverlayViewer
 
     v = OverlayViewer(pred, export_dir=tmp_path)
     v.push_button.click()

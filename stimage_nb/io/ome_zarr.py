@@ -44,8 +44,19 @@ import numpy as np
 from .. import _keys as K
 from .._colours import class_colours
 from ..errors import StimageInputError
-from .ngff import (CHUNK, NGFF_VERSION, atomic_store, check_um_per_px, compressor, create_array,  # noqa: F401
-                   downsample2, jsonable, multiscales_metadata, omero_rgb_metadata, write_ome_zarr)
+from .ngff import (  # noqa: F401
+    CHUNK,
+    NGFF_VERSION,
+    atomic_store,
+    check_um_per_px,
+    compressor,
+    create_array,
+    downsample2,
+    jsonable,
+    multiscales_metadata,
+    omero_rgb_metadata,
+    write_ome_zarr,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata

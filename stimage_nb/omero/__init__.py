@@ -16,8 +16,16 @@ Modules: :mod:`~.connection` (credentials, errors), :mod:`~.browse`, :mod:`~.pul
 from __future__ import annotations
 
 from .browse import list_datasets, list_images, list_projects
-from .connection import (OmeroAuthError, OmeroConnectionError, OmeroError, OmeroNotFoundError, OmeroPermissionError,
-                         OmeroSession, Secret, connect)
+from .connection import (
+    OmeroAuthError,
+    OmeroConnectionError,
+    OmeroError,
+    OmeroNotFoundError,
+    OmeroPermissionError,
+    OmeroSession,
+    Secret,
+    connect,
+)
 from .pull import image_info, pull_annotations, pull_image, pull_rois, pull_section
 from .push import list_runs, push_predictions, remove_run
 

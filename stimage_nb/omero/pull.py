@@ -403,8 +403,10 @@ def pull_image(conn, image_id: int, *, dest: str | os.PathLike | None = None, ta
                 _close(store)
                 store = None
                 if not is_connection_loss(e) or failures >= MAX_RETRIES or sess.factory is None:
-                    raise translate_error(e, sess.target, f"pulling image {image_id} (band {bi + 1}/{len(bands)}; "
-                                          "run the pull again to resume)") if _is_ice(e) else e
+                    if _is_ice(e):
+                        raise translate_error(e, sess.target, f"pulling image {image_id} (band {bi + 1}/"
+                                              f"{len(bands)}; run the pull again to resume)") from e
+                    raise
                 failures += 1
                 log.warning("connection lost while pulling image %s (band %d); reconnecting (%d/%d)",
                             image_id, bi + 1, failures, MAX_RETRIES)
@@ -545,9 +547,9 @@ def pull_annotations(conn, image_id: int) -> Annotations:
             links = q.findAllByQuery(query, _params(iid=int(image_id)), ctx)
         except Exception as e:  # noqa: BLE001
             raise translate_error(e, sess.target, f"reading the annotations of image {image_id}") from None
-        for l in links or []:
-            a = l.getChild()
-            parent = M.unwrap(l.getParent().getId())
+        for link in links or []:
+            a = link.getChild()
+            parent = M.unwrap(link.getParent().getId())
             kind = a.ice_id().split("::")[-1]
             base = {"id": M.unwrap(a.getId()), "ns": M.unwrap(a.getNs()), "on": on,
                     "parent_id": parent}
@@ -588,8 +590,9 @@ def download_file(conn, attachment: Attachment, dest: str | os.PathLike, *, chun
                 pos += n
     except Exception as e:  # noqa: BLE001
         tmp.unlink(missing_ok=True)
-        raise translate_error(e, sess.target, f"downloading {attachment.name!r} (file {attachment.file_id})") \
-            if _is_ice(e) else e
+        if _is_ice(e):
+            raise translate_error(e, sess.target, f"downloading {attachment.name!r} (file {attachment.file_id})") from e
+        raise
     finally:
         _close(store)
     os.replace(tmp, dest)

@@ -93,10 +93,10 @@ class TrainingPanel(widgets.VBox):
                  train: Sequence[str] | None = None, validate: Sequence[str] | None = None,
                  default_genes: int = 50, backbone: str = "resnet18", members: int = 3, epochs: int = 10,
                  out_px: int = 64, tile_um: float = 150.0, device: str = "auto", config: dict | None = None):
+        import pandas as pd
+
         from .._settings import her2st_manifest
         from ..io.readers import read_gene_list
-
-        import pandas as pd
 
         self.manifest = Path(manifest) if manifest is not None else her2st_manifest()
         if not self.manifest.is_file():

@@ -40,9 +40,8 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import Ice
+import numpy as np
 import omero
 import omero.api
 import omero.clients  # noqa: F401  (registers factories, loads all of omero.model)
@@ -50,8 +49,14 @@ import omero.cmd
 import omero.grid
 import omero.model
 import omero.ObjectFactoryRegistrar as _ofr
-from omero.gateway import (BlitzGateway, DatasetWrapper, ImageWrapper, MapAnnotationWrapper, ProjectWrapper,
-                           ServiceOptsDict)
+from omero.gateway import (
+    BlitzGateway,
+    DatasetWrapper,
+    ImageWrapper,
+    MapAnnotationWrapper,
+    ProjectWrapper,
+    ServiceOptsDict,
+)
 from omero.model.enums import UnitsLength
 from omero.rtypes import rint, rlong, rstring, unwrap
 
@@ -877,7 +882,7 @@ def _delete(s: FakeOmeroServer, targets: dict, ctx) -> str | None:
             if typ == "Roi":
                 s.rois.pop(i, None)
                 s.roi_group.pop(i, None)
-                for lid in [l for l, (p, _) in s.roi_links.items() if p == i]:
+                for lid in [k for k, (p, _) in s.roi_links.items() if p == i]:
                     del s.roi_links[lid]
             elif typ == "OriginalFile":
                 s.files.pop(i, None)
@@ -903,7 +908,7 @@ def _drop_annotation(s, aid):
     s.annotations.pop(aid, None)
     s.ann_group.pop(aid, None)
     for links in (s.image_links, s.roi_links):
-        for lid in [l for l, (_, a) in links.items() if a == aid]:
+        for lid in [k for k, (_, a) in links.items() if a == aid]:
             del links[lid]
 
 

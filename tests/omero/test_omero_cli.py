@@ -29,7 +29,7 @@ def cli_server(server, session_on, monkeypatch, tmp_path, omero_stack):
 
 
 def _json_lines(text):
-    return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+    return [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
 
 
 def test_cli_ls_pull_section_then_train_manifest(cli_server, capsys, he_crop, c3_pred, tmp_path, her2st_manifest):

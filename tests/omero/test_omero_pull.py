@@ -212,7 +212,7 @@ def test_pull_section_from_rois_and_an_omero_table(server, session_on, he_crop, 
     assert list(a.var_names) == list(counts.columns)
     assert np.array_equal(a.X.toarray(), counts.to_numpy(np.float32))          # the real counts, row by row
     left = xy[:, 0] < 700
-    assert list(a.obs[K.REGION].astype(str)) == ["Tumor" if l else "" for l in left]
+    assert list(a.obs[K.REGION].astype(str)) == ["Tumor" if v else "" for v in left]
     assert a.uns[K.UNS]["omero"]["image_id"] == iid and a.uns[K.UNS]["image_scale"] == 1.0
     assert a.uns[K.UNS]["counts"].startswith("omero://fake-omero.test/annotation/")
     # the tiles of a pulled section are the same physical content as the local image's
