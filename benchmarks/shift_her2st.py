@@ -45,10 +45,28 @@ def _metrics(entry: dict) -> dict:
     out = {"r_log1p": g["log1p_counts"]["pearson"]["mean"], "r_cp10k": g["log1p_cp10k"]["pearson"]["mean"],
            "n_r_gt_0.3": g["log1p_counts"]["pearson"]["n_r_gt_0.3"],
            "coverage_50": m["calibration"]["coverage_50"], "coverage_90": m["calibration"]["coverage_90"]}
+    dom = entry.get("domain") or {}
+    out["domain_median_percentile"] = dom.get("median_percentile")
+    out["domain_flagged"] = dom.get("flagged")
     if "genes" in b:
         out["baseline_r_log1p"] = b["genes"]["log1p_counts"]["pearson"]["mean"]
         out["baseline_r_cp10k"] = b["genes"]["log1p_cp10k"]["pearson"]["mean"]
     return out
+
+
+def _ensure_domain(model: Path, manifest: Path, test: str) -> None:
+    """Give a model trained before stimage_nb.domain existed its domain model (training sections' tiles,
+    the fold's validation section as reference), saved into the model directory."""
+    from stimage_nb.domain import fit_domain
+    from stimage_nb.ensemble import Ensemble
+    from stimage_nb.io.readers import read_manifest
+
+    ens = Ensemble.load(model)
+    if ens.domain is not None:
+        return
+    train_secs, val = loso_her2st.fold_sections(test)
+    fit_domain(ens, read_manifest(manifest, train_secs), read_manifest(manifest, [val]))
+    ens.save(model)
 
 
 def run_fold(test: str, args, manifest: Path, genes: list[str], shifts) -> dict:
@@ -64,6 +82,7 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], shifts) -> dict:
     done = fdir / "fold.json"
     if done.is_file():
         return json.loads(done.read_text())
+    _ensure_domain(model, manifest, test)
     t0 = time.perf_counter()
     shifted = shift_manifest(manifest, [test], shifts, args.images / test)
     t_shift = time.perf_counter() - t0
@@ -81,6 +100,14 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], shifts) -> dict:
     return rec
 
 
+def _dom(recs: list[dict], s: str) -> str:
+    p = [r["shifts"][s].get("domain_median_percentile") for r in recs]
+    f = [r["shifts"][s].get("domain_flagged") for r in recs]
+    if any(v is None for v in p):
+        return "– | –"
+    return f"{np.mean(p):.2f} | {sum(bool(v) for v in f)}/{len(f)}"
+
+
 def markdown(recs: list[dict], title: str) -> str:
     shifts = list(recs[0]["shifts"])
     ref = "reference"
@@ -91,15 +118,16 @@ def markdown(recs: list[dict], title: str) -> str:
     lines = [f"### {title}", "", f"Folds (held-out section): {', '.join(r['test'] for r in recs)}. Mean over the folds; "
              "Δ = change from the unshifted reference in the same run.", "",
              "| shift | ensemble r | Δ | baseline r | Δ | ensemble − baseline | folds ensemble > baseline "
-             "| ensemble r (CP10k) | baseline r (CP10k) | 90% coverage |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ensemble r (CP10k) | baseline r (CP10k) | 90% coverage | domain percentile (median) | folds flagged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in shifts:
         m, b = vals(s, "r_log1p"), vals(s, "baseline_r_log1p")
         dm = m - vals(ref, "r_log1p") if ref in shifts else m * np.nan
         db = b - vals(ref, "baseline_r_log1p") if ref in shifts else b * np.nan
         lines.append(f"| {s} | {m.mean():.3f} | {dm.mean():+.3f} | {b.mean():.3f} | {db.mean():+.3f} | "
                      f"{(m - b).mean():+.3f} | {int((m > b).sum())}/{len(m)} | {vals(s, 'r_cp10k').mean():.3f} | "
-                     f"{vals(s, 'baseline_r_cp10k').mean():.3f} | {vals(s, 'coverage_90').mean():.2f} |")
+                     f"{vals(s, 'baseline_r_cp10k').mean():.3f} | {vals(s, 'coverage_90').mean():.2f} | "
+                     f"{_dom(recs, s)} |")
     lines += ["", "Per fold, ensemble / baseline mean r (log1p counts):", "",
               "| shift | " + " | ".join(r["test"] for r in recs) + " |", "|---|" + "---|" * len(recs)]
     for s in shifts:

@@ -15,6 +15,8 @@ Prediction AnnData (``PRED_DIR/<section>.h5ad``)
     ``layers[EPISTEMIC]``             variance over members of the NB mean
     ``obsm[CELLTYPE_MEAN]``           DataFrame of mean cell-type probabilities
     ``obsm[CELLTYPE_STD]``            DataFrame of their standard deviation across members
+    ``obs[DOMAIN_DISTANCE]``          distance of the tile's features from the training data (~1 in distribution)
+    ``obs[DOMAIN_PERCENTILE]``        its percentile among held-out reference tiles (:mod:`stimage_nb.domain`)
     ``obsm[SPATIAL]``, ``obs[PIXEL_X]``... as for the section
     ``uns[UNS]``                      provenance: model config, weights sha256, package version, run id
 
@@ -46,6 +48,8 @@ EPISTEMIC = "epistemic_var"
 CELLTYPE_MEAN = "celltype_mean"
 CELLTYPE_STD = "celltype_std"
 CELLTYPE_PRED = "celltype_pred"
+DOMAIN_DISTANCE = "domain_distance"
+DOMAIN_PERCENTILE = "domain_percentile"
 
 OBJECT_TYPE = "object_type"
 CLASSIFICATION = "classification"

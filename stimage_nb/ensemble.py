@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .domain import DomainModel
 from .errors import StimageInputError
 from .models.model import STModel, build_model
 from .stain import MacenkoNormalizer, normalizer_from_dict
@@ -126,10 +127,13 @@ class Ensemble:
         The stain normaliser fitted at training (``None``: no normalisation).
     meta
         Extra provenance (training sections, config, per-member info...).
+    domain
+        The :class:`~stimage_nb.domain.DomainModel` of member 0's training features (``None``: no
+        domain-shift score).
     """
 
     def __init__(self, members: list[STModel], *, genes: list[str], celltypes: list[str], tile_um: float, out_px: int,
-                 stain: MacenkoNormalizer | None = None, meta: dict | None = None):
+                 stain: MacenkoNormalizer | None = None, meta: dict | None = None, domain: DomainModel | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         for m in members:
@@ -140,6 +144,7 @@ class Ensemble:
         self.genes, self.celltypes = list(genes), list(celltypes)
         self.tile_um, self.out_px = float(tile_um), int(out_px)
         self.stain = stain
+        self.domain = domain
         self.meta = dict(meta or {})
         self.meta.setdefault("run_id", uuid.uuid4().hex[:12])
         self._digests: list[str] | None = self.meta.get("_digests")
@@ -203,7 +208,8 @@ class Ensemble:
         Returns
         -------
         dict of float32 arrays: ``mean``, ``aleatoric_var``, ``epistemic_var`` (n, genes),
-        ``celltype_mean``, ``celltype_std`` (n, cell types).
+        ``celltype_mean``, ``celltype_std`` (n, cell types), and ``domain_distance`` (n,) when the
+        ensemble has a domain model.
         """
         from .augment import to_float
 
@@ -223,6 +229,8 @@ class Ensemble:
         out = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
                "epistemic_var": np.empty((n, G), np.float32), "celltype_mean": np.empty((n, C), np.float32),
                "celltype_std": np.empty((n, C), np.float32)}
+        if self.domain is not None:
+            out["domain_distance"] = np.empty(n, np.float32)
         groups = self._groups()
         use_amp = amp and dev.type == "cuda"
         it = range(0, n, batch_size)
@@ -239,6 +247,8 @@ class Ensemble:
             for grp in groups:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     f = self.members[grp[0]].features(xf)
+                if self.domain is not None and grp[0] == 0:
+                    out["domain_distance"][i:i + xb.shape[0]] = self.domain.distance(f.float().cpu().numpy())
                 for j in grp:
                     o = self.members[j].heads(f.float())
                     mu = torch.exp(o.log_mu.double())
@@ -256,6 +266,27 @@ class Ensemble:
                 out["celltype_mean"][sl] = p.mean(0).cpu().numpy()
                 out["celltype_std"][sl] = p.std(0, correction=0).cpu().numpy()
         return out
+
+    @torch.no_grad()
+    def features(self, tiles, *, batch_size: int = 256, stain_source="auto", amp: bool = True) -> np.ndarray:
+        """Member 0's features ``(n, F)`` of uint8 tiles, stain-normalised as :meth:`predict_tiles` does
+        (the features the domain model scores)."""
+        from .augment import to_float
+
+        x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
+        M = None
+        if self.stain is not None:
+            src = self.stain.estimate(x) if isinstance(stain_source, str) and stain_source == "auto" else stain_source
+            if src is not None:
+                M, _ = self.stain._mapping(src, self.device)
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(self.device, non_blocking=True)
+            if M is not None:
+                xb = self.stain.apply(xb, M)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and self.device.type == "cuda"):
+                out.append(self.members[0].features(to_float(xb)).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.members[0].feat_dim), np.float32)
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
@@ -298,6 +329,13 @@ class Ensemble:
         cfg["n_members"] = len(entries)
         cfg["weights_sha256"] = hashlib.sha256("".join(
             e["sha256"] + e.get("backbone_file_sha256", "") for e in entries).encode()).hexdigest()
+        dfile = d / "domain.safetensors"
+        if self.domain is not None:
+            save_state_dict(self.domain.tensors(), dfile, metadata={"format": FORMAT})
+            cfg["domain"] = {**self.domain.meta, "file": dfile.name, "sha256": sha256_file(dfile)}
+        else:
+            cfg.pop("domain", None)
+            dfile.unlink(missing_ok=True)
         write_json(cfg, d / CONFIG_NAME)
         for old in d.glob("backbone_*.safetensors"):  # of an ensemble saved here before
             if old.name not in {v[0] for v in shared.values()}:
@@ -356,11 +394,20 @@ class Ensemble:
                 raise StimageInputError(f"{f}: weights do not fit the recorded architecture {e['backbone']!r} "
                                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}).")
             members.append(m)
-        meta = {k: v for k, v in cfg.items() if k not in ("genes", "celltypes", "tile_um", "out_px",
+        domain = None
+        if cfg.get("domain"):
+            df = d / cfg["domain"]["file"]
+            if not df.is_file():
+                raise StimageInputError(f"{df}: domain model missing (listed in {p}).")
+            if verify and cfg["domain"].get("sha256") and sha256_file(df) != cfg["domain"]["sha256"]:
+                raise StimageInputError(f"{df}: sha256 does not match {p}; the file is corrupt or was replaced.")
+            domain = DomainModel.from_tensors(load_file(str(df)), {k: v for k, v in cfg["domain"].items()
+                                                                   if k not in ("file", "sha256")})
+        meta = {k: v for k, v in cfg.items() if k not in ("genes", "celltypes", "tile_um", "out_px", "domain",
                                                          "stain_normalization", "format", "format_version")}
         meta["_digests"] = [e.get("backbone_sha256") for e in cfg["members"]] if all(
             e.get("backbone_sha256") for e in cfg["members"]) else None
         ens = cls(members, genes=cfg["genes"], celltypes=cfg["celltypes"], tile_um=cfg["tile_um"], out_px=cfg["out_px"],
-                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta)
+                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta, domain=domain)
         ens.path = d
         return ens.to(device)

@@ -639,6 +639,8 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
         "provenance": {k: prov.get(k) for k in ("run_id", "backbone", "n_members", "tile_um", "out_px",
                                                "weights_sha256") if k in prov},
     }
+    if prov.get("domain"):  # how unlike the training data the section looks (stimage_nb.domain)
+        entry["domain"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(prov["domain"]).items()}
     if name in train_sections:
         entry["warning"] = f"{name} is one of the training sections: these are not held-out metrics"
         log.warning("%s: section was used for training; its metrics are not held-out", name)

@@ -91,6 +91,8 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
     res = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
            "epistemic_var": np.empty((n, G), np.float32), "celltype_mean": np.empty((n, C), np.float32),
            "celltype_std": np.empty((n, C), np.float32)}
+    if ensemble.domain is not None:
+        res["domain_distance"] = np.empty(n, np.float32)
     if cache_tiles is None:
         cache_tiles = n <= chunk
     if cache_tiles:
@@ -132,6 +134,18 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
     a.obsm[K.CELLTYPE_STD] = pd.DataFrame(res["celltype_std"], index=obs.index, columns=ensemble.celltypes)
     a.obsm[K.SPATIAL] = xy.astype(np.float64)
     a.uns[K.UNS] = _provenance(ensemble, sec, n_out)
+    if ensemble.domain is not None:
+        d = res["domain_distance"]
+        a.obs[K.DOMAIN_DISTANCE] = d
+        a.obs[K.DOMAIN_PERCENTILE] = ensemble.domain.percentile(d).astype(np.float32)
+        summ = ensemble.domain.summary(d)
+        a.uns[K.UNS]["domain"] = summ
+        if summ["flagged"]:
+            log.warning("%s: its typical spot is further from the training data than %.0f%% of the model's held-out "
+                        "reference tiles (%s; ~50%% expected): this slide looks unlike the training data (another "
+                        "scanner, stain or tissue?). Predictions and their intervals may be off; check against "
+                        "measured spots (docs/robustness.md).", sec.name, 100 * summ["median_percentile"],
+                        summ["reference"])
     return a
 
 

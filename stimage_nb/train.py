@@ -47,6 +47,7 @@ import torch
 
 from . import _keys as K
 from .augment import AugmentConfig, _layout, augment, dihedral_views, to_float
+from .domain import DomainModel
 from .ensemble import CONFIG_NAME, Ensemble, resolve_device, save_state_dict, versions, write_json
 from .errors import StimageInputError
 from .io.section import Section, select_genes
@@ -966,11 +967,45 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     mstates = []
     for i in range(cfg.members):
         mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
-    ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s, feature_cache)
+    ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s, feature_cache,
+                    train_d, val_d, device)
     for cb in cbs:
         cb.on_train_end(state)
     log.info("trained %r in %s", ens, out)
     return ens.to(device)
+
+
+def _fit_domain(cfg: TrainConfig, ens: Ensemble, stacks: dict, mstates: list[dict], train_d: _Data,
+                val_d: _Data | None, val_s, device) -> DomainModel | None:
+    """The domain-shift model of member 0's features (:mod:`stimage_nb.domain`): fitted on the training
+    tiles, its reference distribution from the validation sections (never fitted on) when there are any."""
+    try:
+        if cfg.frozen:  # the features are computed already
+            _, ft, fv = stacks[_stack_id(cfg, mstates[0]["backbone"], 0)]
+            tr = ft[0].float().cpu().numpy()
+            va = fv[0].float().cpu().numpy() if fv is not None else None
+        else:
+            tr = _features_of(ens.members[0], train_d.tiles, cfg.eval_batch_size, device, cfg.amp)
+            va = _features_of(ens.members[0], val_d.tiles, cfg.eval_batch_size, device, cfg.amp) if val_d else None
+        ref = "validation sections " + ",".join(s.name for s in val_s) if val_s else ""
+        return DomainModel.fit(tr, va, reference=ref)
+    except (ValueError, np.linalg.LinAlgError) as e:
+        log.warning("no domain-shift model for this ensemble (%s); predictions carry no domain_distance", e)
+        return None
+
+
+@torch.no_grad()
+def _features_of(model: STModel, tiles: torch.Tensor, batch_size: int, device, amp: bool) -> np.ndarray:
+    """Member features of uint8 tiles (already stain-normalised), computed on ``device``, as numpy."""
+    dev = torch.device(device)
+    model.to(dev).eval()
+    out = []
+    for i in range(0, tiles.shape[0], batch_size):
+        x = to_float(tiles[i:i + batch_size].to(dev))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+            out.append(model.features(x).float().cpu())
+    model.cpu()
+    return torch.cat(out).numpy()
 
 
 def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progress: bool) -> MacenkoNormalizer:
@@ -984,7 +1019,7 @@ def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progres
 
 
 def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes, tile_um, normalizer, run,
-              train_s, val_s, stacks: dict) -> Ensemble:
+              train_s, val_s, stacks: dict, train_d: _Data, val_d: _Data | None, device) -> Ensemble:
     from safetensors.torch import load_file
 
     members, info = [], []
@@ -1013,6 +1048,7 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
             "members": info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     ens = Ensemble(members, genes=genes, celltypes=celltypes, tile_um=tile_um, out_px=cfg.out_px, stain=normalizer,
                    meta=meta)
+    ens.domain = _fit_domain(cfg, ens, stacks, mstates, train_d, val_d, val_s, device)
     ens.save(out)
     # keep the per-member histories, drop the bulky checkpoints
     for i in range(len(mstates)):

@@ -79,7 +79,9 @@ def test_save_load_round_trip_is_identical_on_cpu(ens, tmp_path):
     assert cfg["stain_normalization"]["method"] == "macenko" and len(cfg["stain_normalization"]["target_he"]) == 3
     assert {"torch", "timm", "stimage_nb"} <= set(cfg["versions"])
     assert cfg["members"][0]["backbone"] == "test_resnet" and len(cfg["members"][0]["sha256"]) == 64
-    assert sorted(p.suffix for p in d.iterdir()) == [".json"] + [".safetensors"] * 3
+    assert sorted(p.name for p in d.iterdir()) == ["domain.safetensors", "ensemble.json"] + [
+        f"member_{i}.safetensors" for i in range(3)]  # fine-tuned members: each its own backbone
+    assert cfg["domain"]["reference"] == "validation sections C4" and "domain_distance" in a
 
 
 def test_load_refuses_corrupt_or_unfinished_models(ens, tmp_path):

@@ -130,8 +130,8 @@ def test_default_recipe_train_save_load_predict(tmp_path):
     assert (cfg.frozen, cfg.extractor, cfg.rank, cfg.stain) == (True, "kmeans+handcrafted", 8, "none")
     ens = train(secs, genes=kit.genes(), out=tmp_path / "run", val_sections=["C4"], config=cfg, progress=False)
     files = sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_file())
-    assert files[1:] == ["ensemble.json", "member_0.safetensors", "member_1.safetensors", "member_2.safetensors",
-                         "run.json"]
+    assert files[1:] == ["domain.safetensors", "ensemble.json", "member_0.safetensors", "member_1.safetensors",
+                         "member_2.safetensors", "run.json"]
     assert files[0].startswith("backbone_")  # the shared fitted extractor, written once
     assert not list((tmp_path / "run").rglob("*.pkl")) and not (tmp_path / "run" / "cache").exists()
     meta = json.loads((tmp_path / "run" / "ensemble.json").read_text())
