@@ -36,6 +36,8 @@ def _add_train(sub) -> None:
     p.add_argument("--bagging", action="store_true", help="train each member on a bootstrap sample of the spots")
     p.add_argument("--member-features", default=None, choices=["shared", "per_member"],
                    help="frozen path: one k-means dictionary for all members, or one per member")
+    p.add_argument("--stain", default=None, choices=["macenko", "none"],
+                   help="stain normalisation per section to the training sections' stain (default: macenko)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)

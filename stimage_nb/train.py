@@ -67,7 +67,7 @@ _RESUMABLE_FIELDS = {"device", "amp", "channels_last", "progress", "eval_batch_s
 # ---------------------------------------------------------------------- configuration
 #: Defaults that depend on the mode: the offline default's frozen fast path vs full fine-tuning.
 MODE_DEFAULTS = {
-    "frozen": dict(epochs=150, batch_size=1024, lr=3e-3, weight_decay=1e-2, patience=20, stain="none", dropout=0.2,
+    "frozen": dict(epochs=150, batch_size=1024, lr=3e-3, weight_decay=1e-2, patience=20, stain="macenko", dropout=0.2,
                    rank=8, early_stop="none"),
     "finetune": dict(epochs=12, batch_size=32, lr=1e-3, weight_decay=1e-4, patience=4, stain="macenko", dropout=0.1,
                      rank=0, early_stop="loss"),
@@ -79,12 +79,13 @@ class TrainConfig:
     """Everything that defines a training run. The defaults are the package's offline default method.
 
     The offline default (``frozen=True``, ``extractor="kmeans+handcrafted"``; measured in
-    ``docs/offline_default.md``): every tile (150 µm at 112 px, no stain normalisation) is described
-    once by frozen features — k-means convolutional features learned from the training sections'
-    own tiles plus 40 handcrafted colour/texture statistics, standardised with the training spots'
-    mean/SD — and each member trains a low-rank (k = 8) negative-binomial head and a cell-type head
-    on them (AdamW lr 3e-3, weight decay 1e-2, cosine, full batch, up to 150 epochs, early stopping
-    on the validation sections). ``frozen=False`` fine-tunes the timm ``backbone`` end to end.
+    ``docs/offline_default.md``): every tile (150 µm at 112 px, Macenko-normalised per section to the
+    training sections' stain; ``docs/robustness.md``) is described once by frozen features — k-means
+    convolutional features learned from the training sections' own tiles plus 40 handcrafted
+    colour/texture statistics, standardised with the training spots' mean/SD — and each member trains
+    a low-rank (k = 8) negative-binomial head and a cell-type head on them (AdamW lr 3e-3, weight decay
+    1e-2, cosine, full batch, 150 epochs, the last kept; the validation sections are scored every
+    epoch). ``frozen=False`` fine-tunes the timm ``backbone`` end to end.
 
     Settings left ``None`` take the default of the mode (:data:`MODE_DEFAULTS`) when the config is
     built; ``to_dict()`` records the resolved values. As on the command line, naming a ``backbone``
@@ -246,7 +247,7 @@ class TrainConfig:
         """A config from ``stimage-nb train`` arguments; options left unset keep the defaults."""
         d = {}
         for name in ("backbone", "weights", "epochs", "members", "device", "seed", "tile_um", "out_px",
-                     "batch_size", "lr", "patience", "rank", "kmeans_k"):
+                     "batch_size", "lr", "patience", "rank", "kmeans_k", "stain"):
             v = getattr(args, name, None)
             if v is not None:
                 d[name] = v

@@ -63,9 +63,12 @@ def test_training_fits_it_and_other_acquisitions_score_further(frozen):
     _, t = _c5_tiles(ens)
     same = ens.domain.summary(ens.predict_tiles(t)["domain_distance"])  # an unseen section of the same patient
     assert not same["flagged"] and same["median_percentile"] < 0.7, same
-    for shifted in (np.stack([restain(x, 1.5, 0.6) for x in t]), np.stack([blur(x, 1.0) for x in t])):
-        s = ens.domain.summary(ens.predict_tiles(shifted)["domain_distance"])
-        assert s["median_percentile"] > same["median_percentile"] + 0.25 and s["flagged"], (same, s)
+    blurred = ens.domain.summary(ens.predict_tiles(np.stack([blur(x, 1.0) for x in t]))["domain_distance"])
+    assert blurred["median_percentile"] > same["median_percentile"] + 0.25 and blurred["flagged"], (same, blurred)
+    # the default normalises stains per section (Macenko), so another staining looks familiar after it
+    assert ens.stain is not None
+    restained = ens.domain.summary(ens.predict_tiles(np.stack([restain(x, 1.5, 0.6) for x in t]))["domain_distance"])
+    assert abs(restained["median_percentile"] - same["median_percentile"]) < 0.2 and not restained["flagged"]
 
 
 def test_predictions_carry_it_and_it_survives_save_load(frozen, tmp_path):

@@ -127,7 +127,7 @@ def test_default_recipe_train_save_load_predict(tmp_path):
 
     secs = kit.sections(("C2", "C3", "C4"))
     cfg = kit.tiny_frozen_config()
-    assert (cfg.frozen, cfg.extractor, cfg.rank, cfg.stain) == (True, "kmeans+handcrafted", 8, "none")
+    assert (cfg.frozen, cfg.extractor, cfg.rank, cfg.stain) == (True, "kmeans+handcrafted", 8, "macenko")
     ens = train(secs, genes=kit.genes(), out=tmp_path / "run", val_sections=["C4"], config=cfg, progress=False)
     files = sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_file())
     assert files[1:] == ["domain.safetensors", "ensemble.json", "member_0.safetensors", "member_1.safetensors",
@@ -136,7 +136,7 @@ def test_default_recipe_train_save_load_predict(tmp_path):
     assert not list((tmp_path / "run").rglob("*.pkl")) and not (tmp_path / "run" / "cache").exists()
     meta = json.loads((tmp_path / "run" / "ensemble.json").read_text())
     assert meta["members"][0]["extractor"]["components"] == ["kmeans", "handcrafted"]
-    assert meta["members"][0]["rank"] == 8 and meta["stain_normalization"]["method"] == "none"
+    assert meta["members"][0]["rank"] == 8 and meta["stain_normalization"]["method"] == "macenko"
     assert len(ens._groups()) == 1  # members share the fitted extractor: features computed once
     st = json.loads((tmp_path / "run" / "members" / "m0" / "state.json").read_text())
     assert all(np.isfinite(h["val_pearson"]) for h in st["history"])

@@ -61,13 +61,14 @@ def test_config_from_cli_and_validation():
     assert TrainConfig.from_cli(a2) == TrainConfig()
     # the default is the offline recipe; --backbone NAME alone fine-tunes it with the fine-tuning defaults
     assert (default.frozen, default.extractor, default.rank, default.epochs, default.lr, default.weight_decay,
-            default.stain, default.members) == (True, "kmeans+handcrafted", 8, 150, 3e-3, 1e-2, "none", 5)
+            default.stain, default.members) == (True, "kmeans+handcrafted", 8, 150, 3e-3, 1e-2, "macenko", 5)
     ft = TrainConfig.from_cli(build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o",
                                                          "--backbone", "resnet18", "--weights", "none"]))
     assert (ft.frozen, ft.backbone, ft.rank, ft.stain, ft.epochs) == (False, "resnet18", 0, "macenko", 12)
     ex = TrainConfig.from_cli(build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o",
-                                                         "--extractor", "handcrafted", "--rank", "0", "--bagging"]))
-    assert (ex.frozen, ex.extractor, ex.rank, ex.bagging) == (True, "handcrafted", 0, True)
+                                                         "--extractor", "handcrafted", "--rank", "0", "--bagging",
+                                                         "--stain", "none"]))
+    assert (ex.frozen, ex.extractor, ex.rank, ex.bagging, ex.stain) == (True, "handcrafted", 0, True, "none")
     with pytest.raises(StimageInputError, match="feature extractor"):
         TrainConfig(extractor="kmeans+sift")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
