@@ -316,12 +316,15 @@ def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
           "scan, defocus, another staining, JPEG compression; same spots and counts) and predicted by the same "
           "ensemble, unchanged; the baseline is scored on the same shifted tiles. Mean per-gene Pearson r vs "
           "log1p counts. The full six-fold table: `benchmarks/shift_her2st.py`.\n")
-        w("| acquisition | model r | baseline r | model − baseline | model coverage 90% |")
-        w("|---|---|---|---|---|")
+        w("| acquisition | model r | baseline r | model − baseline | model coverage 90% | domain percentile |")
+        w("|---|---|---|---|---|---|")
         for name, e in rob["rows"].items():
             diff = None if e["model"] is None or e["baseline"] is None else e["model"] - e["baseline"]
             w(f"| {name} | {_f(e['model'])} | {_f(e['baseline'])} | {'–' if diff is None else f'{diff:+.3f}'} | "
-              f"{_f(e['coverage_90'], 2)} |")
+              f"{_f(e['coverage_90'], 2)} | {_f(e.get('domain_percentile'), 2)} |")
+        w("\n*Domain percentile*: the median spot's distance from the training data, as a percentile of the "
+          "validation sections' tiles (`stimage_nb.domain`; ~0.5 for data like them, above 0.8 the section is "
+          "flagged as unlike the training data).\n")
         w("")
 
     w("## Cell types\n")
@@ -372,11 +375,12 @@ def _robustness(manifest: Path, metrics: dict, plan: DemoPlan, sdir: Path, run_d
 
     def row(e):
         if e is None:
-            return {"model": None, "baseline": None, "coverage_90": None}
+            return {"model": None, "baseline": None, "coverage_90": None, "domain_percentile": None}
         b = (e.get("baseline") or {}).get("genes")
         return {"model": e["model"]["genes"]["log1p_counts"]["pearson"]["mean"],
                 "baseline": b["log1p_counts"]["pearson"]["mean"] if b else None,
-                "coverage_90": e["model"]["calibration"]["coverage_90"]}
+                "coverage_90": e["model"]["calibration"]["coverage_90"],
+                "domain_percentile": (e.get("domain") or {}).get("median_percentile")}
 
     rows = {f"as scanned ({sec})": row(metrics["sections"].get(sec))}
     for sh, n in zip(shifts, names):
