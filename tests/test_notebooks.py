@@ -102,6 +102,9 @@ def test_01_train_and_predict_runs_in_smoke_mode(tmp_path):
     assert _n_images(nb) >= 5, "figures: tiles, loss, correlations/calibration, gene maps, cell-type maps"
     assert _has_widget(nb), "the overlay viewer is displayed"
     assert re.search(r"model -?\d\.\d{3} vs ridge baseline -?\d\.\d{3}", text), "the summary states model vs baseline"
+    # the robustness section predicted the shifted copies of C6 and scored them with the domain-shift score
+    assert (out / "pred-shifted-smoke" / "C6__scan_2x.h5ad").is_file()
+    assert re.search(r"domain percentile [01]\.\d\d / [01]\.\d\d / [01]\.\d\d \(as scanned [01]\.\d\d\)", text)
     # the trained model and the predictions are real: the prediction holds both uncertainties
     import anndata as ad
 
