@@ -236,8 +236,8 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
     """
     from .io.readers import _default_celltypes, _resolve, read_manifest
 
-    manifest = Path(manifest).expanduser()
-    out = Path(out_dir)
+    manifest = Path(manifest).expanduser().resolve()
+    out = Path(out_dir).expanduser().resolve()  # the manifest's paths are absolute: it may be read from anywhere
     out.mkdir(parents=True, exist_ok=True)
     read_manifest(manifest, list(sections))  # validates the rows and every file named in them
     m = pd.read_csv(manifest, dtype=str).set_index("section", drop=False)

@@ -117,13 +117,17 @@ def test_shift_manifest_adds_rows_that_read_like_any_section(crop, tmp_path):
         S.shift_manifest(dest, ["C4crop"], shifts, tmp_path / "again")
 
 
-def test_cli_and_bad_shifts(crop, tmp_path, capsys):
+def test_cli_and_bad_shifts(crop, tmp_path, capsys, monkeypatch):
     from stimage_nb.cli import main
+    from stimage_nb.io.readers import read_manifest
 
+    monkeypatch.chdir(tmp_path)  # a relative --out, as a user types it
     assert main(["shift", "--manifest", str(crop["manifest"]), "--sections", "C4crop", "--shifts", "jpeg_q30",
-                 "--out", str(tmp_path / "cli")]) == 0
+                 "--out", "cli"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "cli" / "manifest.csv") in out and "--sections C4crop__jpeg_q30" in out
+    (sec,) = read_manifest(tmp_path / "cli" / "manifest.csv", ["C4crop__jpeg_q30"])  # its paths resolve
+    assert sec.image.width == crop["rgb"].shape[1]
     assert main(["shift", "--manifest", str(crop["manifest"]), "--sections", "C4crop", "--shifts", "scan_3x",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "unknown shifts ['scan_3x']" in capsys.readouterr().err
