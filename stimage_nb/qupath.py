@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 ELLIPSE_VERTICES = 16
 MEAN, ALE, EPI = "mean", "aleatoric SD", "epistemic SD"
+#: Measurement names of the domain-shift score (:mod:`stimage_nb.domain`) and the obs columns they come from.
+DOMAIN_MEASUREMENTS = (("Domain shift percentile", K.DOMAIN_PERCENTILE), ("Domain shift distance", K.DOMAIN_DISTANCE))
 _NS = uuid.UUID("6b1c4c0e-3d55-4a43-9a3c-5f0a3b2f1d7e")  # namespace of stimage_nb object UUIDs
 DEFAULT_EXCLUDE = ("Ignore*", "ignore", "exclude", "excluded", "background", "artefact", "artifact")
 
@@ -173,6 +175,7 @@ def _columns(pred, genes: Sequence[str], celltypes: bool) -> list[_Col]:
             if ct is None or not isinstance(ct, pd.DataFrame):
                 continue
             cols += [_Col(f"P({c}){suffix}", "", f"obsm:{key}", c) for c in ct.columns]
+    cols += [_Col(name, "", "obs", col) for name, col in DOMAIN_MEASUREMENTS if col in pred.obs]
     if K.MEASUREMENTS in pred.obsm and isinstance(pred.obsm[K.MEASUREMENTS], pd.DataFrame):
         cols += [_Col(str(c), "", f"obsm:{K.MEASUREMENTS}", c) for c in pred.obsm[K.MEASUREMENTS].columns]
     return cols
@@ -190,6 +193,8 @@ def _block(pred, cols: list[_Col], rows: np.ndarray) -> np.ndarray:
             v = _dense(m[rows][:, [cols[k].key for k in ks]]).astype(np.float32)
             if src != "X":
                 v = np.sqrt(np.clip(v, 0, None))
+        elif src == "obs":
+            v = pred.obs.iloc[rows][[cols[k].key for k in ks]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
         else:
             df = pred.obsm[src[len("obsm:"):]]
             v = df.iloc[rows][[cols[k].key for k in ks]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
@@ -711,8 +716,8 @@ def qupath_adata(objs: QuPathObjects, *, um_per_px: float | None = None, image_s
 
     Centres are ``image_scale`` × full-resolution px (the frame of the image the points belong to).
     Measurements this module exported (``"<gene>: mean"``, SDs, ``"P(<type>)"``) become ``X``,
-    ``layers["aleatoric_var"]``/``["epistemic_var"]`` (SD²) and ``obsm["celltype_mean"/"celltype_std"]``;
-    all others go to ``obsm["qupath_measurements"]``.
+    ``layers["aleatoric_var"]``/``["epistemic_var"]`` (SD²), ``obsm["celltype_mean"/"celltype_std"]`` and
+    ``obs["domain_percentile"/"domain_distance"]``; all others go to ``obsm["qupath_measurements"]``.
     """
     import anndata as ad
     import scipy.sparse as sp
@@ -746,6 +751,10 @@ def qupath_adata(objs: QuPathObjects, *, um_per_px: float | None = None, image_s
             a.obsm[K.CELLTYPE_STD] = pd.DataFrame({c: m[pcols[(c, True)]].to_numpy(np.float32) for c in cts}, index=a.obs_names)
     else:
         other = other + [pcols[k] for k in pcols]
+    for mname, col in DOMAIN_MEASUREMENTS:  # the domain-shift score goes back where predict put it
+        if mname in other:
+            a.obs[col] = m[mname].to_numpy(np.float32)
+            other = [c for c in other if c != mname]
     if other:
         a.obsm[K.MEASUREMENTS] = m[other].set_axis(a.obs_names).astype(np.float32)
     a.obsm[K.SPATIAL] = xy

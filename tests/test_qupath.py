@@ -116,6 +116,19 @@ def test_round_trip_ids_classes_and_float32_values(exported, pred):
     assert colours == {k: list(v) for k, v in class_colours(P.columns).items() if k in colours}
 
 
+def test_domain_shift_score_is_exported_and_comes_back(pred, tmp_path):
+    p = pred.copy()
+    rng = np.random.default_rng(1)
+    p.obs[K.DOMAIN_DISTANCE] = rng.uniform(0.5, 4, p.n_obs).astype(np.float32)
+    p.obs[K.DOMAIN_PERCENTILE] = rng.uniform(0, 1, p.n_obs).astype(np.float32)
+    out = export_qupath(p, tmp_path / "d.geojson")
+    m = {x["name"]: x["value"] for x in _features(out)[7]["properties"]["measurements"]}
+    assert m["Domain shift percentile"] == pytest.approx(float(p.obs[K.DOMAIN_PERCENTILE].iloc[7]), rel=1e-6)
+    back = import_qupath(out).adata
+    assert np.array_equal(back.obs.loc[p.obs_names, K.DOMAIN_DISTANCE].to_numpy(), p.obs[K.DOMAIN_DISTANCE].to_numpy())
+    assert K.MEASUREMENTS not in back.obsm  # not left behind as a plain measurement
+
+
 def test_reexport_of_an_import_is_identical(exported, tmp_path):
     back = import_qupath(exported).adata
     again = export_qupath(back, tmp_path / "again.geojson")

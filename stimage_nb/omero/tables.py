@@ -8,7 +8,8 @@ same key columns so the tables join row for row:
 ``Image`` (ImageColumn), ``Roi`` (RoiColumn, when ROIs were pushed: OMERO.web links rows to shapes),
 ``spot`` (StringColumn: the observation id), ``x``, ``y`` (DoubleColumn, full-resolution px),
 then one DoubleColumn per gene (named by the gene). Cell-type probabilities and their standard
-deviations go in one more table (``P(<type>)``, ``SD(<type>)``). Rows are sent in batches of at most
+deviations go in one more table (``P(<type>)``, ``SD(<type>)``), and the domain-shift score
+(:mod:`stimage_nb.domain`) in another (``domain_distance``, ``domain_percentile``). Rows are sent in batches of at most
 ``max_bytes`` per ``addData`` call (Ice messages are limited in size).
 """
 
@@ -99,6 +100,11 @@ def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: 
             raise ValueError(f"{len(names)} cell types need {len(cols) + n_key} columns > max_columns={max_columns}")
         specs.append(TableSpec(f"{prefix}celltype 1of1", "celltype", cols, pred.n_obs,
                                lambda a, b, arr=arr: arr[a:b], with_roi))
+    dcols = [c for c in (K.DOMAIN_DISTANCE, K.DOMAIN_PERCENTILE) if c in pred.obs]
+    if dcols:
+        darr = pred.obs[dcols].to_numpy(np.float64)
+        specs.append(TableSpec(f"{prefix}domain 1of1", "domain", dcols, pred.n_obs,
+                               lambda a, b, arr=darr: arr[a:b], with_roi))
     return specs
 
 

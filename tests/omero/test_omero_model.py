@@ -136,6 +136,12 @@ def test_table_plan_respects_column_limit(c3_pred, her2st_manifest, her2st_genes
             assert all(s.n_columns <= max_cols for s in qs)
         ct = [s for s in specs if s.quantity == "celltype"][0]
         assert ct.columns[:2] == ["P(B-cells)", "P(CAFs)"] and ct.columns[-1].startswith("SD(")
+    assert not [s for s in specs if s.quantity == "domain"]  # none without a domain-shift score
+    pred.obs[K.DOMAIN_DISTANCE] = np.linspace(0.5, 3, pred.n_obs)
+    pred.obs[K.DOMAIN_PERCENTILE] = np.linspace(0, 1, pred.n_obs)
+    (dom,) = [s for s in T.plan_tables(pred, run_id="r", with_roi=True) if s.quantity == "domain"]
+    assert dom.columns == [K.DOMAIN_DISTANCE, K.DOMAIN_PERCENTILE] and dom.name == "stimage_nb r domain 1of1"
+    assert np.allclose(dom.values(3, 5), pred.obs[[K.DOMAIN_DISTANCE, K.DOMAIN_PERCENTILE]].to_numpy()[3:5])
     spec = T.plan_tables(pred, run_id="r", max_columns=500, with_roi=True)[0]
     cols = T.build_columns(spec, image_id=5, spot_ids=list(pred.obs_names), xy_full=np.asarray(pred.obsm[K.SPATIAL]),
                            roi_ids=np.arange(pred.n_obs) + 1000, start=10, stop=20)
