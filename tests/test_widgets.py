@@ -161,6 +161,19 @@ def test_click_a_spot_shows_its_values(viewer, pred, c3):
     assert viewer.spot_info == {}
 
 
+def test_a_spot_shows_its_domain_shift_score(pred, tmp_path):
+    from stimage_nb.widgets import OverlayViewer
+
+    p = pred.copy()
+    p.obs[K.DOMAIN_PERCENTILE] = np.linspace(0, 1, p.n_obs).astype(np.float32)
+    v = OverlayViewer(p, export_dir=tmp_path)
+    v.canvas.selected = p.n_obs - 1
+    assert v.spot_info["domain_percentile"] == pytest.approx(1.0) and "unfamiliar" in v.info.value
+    v.canvas.selected = 0
+    assert v.spot_info["domain_percentile"] == 0.0 and "unfamiliar" not in v.info.value
+    assert "domain_percentile" not in OverlayViewer(pred, export_dir=tmp_path).select(pred.obs_names[0])
+
+
 def test_export_button_writes_qupath_geojson(viewer, pred, tmp_path):
     viewer.export_button.click()
     out = tmp_path / "C3.geojson"

@@ -535,15 +535,22 @@ class OverlayViewer(widgets.VBox):
         if isinstance(cm, pd.DataFrame) and cm.shape[1]:
             row = cm.iloc[i].sort_values(ascending=False)
             info["top_celltypes"] = {str(k): float(v) for k, v in row.head(3).items()}
+        if K.DOMAIN_PERCENTILE in self.pred.obs:  # how unlike the training data this spot looks (stimage_nb.domain)
+            info["domain_percentile"] = float(self.pred.obs[K.DOMAIN_PERCENTILE].iloc[i])
         self.spot_info = info
         label = {"mean": "predicted mean", "aleatoric": "aleatoric SD", "epistemic": "epistemic SD",
                  OBSERVED: "observed"}
         rows = "".join(f"<tr><td>{label[m]}</td><td style='text-align:right; padding-left:12px'>{info[m]:.3g}</td></tr>"
                        for m in self.features.modes)
         cts = "".join(f"<li>{html.escape(k)}: {v:.2f}</li>" for k, v in info.get("top_celltypes", {}).items())
+        dom = ""
+        if "domain_percentile" in info:
+            p = info["domain_percentile"]
+            dom = (f"domain shift: further from the training data than {100 * p:.0f}% of held-out tiles"
+                   + (" <b>(unfamiliar)</b>" if p > 0.95 else "") + "<br>")
         self.info.value = (f"<b>spot {html.escape(sid)}</b> ({info['x']:.0f}, {info['y']:.0f}) px<br>"
                            f"<b>{html.escape(self.feature)}</b><table>{rows}</table>"
-                           + (f"top cell types<ul style='margin:0'>{cts}</ul>" if cts else ""))
+                           + (f"top cell types<ul style='margin:0'>{cts}</ul>" if cts else "") + dom)
 
     def _section_name(self) -> str:
         return str(_provenance(self.pred).get("section") or (self._pred_path.stem if self._pred_path else "section"))
