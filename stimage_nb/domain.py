@@ -20,7 +20,9 @@ Prediction writes ``obs["domain_distance"]`` and ``obs["domain_percentile"]`` pe
 ``uns["stimage_nb"]["domain"]`` (median percentile, fraction beyond the 95th), and warns when the
 section's median percentile exceeds :data:`FLAG_MEDIAN_PERCENTILE` (its typical spot is further from the
 training data than 80% of the reference tiles). The score says "this looks new", not "this prediction is
-wrong": check such sections against some measured spots. :func:`fit_domain` adds a domain model to an
+wrong": check such sections against some measured spots. It is a section-level signal: within a section
+the spots furthest from the training data are mostly sparse tissue, not the worse-predicted spots
+(``docs/robustness.md``). :func:`fit_domain` adds a domain model to an
 ensemble trained without one.
 """
 
