@@ -67,11 +67,19 @@ def _add_predict(sub) -> None:
 
 
 def _cmd_predict(a) -> int:
+    import anndata as ad
+
+    from . import _keys as K
     from .predict import predict_manifest
 
     paths = predict_manifest(a.model, a.manifest, out=a.out, sections=_csv(a.sections), device=a.device)
     for p in paths:
-        print(p)
+        dom = (ad.read_h5ad(p, backed="r").uns.get(K.UNS) or {}).get("domain") or {}
+        pct = dom.get("median_percentile")
+        note = "" if pct is None else (f"  domain-shift percentile {float(pct):.2f}"
+                                       + (" (unlike the training data: check against measured spots)"
+                                          if bool(dom.get("flagged")) else ""))
+        print(f"{p}{note}")
     return 0
 
 
