@@ -42,6 +42,18 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
+def _calls_per_s(fn, n_calls: int, dev, warmup: int = 1) -> float:
+    """Calls of ``fn`` per second after ``warmup`` calls, the device synchronised around the timing."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n_calls):
+        fn()
+    _sync(dev)
+    return n_calls / (time.perf_counter() - t0)
+
+
 def model_only_train(cfg, n_genes, n_types, n_steps, dev) -> float:
     """Training steps/s x batch on in-memory device tensors (same model, loss and optimizer)."""
     from stimage_nb.models.backbone import create_backbone
@@ -74,14 +86,7 @@ def model_only_train(cfg, n_genes, n_types, n_steps, dev) -> float:
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    _sync(dev)
-    return n_steps * bs / (time.perf_counter() - t0)
+    return bs * _calls_per_s(step, n_steps, dev, warmup=3)
 
 
 def model_only_predict(ens, n_tiles, batch_size, dev) -> float:
@@ -99,13 +104,7 @@ def model_only_predict(ens, n_tiles, batch_size, dev) -> float:
                 o = m(x)
             torch.exp(o.log_mu.double())
 
-    run()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        run()
-    _sync(dev)
-    return n_batches * batch_size / (time.perf_counter() - t0)
+    return batch_size * _calls_per_s(run, n_batches, dev, warmup=1)
 
 
 def main(argv=None) -> dict:

@@ -84,6 +84,19 @@ def _uncertainty(pred_path: Path) -> dict:
             "aleatoric_sd_over_mean": float(np.mean(np.sqrt(a.layers["aleatoric_var"]))) / mu}
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place (a killed run never leaves half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, recs: list[dict], md: str) -> None:
+    """``OUT/results.json`` (the fold records) and ``OUT/results.md`` (the tables)."""
+    write_atomic(out / "results.json", json.dumps(recs, indent=1))
+    write_atomic(out / "results.md", md)
+
+
 def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> dict:
     from stimage_nb.evaluate import evaluate
     from stimage_nb.predict import predict_manifest
@@ -121,9 +134,7 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> di
            "val_metrics": rows[val] if args.score_val else None,
            "best_epochs": [m.get("best_epoch") for m in members],
            "seconds": {"train": round(t_train, 1), "predict": round(t_pred, 1), "evaluate_with_baseline": round(t_eval, 1)}}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, done)
+    write_atomic(done, json.dumps(rec, indent=1))
     return rec
 
 
@@ -230,10 +241,7 @@ def main(argv=None) -> int:
                            + (f" + stain {args.stain}" if args.stain else ""))
     md = markdown(recs, title)
     print(md)
-    for name, text in (("results.json", json.dumps(recs, indent=1)), ("results.md", md)):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    write_results(args.out, recs, md)
     return 0
 
 

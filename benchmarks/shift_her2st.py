@@ -94,9 +94,7 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], shifts) -> dict:
                                                            "predict_evaluate": round(time.perf_counter() - t0, 1)},
            "shifts": {s.name: {**_metrics(res["sections"][n]), "shift": s.to_dict()} for s, n in zip(shifts, names)}}
     fdir.mkdir(parents=True, exist_ok=True)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, done)
+    loso_her2st.write_atomic(done, json.dumps(rec, indent=1))
     return rec
 
 
@@ -176,10 +174,7 @@ def main(argv=None) -> int:
               flush=True)
     md = markdown(recs, args.title or f"robustness to simulated acquisition shifts ({args.runs.name})")
     print(md)
-    for name, text in (("results.json", json.dumps(recs, indent=1)), ("results.md", md)):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    loso_her2st.write_results(args.out, recs, md)
     return 0
 
 

@@ -190,6 +190,14 @@ class Ensemble:
         """The stain estimate of a set of tiles (one section), or ``None`` without normalisation."""
         return None if self.stain is None else self.stain.estimate(tiles)
 
+    def _stain_map(self, x, stain_source):
+        """The per-pixel OD map to the reference stain for tiles ``x`` (``None``: leave them as they are).
+        ``stain_source``: ``"auto"`` (estimate from ``x``), a :meth:`stain_source` estimate, or ``None``."""
+        if self.stain is None or stain_source is None:
+            return None
+        src = self.stain.estimate(x) if isinstance(stain_source, str) and stain_source == "auto" else stain_source
+        return None if src is None else self.stain._mapping(src, self.device)[0]
+
     @torch.no_grad()
     def predict_tiles(self, tiles, *, batch_size: int = 256, stain_source="auto", progress: bool = False,
                       amp: bool = True) -> dict[str, np.ndarray]:
@@ -220,11 +228,7 @@ class Ensemble:
             raise StimageInputError(f"tiles are {x.shape[1]}x{x.shape[2]} px but the model was trained on "
                                     f"{self.out_px} px tiles of {self.tile_um:g} µm; extract tiles with these sizes.")
         dev = self.device
-        M = None
-        if self.stain is not None:
-            src = self.stain.estimate(x) if isinstance(stain_source, str) and stain_source == "auto" else stain_source
-            if src is not None:
-                M, _ = self.stain._mapping(src, dev)
+        M = self._stain_map(x, stain_source)
         n, G, C = x.shape[0], len(self.genes), len(self.celltypes)
         out = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
                "epistemic_var": np.empty((n, G), np.float32), "celltype_mean": np.empty((n, C), np.float32),
@@ -274,11 +278,7 @@ class Ensemble:
         from .augment import to_float
 
         x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
-        M = None
-        if self.stain is not None:
-            src = self.stain.estimate(x) if isinstance(stain_source, str) and stain_source == "auto" else stain_source
-            if src is not None:
-                M, _ = self.stain._mapping(src, self.device)
+        M = self._stain_map(x, stain_source)
         out = []
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(self.device, non_blocking=True)

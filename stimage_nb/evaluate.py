@@ -195,17 +195,25 @@ def _nb_size(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return r
 
 
+def _nb_args(x, mean: np.ndarray, var: np.ndarray):
+    """``x`` (counts, or ``None``), the mean (floored at a tiny positive value) and the NB size ``r``,
+    broadcast together, and the mask of the Poisson entries (var <= mean)."""
+    m = np.maximum(np.asarray(mean, dtype=np.float64), _EPS)
+    v = np.asarray(var, dtype=np.float64)
+    if x is None:
+        m, v = np.broadcast_arrays(m, v)
+    else:
+        x, m, v = np.broadcast_arrays(np.asarray(x, dtype=np.float64), m, v)
+    r = _nb_size(m, v)
+    return x, m, r, ~np.isfinite(r)
+
+
 def nb_logpmf(y: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """log P(y) under the negative binomial with the given mean and variance (Poisson if var <= mean)."""
     from scipy.special import gammaln, xlogy
 
-    y = np.asarray(y, dtype=np.float64)
-    m = np.maximum(np.asarray(mean, dtype=np.float64), _EPS)
-    v = np.asarray(var, dtype=np.float64)
-    y, m, v = np.broadcast_arrays(y, m, v)
-    r = _nb_size(m, v)
+    y, m, r, pois = _nb_args(y, mean, var)
     out = np.empty(y.shape)
-    pois = ~np.isfinite(r)
     if pois.any():
         yy, mm = y[pois], m[pois]
         out[pois] = xlogy(yy, mm) - mm - gammaln(yy + 1)
@@ -221,13 +229,8 @@ def nb_cdf(k: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """P(Y <= k) under the moment-matched negative binomial (0 for k < 0)."""
     from scipy.stats import nbinom, poisson
 
-    k = np.asarray(k, dtype=np.float64)
-    m = np.maximum(np.asarray(mean, dtype=np.float64), _EPS)
-    v = np.asarray(var, dtype=np.float64)
-    k, m, v = np.broadcast_arrays(k, m, v)
-    r = _nb_size(m, v)
+    k, m, r, pois = _nb_args(k, mean, var)
     out = np.zeros(k.shape)
-    pois = ~np.isfinite(r)
     if pois.any():
         out[pois] = poisson.cdf(k[pois], m[pois])
     nb = ~pois
@@ -240,12 +243,8 @@ def nb_ppf(q: float, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """Quantile function of the moment-matched negative binomial."""
     from scipy.stats import nbinom, poisson
 
-    m = np.maximum(np.asarray(mean, dtype=np.float64), _EPS)
-    v = np.asarray(var, dtype=np.float64)
-    m, v = np.broadcast_arrays(m, v)
-    r = _nb_size(m, v)
+    _, m, r, pois = _nb_args(None, mean, var)
     out = np.zeros(m.shape)
-    pois = ~np.isfinite(r)
     if pois.any():
         out[pois] = poisson.ppf(q, m[pois])
     nb = ~pois

@@ -42,7 +42,7 @@ import pandas as pd
 
 from . import _keys as K
 from .errors import StimageInputError
-from .io.ngff import check_um_per_px, write_ome_zarr
+from .io.ngff import check_um_per_px, downsample, write_ome_zarr
 from .io.section import Section, make_section_adata
 from .stain import RUIFROK_HED
 
@@ -122,16 +122,6 @@ def blur(rgb: np.ndarray, sigma_px: float) -> np.ndarray:
                    0, 255).astype(np.uint8)
 
 
-def downscale(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """Area-average an (h, w, 3) uint8 image by an integer factor (edges cropped to a multiple of it)."""
-    if factor == 1:
-        return rgb
-    h, w = rgb.shape[0] // factor * factor, rgb.shape[1] // factor * factor
-    a = rgb[:h, :w].astype(np.uint32).reshape(h // factor, factor, w // factor, factor, 3)
-    n = factor * factor
-    return ((a.sum(axis=(1, 3)) + n // 2) // n).astype(np.uint8)
-
-
 def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     """Encode and decode as JPEG (4:2:0, like most scanners) at ``quality``."""
     from PIL import Image
@@ -147,7 +137,7 @@ def apply_shift(image, shift: Shift, um_per_px: float | None = None) -> tuple[np
 
     ``image`` is a :class:`~stimage_nb.io.image.SlideImage` (read in strips of :data:`STRIP_ROWS` rows
     with a margin for the blur) or an (h, w, 3) uint8 array with ``um_per_px``. Order: blur, restain at
-    the original resolution, then downscale, then JPEG.
+    the original resolution, then downsample (area mean), then JPEG.
     """
     if isinstance(image, np.ndarray):
         um = check_um_per_px(um_per_px, "apply_shift")
@@ -174,7 +164,7 @@ def apply_shift(image, shift: Shift, um_per_px: float | None = None) -> tuple[np
         a0, a1 = max(0, y0 - halo), min(H, y1 + halo)
         strip = blur(np.ascontiguousarray(read(a0, a1)), sigma)[y0 - a0:y0 - a0 + (y1 - y0), :Wc]
         strip = restain(strip, shift.hematoxylin, shift.eosin)
-        strip = downscale(strip, f)
+        strip = downsample(strip, f)
         if shift.jpeg_quality is not None:  # strips of a multiple of 16 rows: the 4:2:0 blocks of one image
             strip = jpeg(strip, shift.jpeg_quality)
         out[y0 // f:y1 // f] = strip

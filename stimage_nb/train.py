@@ -985,28 +985,19 @@ def _fit_domain(cfg: TrainConfig, ens: Ensemble, stacks: dict, mstates: list[dic
             _, ft, fv = stacks[_stack_id(cfg, mstates[0]["backbone"], 0)]
             tr = ft[0].float().cpu().numpy()
             va = fv[0].float().cpu().numpy() if fv is not None else None
-        else:
-            tr = _features_of(ens.members[0], train_d.tiles, cfg.eval_batch_size, device, cfg.amp)
-            va = _features_of(ens.members[0], val_d.tiles, cfg.eval_batch_size, device, cfg.amp) if val_d else None
+        else:  # member 0's features of the tiles, which are stain-normalised already
+            ens.to(device)
+            try:
+                kw = {"batch_size": cfg.eval_batch_size, "stain_source": None, "amp": cfg.amp}
+                tr = ens.features(train_d.tiles, **kw)
+                va = ens.features(val_d.tiles, **kw) if val_d is not None else None
+            finally:
+                ens.to("cpu")
         ref = "validation sections " + ",".join(s.name for s in val_s) if val_s else ""
         return DomainModel.fit(tr, va, reference=ref)
     except (ValueError, np.linalg.LinAlgError) as e:
         log.warning("no domain-shift model for this ensemble (%s); predictions carry no domain_distance", e)
         return None
-
-
-@torch.no_grad()
-def _features_of(model: STModel, tiles: torch.Tensor, batch_size: int, device, amp: bool) -> np.ndarray:
-    """Member features of uint8 tiles (already stain-normalised), computed on ``device``, as numpy."""
-    dev = torch.device(device)
-    model.to(dev).eval()
-    out = []
-    for i in range(0, tiles.shape[0], batch_size):
-        x = to_float(tiles[i:i + batch_size].to(dev))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
-            out.append(model.features(x).float().cpu())
-    model.cpu()
-    return torch.cat(out).numpy()
 
 
 def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progress: bool) -> MacenkoNormalizer:

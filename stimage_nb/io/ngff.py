@@ -118,13 +118,22 @@ def atomic_store(path: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def downsample2(a: np.ndarray) -> np.ndarray:
-    """Halve a (h, w, c) uint8 image by 2x2 area averaging."""
-    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+def downsample(a: np.ndarray, factor: int) -> np.ndarray:
+    """Shrink a (h, w, c) uint8 image by an integer factor with area averaging (rounded; edges cropped
+    to a multiple of the factor, at least one pixel kept)."""
+    f = int(factor)
+    if f == 1:
+        return a
+    h, w = a.shape[0] // f * f, a.shape[1] // f * f
     if h == 0 or w == 0:
         return a[:1, :1]
-    b = a[:h, :w].astype(np.uint16)
-    return ((b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) // 4).astype(np.uint8)
+    b = a[:h, :w].astype(np.uint32).reshape(h // f, f, w // f, f, a.shape[2])
+    return ((b.sum(axis=(1, 3)) + f * f // 2) // (f * f)).astype(np.uint8)
+
+
+def downsample2(a: np.ndarray) -> np.ndarray:
+    """Halve a (h, w, c) uint8 image by 2x2 area averaging (one pyramid level)."""
+    return downsample(a, 2)
 
 
 def jsonable(v):
