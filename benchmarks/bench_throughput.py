@@ -35,22 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import stimage_nb  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is imported)
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+from stimage_nb.devices import autocast, channels_last, resolve_device, synchronize  # noqa: E402
 
 
 def _calls_per_s(fn, n_calls: int, dev, warmup: int = 1) -> float:
     """Calls of ``fn`` per second after ``warmup`` calls, the device synchronised around the timing."""
     for _ in range(warmup):
         fn()
-    _sync(dev)
+    synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(n_calls):
         fn()
-    _sync(dev)
+    synchronize(dev)
     return n_calls / (time.perf_counter() - t0)
 
 
@@ -63,7 +59,7 @@ def model_only_train(cfg, n_genes, n_types, n_steps, dev) -> float:
 
     m = STModel(create_backbone(cfg.backbone.split(",")[0], "none"), n_genes, n_types,
                 backbone_name=cfg.backbone).to(dev).train()
-    cl = dev.type == "cuda" and cfg.channels_last
+    cl = channels_last(dev, cfg.channels_last)
     if cl:
         m.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
@@ -73,10 +69,9 @@ def model_only_train(cfg, n_genes, n_types, n_steps, dev) -> float:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.poisson(torch.full((bs, n_genes), 3.0, device=dev))
     t = torch.softmax(torch.randn(bs, max(n_types, 1), device=dev), 1)
-    amp = dev.type == "cuda" and cfg.amp
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with autocast(dev, cfg.amp):
             f = m.features(x)
         o = m.heads(f.float())
         loss = nb_nll(y, o.log_mu, o.log_theta)
@@ -92,15 +87,14 @@ def model_only_train(cfg, n_genes, n_types, n_steps, dev) -> float:
 def model_only_predict(ens, n_tiles, batch_size, dev) -> float:
     """Tiles/s of the ensemble's members' forward passes on in-memory device tensors."""
     x = torch.rand(batch_size, 3, ens.out_px, ens.out_px, device=dev)
-    if dev.type == "cuda":
+    if channels_last(dev):
         x = x.contiguous(memory_format=torch.channels_last)
-    amp = dev.type == "cuda"
     n_batches = max(1, n_tiles // batch_size)
 
     @torch.no_grad()
     def run():
         for m in ens.members:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with autocast(dev):
                 o = m(x)
             torch.exp(o.log_mu.double())
 
@@ -110,7 +104,7 @@ def model_only_predict(ens, n_tiles, batch_size, dev) -> float:
 def main(argv=None) -> dict:
     from stimage_nb import tiles as tiles_mod
     from stimage_nb._settings import her2st_manifest
-    from stimage_nb.ensemble import Ensemble, resolve_device
+    from stimage_nb.ensemble import Ensemble
     from stimage_nb.io.readers import read_gene_list, read_manifest
     from stimage_nb.models.backbone import create_backbone
     from stimage_nb.models.model import STModel
@@ -162,7 +156,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             ens1 = train(secs, genes=[g for g in genes if g in secs[0].genes], out=Path(tmp) / "run",
                          val_sections=[], config=cfg, progress=False)
-            _sync(dev)
+            synchronize(dev)
             t_train = time.perf_counter() - t0
             hist = json.loads((Path(tmp) / "run" / "members" / "m0" / "state.json").read_text())["history"]
             steps_per_epoch = n_tiles // min(cfg.batch_size, n_tiles)
@@ -189,7 +183,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             for s in secs:
                 predict_section(ens, s, batch_size=bs, progress=False, cache_tiles=False)
-            _sync(dev)
+            synchronize(dev)
             t_pred = time.perf_counter() - t0
             e2e_pred = n_tiles / t_pred
             mo_pred = model_only_predict(ens, max(n_tiles, bs * 4), bs, dev)

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from .devices import fast_paths
+
 # Ruifrok & Johnston stain vectors (as scikit-image's rgb_from_hed): rows H, E, DAB in OD space.
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 _RGB_FROM_HED = _RGB_FROM_HED / torch.linalg.norm(_RGB_FROM_HED, dim=1, keepdim=True)
@@ -43,8 +45,8 @@ class AugmentConfig:
 def to_float(x_uint8: Tensor, channels_last: bool | None = None) -> Tensor:
     """uint8 (n, h, w, 3) -> float (n, 3, h, w) in [0, 1].
 
-    Memory layout channels_last on CUDA (fast with bf16 convolutions), contiguous on the CPU
-    (``channels_last`` overrides).
+    Memory layout channels_last where the device's fast paths are on (CUDA: fast with bf16
+    convolutions; :mod:`stimage_nb.devices`), contiguous otherwise (``channels_last`` overrides).
     """
     x = x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
     return _layout(x, channels_last)
@@ -52,7 +54,7 @@ def to_float(x_uint8: Tensor, channels_last: bool | None = None) -> Tensor:
 
 def _layout(x: Tensor, channels_last: bool | None) -> Tensor:
     if channels_last is None:
-        channels_last = x.is_cuda
+        channels_last = fast_paths(x.device)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -422,7 +422,7 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     The path of ``report.md``.
     """
     from ._settings import her2st_manifest
-    from .ensemble import resolve_device
+    from .devices import resolve_device
     from .evaluate import evaluate
     from .io.readers import read_gene_list
 

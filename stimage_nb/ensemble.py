@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .devices import autocast, channels_last, resolve_device
 from .domain import DomainModel
 from .errors import StimageInputError
 from .models.model import STModel, build_model
@@ -45,16 +46,6 @@ UM_PER_PX_HANDLING = ("Tiles are squares of tile_um micrometres around each spot
                       "nearest to (not coarser than) tile_um/out_px µm/px and resampled to out_px pixels, so a "
                       "slide scanned at any resolution gives tiles of the same physical field; the image's "
                       "µm/px comes from its metadata or the manifest.")
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one is an input error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise StimageInputError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.")
-    return d
 
 
 def versions() -> dict:
@@ -171,7 +162,7 @@ class Ensemble:
         self.device = resolve_device(device)
         for m in self.members:
             m.to(self.device)
-            if self.device.type == "cuda":
+            if channels_last(self.device):
                 m.to(memory_format=torch.channels_last)
         return self
 
@@ -211,7 +202,7 @@ class Ensemble:
             The section's stain estimate (:meth:`stain_source`); ``"auto"`` estimates it from ``tiles``;
             ``None`` skips stain normalisation.
         amp
-            bf16 autocast on CUDA.
+            bf16 autocast where the device's fast paths are on (CUDA; see :mod:`stimage_nb.devices`).
 
         Returns
         -------
@@ -236,7 +227,6 @@ class Ensemble:
         if self.domain is not None:
             out["domain_distance"] = np.empty(n, np.float32)
         groups = self._groups()
-        use_amp = amp and dev.type == "cuda"
         it = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -249,7 +239,7 @@ class Ensemble:
             xf = to_float(xb)
             mus, vars_, probs = [None] * self.n_members, [None] * self.n_members, [None] * self.n_members
             for grp in groups:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                with autocast(dev, amp):
                     f = self.members[grp[0]].features(xf)
                 if self.domain is not None and grp[0] == 0:
                     out["domain_distance"][i:i + xb.shape[0]] = self.domain.distance(f.float().cpu().numpy())
@@ -284,7 +274,7 @@ class Ensemble:
             xb = x[i:i + batch_size].to(self.device, non_blocking=True)
             if M is not None:
                 xb = self.stain.apply(xb, M)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and self.device.type == "cuda"):
+            with autocast(self.device, amp):
                 out.append(self.members[0].features(to_float(xb)).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.members[0].feat_dim), np.float32)
 

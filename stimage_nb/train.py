@@ -17,7 +17,7 @@ negative-binomial gene head and a soft-target cell-type head.
   ``RUN_DIR/cache/`` until the ensemble is saved), and each member trains only its heads, optionally
   on a bootstrap sample of the spots (``bagging``). ``frozen=False``: full fine-tuning of a timm
   backbone.
-- On CUDA: bf16 autocast and channels_last.
+- On CUDA: bf16 autocast and channels_last (the policy: :mod:`stimage_nb.devices`).
 - **Callbacks** (:class:`Callback`, Lightning-style empty hooks) drive progress bars, live loss
   curves and cancellation.
 
@@ -47,8 +47,9 @@ import torch
 
 from . import _keys as K
 from .augment import AugmentConfig, _layout, augment, dihedral_views, to_float
+from .devices import autocast, channels_last, resolve_device
 from .domain import DomainModel
-from .ensemble import CONFIG_NAME, Ensemble, resolve_device, save_state_dict, versions, write_json
+from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, versions, write_json
 from .errors import StimageInputError
 from .io.section import Section, select_genes
 from .models.features import DEFAULT_EXTRACTOR
@@ -150,7 +151,8 @@ class TrainConfig:
     val_sections
         Default validation sections when the caller names none.
     amp, channels_last
-        bf16 autocast and channels_last memory format on CUDA.
+        bf16 autocast and channels_last memory format where the device's fast paths are on (CUDA;
+        :func:`stimage_nb.devices.fast_paths`).
     stain
         ``"macenko"`` or ``"none"``.
     augment
@@ -596,14 +598,13 @@ def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torc
     model.eval()
     tot, n = 0.0, 0
     mus = []
-    use_amp = cfg.amp and device.type == "cuda"
     for i in range(0, len(data), cfg.eval_batch_size):
         sl = slice(i, i + cfg.eval_batch_size)
         if feats is not None:
             out = model.heads(feats[0, sl])
         else:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                f = model.features(to_float(data.tiles[sl]))
+            with autocast(device, cfg.amp):
+                f = model.features(to_float(data.tiles[sl], channels_last(device, cfg.channels_last)))
             out = model.heads(f.float())
         loss, _, _ = _loss(out, data.counts[sl], data.targets[sl] if data.targets is not None else None,
                            cfg.celltype_weight)
@@ -621,7 +622,6 @@ def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, am
     """Unstandardised stack features (views, n, dim) of uint8 tiles (view 0 is the tile itself)."""
     stack.eval()
     dev = tiles.device
-    use_amp = amp and dev.type == "cuda"
     out = torch.empty((views, tiles.shape[0], stack.num_features), dtype=torch.float32, device=dev)
     it = range(0, tiles.shape[0], batch_size)
     if progress:
@@ -631,7 +631,7 @@ def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, am
     for i in it:
         x = to_float(tiles[i:i + batch_size])
         for v, xv in enumerate(dihedral_views(x)[:views]):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(dev, amp):
                 out[v, i:i + x.shape[0]] = stack.raw(_layout(xv, None)).float()
     return out
 
@@ -765,7 +765,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
         model.celltype.reset_parameters()
         model.celltype.init_from_targets(train_d.targets)
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if channels_last(device, cfg.channels_last):
         model.to(memory_format=torch.channels_last)
 
     head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
@@ -798,8 +798,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     bs = min(cfg.batch_size, n)
     n_it = max(1, n // bs)  # drop the last incomplete batch (BatchNorm and equal-weight steps)
     aug_cfg = AugmentConfig.from_dict(cfg.augment)
-    use_amp = cfg.amp and device.type == "cuda"
-    cl = cfg.channels_last and device.type == "cuda"
+    cl = channels_last(device, cfg.channels_last)
     stop_early = False
     needs_batch_loss = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in callbacks)
     # Checkpoints are snapshotted to host memory at once and written by a background thread, so the
@@ -828,7 +827,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                     out_ = model.heads(feats_tr[views, idx_d])
                 else:
                     x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    with autocast(device, cfg.amp):
                         f = model.features(x)
                     out_ = model.heads(f.float())
                 loss, nll, ce = _loss(out_, train_d.counts[idx_d],
