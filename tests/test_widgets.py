@@ -171,7 +171,30 @@ def test_a_spot_shows_its_domain_shift_score(pred, tmp_path):
     assert v.spot_info["domain_percentile"] == pytest.approx(1.0) and "unfamiliar" in v.info.value
     v.canvas.selected = 0
     assert v.spot_info["domain_percentile"] == 0.0 and "unfamiliar" not in v.info.value
-    assert "domain_percentile" not in OverlayViewer(pred, export_dir=tmp_path).select(pred.obs_names[0])
+    plain = OverlayViewer(pred, export_dir=tmp_path)
+    assert "domain_percentile" not in plain.select(pred.obs_names[0])
+    assert "domain shift" not in plain.mode_toggle.options
+
+
+def test_domain_shift_mode_draws_the_score_on_a_fixed_scale(pred, tmp_path):
+    """The score is a property of the tile: the same map for every gene and cell type, on 0-1."""
+    from stimage_nb.widgets import OverlayViewer
+
+    p = pred.copy()
+    score = np.linspace(0.2, 0.7, p.n_obs).astype(np.float32)
+    p.obs[K.DOMAIN_PERCENTILE] = score
+    v = OverlayViewer(p, export_dir=tmp_path)
+    assert "domain shift" in v.mode_toggle.options
+    v.mode_toggle.value = "domain shift"
+    assert v.mode == "domain shift" and "domain-shift percentile" in v.canvas.legend
+    np.testing.assert_allclose(_values(v), score)
+    assert (v.canvas.vmin, v.canvas.vmax) == (0.0, 1.0)  # not stretched to the data's range
+    v.feature = "FASN"
+    np.testing.assert_allclose(_values(v), score)
+    v.canvas.selected = 3
+    assert v.spot_info["domain_percentile"] == pytest.approx(score[3]) and "domain shift" not in v.spot_info
+    v.mode = "mean"
+    np.testing.assert_allclose(_values(v), p[:, "FASN"].X.ravel(), rtol=1e-6)
 
 
 def test_export_button_writes_qupath_geojson(viewer, pred, tmp_path):

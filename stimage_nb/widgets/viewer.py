@@ -9,7 +9,7 @@ Two layers:
   spot or cell coloured by a per-point value.
 - :class:`OverlayViewer` is the panel around it (ipywidgets): gene / cell-type search, a toggle
   between the predictive mean, aleatoric and epistemic uncertainty (and the observed counts when
-  given), opacity, the values of a clicked spot, and buttons to export QuPath GeoJSON and to push
+  given, and the domain-shift score when the prediction has one), opacity, the values of a clicked spot, and buttons to export QuPath GeoJSON and to push
   to OMERO.
 
 Everything the panel does is visible as trait values (``status``, ``feature``, ``mode``,
@@ -20,6 +20,11 @@ aleatoric = sqrt(``layers["aleatoric_var"]``), epistemic = sqrt(``layers["episte
 cell type with ensemble-mean probability *m* and across-member standard deviation *s*, the law of
 total variance splits the indicator's variance *m(1-m)* into epistemic *s²* and aleatoric
 *m(1-m) - s²*; the viewer shows their square roots.
+
+Domain shift (``obs["domain_percentile"]``, :mod:`stimage_nb.domain`): per spot, the fraction of the
+model's held-out reference tiles that lie closer to the training data. It does not depend on the
+gene; the ``domain shift`` mode draws it on a fixed 0–1 scale, so sections can be compared by eye
+(above 0.95 the tissue looks less familiar than 95% of the tiles the model was checked on).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without the jupyt
 STATIC = Path(__file__).parent / "static"
 MODES = ("mean", "aleatoric", "epistemic")
 OBSERVED = "observed"
+DOMAIN = "domain shift"
 GENE, CELLTYPE = "gene", "cell type"
 TILE_SIZE = 512
 OVERVIEW_PX = 1024
@@ -130,7 +136,8 @@ class FeatureValues:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return MODES + ((OBSERVED,) if self.observed is not None else ())
+        return (MODES + ((OBSERVED,) if self.observed is not None else ())
+                + ((DOMAIN,) if K.DOMAIN_PERCENTILE in self.pred.obs else ()))
 
     def kind_of(self, feature: str) -> str:
         if feature in self.genes:
@@ -165,6 +172,8 @@ class FeatureValues:
             raise ValueError(f"mode {mode!r} not in {self.modes}")
         kind = self.kind_of(feature)
         p = self.pred
+        if mode == DOMAIN:  # a property of the tile, the same for every gene
+            return p.obs[K.DOMAIN_PERCENTILE].to_numpy(dtype=np.float64)
         if kind == GENE:
             if mode == OBSERVED:
                 return self._observed_gene(feature)
@@ -188,6 +197,8 @@ class FeatureValues:
 
     def unit(self, feature: str, mode: str) -> str:
         kind = self.kind_of(feature)
+        if mode == DOMAIN:
+            return "domain-shift percentile (1 = less familiar than every held-out training tile)"
         if kind == GENE:
             what = {"mean": "predicted mean", "aleatoric": "aleatoric SD", "epistemic": "epistemic SD",
                     OBSERVED: "observed"}[mode]
@@ -465,7 +476,7 @@ class OverlayViewer(widgets.VBox):
         if self.mode_toggle.value != self.mode:
             self.mode_toggle.value = self.mode
         v = self.features.values(self.feature, self.mode)
-        lo, hi = value_range(v)
+        lo, hi = (0.0, 1.0) if self.mode == DOMAIN else value_range(v)
         cmap = "viridis" if self.mode in ("mean", OBSERVED) else "magma"
         self.canvas.set_values(v, lo, hi, colormap_lut(cmap), self.features.unit(self.feature, self.mode))
         n = int(np.isfinite(v).sum())
@@ -530,7 +541,8 @@ class OverlayViewer(widgets.VBox):
         info: dict[str, Any] = {"spot": sid, "index": int(i), "x": float(xy[0]), "y": float(xy[1]),
                                 "feature": self.feature}
         for m in self.features.modes:
-            info[m] = float(self.features.values(self.feature, m)[i])
+            if m != DOMAIN:  # added below as domain_percentile
+                info[m] = float(self.features.values(self.feature, m)[i])
         cm = self.pred.obsm.get(K.CELLTYPE_MEAN)
         if isinstance(cm, pd.DataFrame) and cm.shape[1]:
             row = cm.iloc[i].sort_values(ascending=False)
@@ -541,7 +553,7 @@ class OverlayViewer(widgets.VBox):
         label = {"mean": "predicted mean", "aleatoric": "aleatoric SD", "epistemic": "epistemic SD",
                  OBSERVED: "observed"}
         rows = "".join(f"<tr><td>{label[m]}</td><td style='text-align:right; padding-left:12px'>{info[m]:.3g}</td></tr>"
-                       for m in self.features.modes)
+                       for m in self.features.modes if m != DOMAIN)  # the domain score has its own line
         cts = "".join(f"<li>{html.escape(k)}: {v:.2f}</li>" for k, v in info.get("top_celltypes", {}).items())
         dom = ""
         if "domain_percentile" in info:
