@@ -39,6 +39,11 @@ def _add_train(sub) -> None:
     p.add_argument("--stain", default=None, choices=["macenko", "none"],
                    help="stain normalisation per section to the training sections' stain (default: macenko)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per training step (default: 1024 frozen, 32 fine-tuned; lower it if the GPU runs out of memory)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 frozen, 1e-3 fine-tuned)")
+    p.add_argument("--tile-um", type=float, default=None, help="tile side in µm (default 150)")
+    p.add_argument("--out-px", type=int, default=None, help="tile side in pixels fed to the model (default 112)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frozen", action="store_true",
@@ -63,6 +68,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--sections", help="comma-separated sections (default: all)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="tiles per forward pass (halved automatically if the GPU runs out of memory)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -72,7 +79,8 @@ def _cmd_predict(a) -> int:
     from . import _keys as K
     from .predict import predict_manifest
 
-    paths = predict_manifest(a.model, a.manifest, out=a.out, sections=_csv(a.sections), device=a.device)
+    paths = predict_manifest(a.model, a.manifest, out=a.out, sections=_csv(a.sections), device=a.device,
+                             batch_size=a.batch_size)
     for p in paths:
         dom = (ad.read_h5ad(p, backed="r").uns.get(K.UNS) or {}).get("domain") or {}
         pct = dom.get("median_percentile")

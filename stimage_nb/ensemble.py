@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .devices import autocast, channels_last, resolve_device
+from .devices import autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
 from .errors import StimageInputError
 from .models.model import STModel, build_model
@@ -209,9 +209,10 @@ class Ensemble:
         dict of float32 arrays: ``mean``, ``aleatoric_var``, ``epistemic_var`` (n, genes),
         ``celltype_mean``, ``celltype_std`` (n, cell types), and ``domain_distance`` (n,) when the
         ensemble has a domain model.
-        """
-        from .augment import to_float
 
+        A batch that does not fit in the device's memory is retried at half the size (with a warning),
+        down to one tile; the results do not depend on the batch size.
+        """
         x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[3] != 3:
             raise StimageInputError(f"tiles must be uint8 (n, h, w, 3), got {tuple(x.shape)} {x.dtype}")
@@ -227,39 +228,53 @@ class Ensemble:
         if self.domain is not None:
             out["domain_distance"] = np.empty(n, np.float32)
         groups = self._groups()
-        it = range(0, n, batch_size)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="predict", leave=False, unit="batch")
-        for i in it:
-            xb = x[i:i + batch_size].to(dev, non_blocking=True)
-            if M is not None:
-                xb = self.stain.apply(xb, M)
-            xf = to_float(xb)
-            mus, vars_, probs = [None] * self.n_members, [None] * self.n_members, [None] * self.n_members
-            for grp in groups:
-                with autocast(dev, amp):
-                    f = self.members[grp[0]].features(xf)
-                if self.domain is not None and grp[0] == 0:
-                    out["domain_distance"][i:i + xb.shape[0]] = self.domain.distance(f.float().cpu().numpy())
-                for j in grp:
-                    o = self.members[j].heads(f.float())
-                    mu = torch.exp(o.log_mu.double())
-                    theta = torch.exp(o.log_theta.double())
-                    mus[j], vars_[j] = mu, mu + mu * mu / theta
-                    if C:
-                        probs[j] = torch.softmax(o.logits.double(), dim=1)
-            mu = torch.stack(mus)
-            sl = slice(i, i + xb.shape[0])
-            out["mean"][sl] = mu.mean(0).cpu().numpy()
-            out["aleatoric_var"][sl] = torch.stack(vars_).mean(0).cpu().numpy()
-            out["epistemic_var"][sl] = mu.var(0, correction=0).cpu().numpy()
-            if C:
-                p = torch.stack(probs)
-                out["celltype_mean"][sl] = p.mean(0).cpu().numpy()
-                out["celltype_std"][sl] = p.std(0, correction=0).cpu().numpy()
+            bar = tqdm(total=n, desc="predict", leave=False, unit="tile")
+
+        def run(i, j):
+            for k, v in self._predict_batch(x[i:j], M, groups, amp).items():
+                out[k][i:j] = v
+
+        for_batches(run, n, batch_size, dev, "prediction", bar)
+        if bar is not None:
+            bar.close()
         return out
+
+    def _predict_batch(self, xb, M, groups, amp: bool) -> dict[str, np.ndarray]:
+        """One batch of :meth:`predict_tiles` (uint8 tiles on any device) -> host arrays."""
+        from .augment import to_float
+
+        dev, C = self.device, len(self.celltypes)
+        xb = xb.to(dev, non_blocking=True)
+        if M is not None:
+            xb = self.stain.apply(xb, M)
+        xf = to_float(xb)
+        res: dict[str, np.ndarray] = {}
+        mus, vars_, probs = [None] * self.n_members, [None] * self.n_members, [None] * self.n_members
+        for grp in groups:
+            with autocast(dev, amp):
+                f = self.members[grp[0]].features(xf)
+            if self.domain is not None and grp[0] == 0:
+                res["domain_distance"] = self.domain.distance(f.float().cpu().numpy())
+            for j in grp:
+                o = self.members[j].heads(f.float())
+                mu = torch.exp(o.log_mu.double())
+                theta = torch.exp(o.log_theta.double())
+                mus[j], vars_[j] = mu, mu + mu * mu / theta
+                if C:
+                    probs[j] = torch.softmax(o.logits.double(), dim=1)
+        mu = torch.stack(mus)
+        res["mean"] = mu.mean(0).cpu().numpy()
+        res["aleatoric_var"] = torch.stack(vars_).mean(0).cpu().numpy()
+        res["epistemic_var"] = mu.var(0, correction=0).cpu().numpy()
+        if C:
+            p = torch.stack(probs)
+            res["celltype_mean"] = p.mean(0).cpu().numpy()
+            res["celltype_std"] = p.std(0, correction=0).cpu().numpy()
+        return res
 
     @torch.no_grad()
     def features(self, tiles, *, batch_size: int = 256, stain_source="auto", amp: bool = True) -> np.ndarray:
@@ -269,14 +284,17 @@ class Ensemble:
 
         x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
         M = self._stain_map(x, stain_source)
-        out = []
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(self.device, non_blocking=True)
+        out = np.empty((x.shape[0], self.members[0].feat_dim), np.float32)
+
+        def run(i, j):
+            xb = x[i:j].to(self.device, non_blocking=True)
             if M is not None:
                 xb = self.stain.apply(xb, M)
             with autocast(self.device, amp):
-                out.append(self.members[0].features(to_float(xb)).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.members[0].feat_dim), np.float32)
+                out[i:j] = self.members[0].features(to_float(xb)).float().cpu().numpy()
+
+        for_batches(run, x.shape[0], batch_size, self.device, "features")
+        return out
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:

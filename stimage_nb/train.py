@@ -47,7 +47,7 @@ import torch
 
 from . import _keys as K
 from .augment import AugmentConfig, _layout, augment, dihedral_views, to_float
-from .devices import autocast, channels_last, resolve_device
+from .devices import OUT_OF_MEMORY, autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
 from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, versions, write_json
 from .errors import StimageInputError
@@ -596,24 +596,23 @@ def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torc
               ) -> tuple[float, float]:
     """Validation (loss, mean per-gene Pearson of log1p means vs log1p counts)."""
     model.eval()
-    tot, n = 0.0, 0
-    mus = []
-    for i in range(0, len(data), cfg.eval_batch_size):
-        sl = slice(i, i + cfg.eval_batch_size)
+    losses, mus = [], []
+
+    def run(i, j):
         if feats is not None:
-            out = model.heads(feats[0, sl])
+            out = model.heads(feats[0, i:j])
         else:
             with autocast(device, cfg.amp):
-                f = model.features(to_float(data.tiles[sl], channels_last(device, cfg.channels_last)))
+                f = model.features(to_float(data.tiles[i:j], channels_last(device, cfg.channels_last)))
             out = model.heads(f.float())
-        loss, _, _ = _loss(out, data.counts[sl], data.targets[sl] if data.targets is not None else None,
+        loss, _, _ = _loss(out, data.counts[i:j], data.targets[i:j] if data.targets is not None else None,
                            cfg.celltype_weight)
-        b = data.counts[sl].shape[0]
-        tot += float(loss) * b
-        n += b
+        losses.append(float(loss) * (j - i))
         mus.append(torch.exp(out.log_mu.float()))
+
+    for_batches(run, len(data), cfg.eval_batch_size, device, "validation")
     r = _mean_pearson_log1p(torch.cat(mus), data.counts) if mus else float("nan")
-    return tot / max(n, 1), r
+    return sum(losses) / max(len(data), 1), r
 
 
 @torch.no_grad()
@@ -623,16 +622,20 @@ def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, am
     stack.eval()
     dev = tiles.device
     out = torch.empty((views, tiles.shape[0], stack.num_features), dtype=torch.float32, device=dev)
-    it = range(0, tiles.shape[0], batch_size)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="features", leave=False, unit="batch")
-    for i in it:
-        x = to_float(tiles[i:i + batch_size])
-        for v, xv in enumerate(dihedral_views(x)[:views]):
+        bar = tqdm(total=tiles.shape[0], desc="features", leave=False, unit="tile")
+
+    def run(i, j):
+        for v, xv in enumerate(dihedral_views(to_float(tiles[i:j]))[:views]):
             with autocast(dev, amp):
-                out[v, i:i + x.shape[0]] = stack.raw(_layout(xv, None)).float()
+                out[v, i:j] = stack.raw(_layout(xv, None)).float()
+
+    for_batches(run, tiles.shape[0], batch_size, dev, "feature extraction", bar)
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -822,19 +825,26 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                 for grp, base in zip(opt.param_groups, base_lrs):
                     grp["lr"] = base * _lr_factor(epoch, it, n_it, cfg.epochs)
                 idx_d = idx.to(device, non_blocking=True)
-                if cfg.frozen:
-                    views = torch.randint(0, feats_tr.shape[0], (len(idx),), generator=g).to(device)
-                    out_ = model.heads(feats_tr[views, idx_d])
-                else:
-                    x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
-                    with autocast(device, cfg.amp):
-                        f = model.features(x)
-                    out_ = model.heads(f.float())
-                loss, nll, ce = _loss(out_, train_d.counts[idx_d],
-                                      train_d.targets[idx_d] if train_d.targets is not None else None,
-                                      cfg.celltype_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    if cfg.frozen:
+                        views = torch.randint(0, feats_tr.shape[0], (len(idx),), generator=g).to(device)
+                        out_ = model.heads(feats_tr[views, idx_d])
+                    else:
+                        x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
+                        with autocast(device, cfg.amp):
+                            f = model.features(x)
+                        out_ = model.heads(f.float())
+                    loss, nll, ce = _loss(out_, train_d.counts[idx_d],
+                                          train_d.targets[idx_d] if train_d.targets is not None else None,
+                                          cfg.celltype_weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                except OUT_OF_MEMORY as e:  # the batch size shapes the result, so no silent retry here
+                    raise StimageInputError(
+                        f"member {i} epoch {epoch}: out of memory on {device} with batches of {bs} tiles of "
+                        f"{cfg.out_px} px ({backbone}). Train in a new --out directory with a smaller "
+                        f"--batch-size (e.g. {max(2, bs // 2)}), smaller tiles (--out-px) or the frozen path "
+                        "(--frozen); epochs already finished here are kept.") from e
                 torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 5.0)
                 opt.step()
                 tot += loss.detach()

@@ -18,7 +18,15 @@ from test_ensemble import _c4_tiles
 from test_train import _Interrupt, _same, _weights
 
 from stimage_nb.augment import to_float
-from stimage_nb.devices import CPU_FAST_PATHS_ENV, autocast, channels_last, fast_paths, resolve_device
+from stimage_nb.devices import (
+    CPU_FAST_PATHS_ENV,
+    OUT_OF_MEMORY,
+    autocast,
+    channels_last,
+    fast_paths,
+    for_batches,
+    resolve_device,
+)
 from stimage_nb.ensemble import Ensemble
 from stimage_nb.errors import StimageInputError
 from stimage_nb.train import train
@@ -116,3 +124,63 @@ def test_frozen_default_recipe_on_the_gpu_code_path(gpu_path, tmp_path, monkeypa
     plain = train(secs(), out=tmp_path / "plain", **kw).predict_tiles(_c4_tiles())
     assert np.isfinite(fast["mean"]).all()
     np.testing.assert_allclose(fast["mean"], plain["mean"], rtol=1e-4)
+
+
+# ------------------------------------------------------------------ running out of device memory
+def _oom_above(limit: int, fn):
+    """Wrap ``fn(x, ...)`` to raise the real out-of-memory error on batches larger than ``limit``
+    (what a GPU raises; the CPU cannot be made to run out of memory safely in a test)."""
+    calls = []
+
+    def wrapped(x, *a, **k):
+        calls.append(x.shape[0])
+        if x.shape[0] > limit:
+            raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fn(x, *a, **k)
+
+    return wrapped, calls
+
+
+def test_for_batches_halves_after_out_of_memory_and_keeps_going(caplog):
+    seen = []
+
+    def fn(i, j):
+        if j - i > 8:
+            raise OUT_OF_MEMORY("CUDA out of memory")
+        seen.append((i, j))
+
+    for_batches(fn, 50, 32, "cpu", "test")
+    assert seen[0] == (0, 8) and all(j - i <= 8 for i, j in seen)
+    assert [i for i, _ in seen] == list(range(0, 50, 8)) and seen[-1][1] == 50  # every item once, in order
+    assert "retrying with 16" in caplog.text and "retrying with 8" in caplog.text
+    with pytest.raises(StimageInputError, match="one tile does not fit"):
+        for_batches(lambda i, j: (_ for _ in ()).throw(OUT_OF_MEMORY("oom")), 3, 4, "cpu", "test")
+    with pytest.raises(ValueError):  # other errors are not swallowed
+        for_batches(lambda i, j: (_ for _ in ()).throw(ValueError("bad")), 3, 4, "cpu", "test")
+
+
+def test_prediction_retries_smaller_batches_with_the_same_result(caplog):
+    tiles = _c4_tiles()
+    ens = Ensemble.load(kit.tiny_run(), "cpu")
+    ref = ens.predict_tiles(tiles, batch_size=64)
+    for m in ens.members:
+        m.features, calls = _oom_above(16, m.features)
+    got = ens.predict_tiles(tiles, batch_size=64)
+    assert "out of memory on cpu with batches of 64; retrying with 32" in caplog.text
+    assert max(calls[-3:]) <= 16
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert ens.features(tiles, batch_size=64).shape == (len(tiles), ens.members[0].feat_dim)
+
+
+def test_training_out_of_memory_names_the_fix(tmp_path, monkeypatch):
+    from stimage_nb.models.model import STModel
+
+    orig = STModel.features
+    monkeypatch.setattr(STModel, "features",
+                        lambda self, x: (_ for _ in ()).throw(OUT_OF_MEMORY("CUDA out of memory"))
+                        if self.training else orig(self, x))
+    with pytest.raises(StimageInputError, match=r"out of memory.*batches of 16.*--batch-size \(e.g. 8\)") as e:
+        train(kit.sections(("C2", "C3", "C4")), genes=kit.genes(), out=tmp_path / "r", val_sections=["C4"],
+              config=kit.tiny_config(members=1, epochs=1), progress=False)
+    assert isinstance(e.value.__cause__, OUT_OF_MEMORY)
