@@ -69,6 +69,12 @@ def test_config_from_cli_and_validation():
                                                          "--extractor", "handcrafted", "--rank", "0", "--bagging",
                                                          "--stain", "none"]))
     assert (ex.frozen, ex.extractor, ex.rank, ex.bagging, ex.stain) == (True, "handcrafted", 0, True, "none")
+    sz = TrainConfig.from_cli(build_parser().parse_args(["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o",
+                                                         "--batch-size", "64", "--lr", "1e-4", "--tile-um", "100",
+                                                         "--out-px", "64"]))
+    assert (sz.batch_size, sz.lr, sz.tile_um, sz.out_px, sz.frozen) == (64, 1e-4, 100.0, 64, True)
+    pr = build_parser().parse_args(["predict", "--model", "r", "--manifest", "m.csv", "--out", "p", "--batch-size", "32"])
+    assert pr.batch_size == 32
     with pytest.raises(StimageInputError, match="feature extractor"):
         TrainConfig(extractor="kmeans+sift")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
