@@ -67,6 +67,15 @@ def _row(entry: dict) -> dict:
         "nll": m["calibration"]["nll"],
         "depth_pred_over_obs": entry["depth"]["predicted_over_observed"],
     }
+    ur = m.get("uncertainty_ranking")
+    if ur:  # does the uncertainty say which genes / spots to trust? (stimage_nb.evaluate.uncertainty_ranking)
+        out.update({"unc_rho_gene_sd_vs_r": ur["genes"]["spearman_relative_sd_vs_r"],
+                    "r_most_certain_half": ur["genes"]["mean_r_most_certain_0.5"],
+                    "r_most_expressed_half": ur["genes"]["mean_r_most_expressed_0.5"],
+                    "err80_by_sd": ur["spots"]["error_retained_0.8_by_sd"],
+                    "err80_by_epistemic_sd": ur["spots"]["error_retained_0.8_by_epistemic_sd"],
+                    "err80_by_predicted_depth": ur["spots"]["error_retained_0.8_by_predicted_depth"],
+                    "err80_oracle": ur["spots"]["error_retained_0.8_oracle"]})
     if "genes" in b:
         out["baseline_r_log1p"] = b["genes"]["log1p_counts"]["pearson"]["mean"]
         out["baseline_r_cp10k"] = b["genes"]["log1p_cp10k"]["pearson"]["mean"]
@@ -105,8 +114,9 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> di
     train_secs, val = fold_sections(test)
     fdir = out / "runs" / f"test_{test}"
     done = fdir / "fold.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    old = json.loads(done.read_text()) if done.is_file() else None
+    if old is not None and not args.rescore:
+        return old
     kw = {"members": args.members, "device": args.device, "bagging": args.bagging, "seed": args.seed,
           "member_features": args.member_features}
     for k in ("epochs", "kmeans_k", "rank", "extractor", "stain"):
@@ -134,6 +144,8 @@ def run_fold(test: str, args, manifest: Path, genes: list[str], out: Path) -> di
            "val_metrics": rows[val] if args.score_val else None,
            "best_epochs": [m.get("best_epoch") for m in members],
            "seconds": {"train": round(t_train, 1), "predict": round(t_pred, 1), "evaluate_with_baseline": round(t_eval, 1)}}
+    if old is not None:  # --rescore: the saved model was loaded, not trained; keep the original timings
+        rec["seconds"], rec["best_epochs"] = old["seconds"], old["best_epochs"]
     write_atomic(done, json.dumps(rec, indent=1))
     return rec
 
@@ -167,6 +179,14 @@ def markdown(recs: list[dict], title: str) -> str:
     line("coverage of the 90% interval, aleatoric only", "coverage_90_aleatoric_only", "{:.2f}")
     line("predicted / observed median depth", "depth_pred_over_obs", "{:.2f}")
     line("mean epistemic SD / mean predictive mean", "epistemic_sd_over_mean", "{:.4f}")
+    if all("err80_by_sd" in r["test_metrics"] for r in recs):
+        line("genes: Spearman(relative predictive SD, r)", "unc_rho_gene_sd_vs_r", "{:+.2f}")
+        line("genes: mean r of the most certain half", "r_most_certain_half")
+        line("genes: mean r of the most expressed half (proxy)", "r_most_expressed_half")
+        line("spots: error kept with the 80% most certain (by SD)", "err80_by_sd")
+        line("spots: same, by epistemic SD", "err80_by_epistemic_sd")
+        line("spots: same, by predicted depth (proxy)", "err80_by_predicted_depth")
+        line("spots: same, oracle (by the error itself)", "err80_oracle")
     if all(r.get("val_metrics") for r in recs):
         lines += ["", "Validation sections (never trained on; where settings are chosen):", "",
                   "| metric | " + " | ".join(f"{r['val_section']} (fold {r['test']})" for r in recs) + " |",
@@ -197,13 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--extractor", default=None)
     p.add_argument("--stain", default=None, choices=["none", "macenko"],
-                   help="stain normalisation (default: the recipe's, 'none' for the frozen default)")
+                   help="stain normalisation (default: the recipe's, macenko)")
     p.add_argument("--bagging", action="store_true", help="bootstrap the training spots per member")
     p.add_argument("--member-features", default="shared", choices=["shared", "per_member"],
                    help="one frozen feature stack for all members, or a k-means dictionary per member")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-score-val", dest="score_val", action="store_false")
+    p.add_argument("--rescore", action="store_true",
+                   help="folds already done: load their saved models, predict and evaluate again (new metrics "
+                        "on the same models; the original timings are kept)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--title", default=None)
     return p

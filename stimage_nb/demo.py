@@ -309,6 +309,23 @@ def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
     if "calibration" in figs:
         w(f"![calibration]({_rel(figs['calibration'], out)})\n")
 
+    if all("uncertainty_ranking" in e["model"] for e in secs.values()):
+        w("### Does the uncertainty say which predictions to trust?\n")
+        w("Genes: mean r of all genes, of the half the model is most certain of (smallest relative predictive "
+          "SD), and of the most expressed half (the obvious proxy). Spots: mean |log1p error| of the 80% of spots "
+          "kept per gene, relative to all spots (1 = a random choice), ranked by the predictive SD, by the "
+          "epistemic SD alone, by predicted depth (proxy), and by the error itself (oracle).\n")
+        w("| section | r, all genes | most certain half | most expressed half | spots by SD | by epistemic SD | "
+          "by depth | oracle |")
+        w("|---|---|---|---|---|---|---|---|")
+        for s, e in secs.items():
+            ug, us = e["model"]["uncertainty_ranking"]["genes"], e["model"]["uncertainty_ranking"]["spots"]
+            w(f"| {s} | {_f(ug['mean_r_all'])} | {_f(ug['mean_r_most_certain_0.5'])} | "
+              f"{_f(ug['mean_r_most_expressed_0.5'])} | {_f(us['error_retained_0.8_by_sd'])} | "
+              f"{_f(us['error_retained_0.8_by_epistemic_sd'])} | {_f(us['error_retained_0.8_by_predicted_depth'])} | "
+              f"{_f(us['error_retained_0.8_oracle'])} |")
+        w("")
+
     rob = info.get("robustness")
     if rob:
         sec = rob["section"]

@@ -41,6 +41,15 @@ Calibration of the predictive distribution of counts: each spot x gene is given 
   raw counts, so a section sequenced at another depth than the training sections (her2st patient B has
   ~15x fewer UMIs per spot than patient C) is miscalibrated however good the relative prediction is.
 
+Uncertainty ranking (``uncertainty_ranking``): calibration is an average; a user also wants to know
+*which* predictions to trust. Per section: across genes, the Spearman correlation of a gene's relative
+predictive SD with its Pearson r (negative = the uncertain genes are the worse-predicted ones), and the
+mean r of the half of the genes the model is most certain of, beside the half with the highest
+predicted expression (the obvious proxy, a baseline the uncertainty has to beat to be worth more than
+expression level); across spots, for every gene, the mean |log1p error| of the 80% of spots with the
+smallest log-scale SD relative to all spots (1 = a random choice, the oracle ranks by the error itself;
+the baseline keeps the spots with the most predicted counts).
+
 Cell types (when the prediction has ``obsm["celltype_mean"]`` and the section has proportions):
 Pearson per type across spots, mean absolute error over spots and types, mean Jensen-Shannon divergence
 per spot (base 2, in [0, 1]) and the agreement of the dominant type.
@@ -79,7 +88,7 @@ _EPS = 1e-8
 
 __all__ = [
     "evaluate", "transform", "correlations", "summarize", "nb_logpmf", "nb_cdf", "pit_coverage",
-    "calibration", "celltype_metrics", "score_genes", "TARGETS",
+    "calibration", "uncertainty_ranking", "celltype_metrics", "score_genes", "TARGETS",
 ]
 
 
@@ -325,6 +334,83 @@ def calibration(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, epistemi
     }
 
 
+# ----------------------------------------------------------------------------- uncertainty ranking
+def uncertainty_ranking(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, epistemic: np.ndarray,
+                        keep: float = 0.5, retain: float = 0.8) -> dict:
+    """Does the predicted uncertainty point at the worse predictions, and better than the obvious proxy?
+
+    Calibration says the intervals are as wide as they should be on average; this says whether the
+    uncertainty tells a user *which* genes and spots to trust (see the module docstring).
+
+    Parameters
+    ----------
+    y, mean, aleatoric, epistemic
+        Observed counts, predictive mean and the two variances (spots x genes).
+    keep
+        Fraction of genes kept by each gene filter.
+    retain
+        Fraction of spots kept, per gene, by each spot ranking.
+
+    Returns
+    -------
+    ``genes``: Spearman correlation across genes of the relative predictive SD (``sqrt(mean var) /
+    mean``; total and epistemic only) with the gene's Pearson r (log1p counts), and the mean r of all
+    genes, of the ``keep`` most certain, and of the ``keep`` most expressed (the baseline filter).
+    ``spots``: per gene, spots ranked by their SD on the log1p scale (delta method,
+    ``sqrt(var) / (1 + mean)``); the mean |log1p error| of the ``retain`` most certain spots divided by
+    that of all spots, averaged over genes (1 = no better than a random choice), for the total and the
+    epistemic SD, for the oracle that ranks by the error itself and for the baseline that keeps the
+    spots with the highest predicted panel depth; and the median over genes of the
+    Spearman correlation between a spot's SD and its error.
+    """
+    from scipy.stats import rankdata, spearmanr
+
+    y = np.asarray(y, dtype=np.float64)
+    mu = np.asarray(mean, dtype=np.float64)
+    var_t = np.maximum(np.asarray(aleatoric, dtype=np.float64) + np.asarray(epistemic, dtype=np.float64), 0)
+    var_e = np.maximum(np.asarray(epistemic, dtype=np.float64), 0)
+    n, g = y.shape
+    r = np.nan_to_num(correlations(np.log1p(mu), np.log1p(y))[0], nan=0.0)
+    m = np.maximum(mu.mean(0), _EPS)
+    rel_t, rel_e = np.sqrt(var_t.mean(0)) / m, np.sqrt(var_e.mean(0)) / m
+    k = max(1, int(round(keep * g)))
+
+    def rho(a, b):
+        return float(spearmanr(a, b)[0]) if g >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0 else None
+
+    genes = {
+        "spearman_relative_sd_vs_r": rho(rel_t, r),
+        "spearman_relative_epistemic_sd_vs_r": rho(rel_e, r),
+        "spearman_mean_expression_vs_r": rho(m, r),
+        "mean_r_all": float(r.mean()) if g else None,
+        f"mean_r_most_certain_{keep:g}": float(r[np.argsort(rel_t, kind="stable")[:k]].mean()) if g else None,
+        f"mean_r_most_expressed_{keep:g}": float(r[np.argsort(-m, kind="stable")[:k]].mean()) if g else None,
+    }
+    err = np.abs(np.log1p(y) - np.log1p(mu))
+    tot = err.sum(0)
+    ok = tot > 0
+    j = max(1, int(round(retain * n)))
+
+    def retained(score):
+        idx = np.argsort(score[:, ok], axis=0, kind="stable")[:j]
+        kept = np.take_along_axis(err[:, ok], idx, axis=0).mean(0)
+        return float((kept / (tot[ok] / n)).mean()) if ok.any() else None
+
+    sd_t, sd_e = np.sqrt(var_t) / (1 + mu), np.sqrt(var_e) / (1 + mu)
+    rs = rankdata(sd_t[:, ok], axis=0)
+    re = rankdata(err[:, ok], axis=0)
+    per_gene = _colwise_pearson(rs, re)
+    spots = {
+        f"error_retained_{retain:g}_by_sd": retained(sd_t),
+        f"error_retained_{retain:g}_by_epistemic_sd": retained(sd_e),
+        f"error_retained_{retain:g}_oracle": retained(err),
+        # the obvious proxy: trust the spots with the most predicted counts over the panel (cellularity)
+        f"error_retained_{retain:g}_by_predicted_depth": retained(np.broadcast_to(-mu.sum(1, keepdims=True), mu.shape)),
+        "spearman_sd_vs_abs_error_median": float(np.nanmedian(per_gene)) if np.isfinite(per_gene).any() else None,
+    }
+    return {"genes": genes, "spots": spots}
+
+
 # ----------------------------------------------------------------------------- cell types
 def celltype_metrics(pred: pd.DataFrame, obs: pd.DataFrame) -> dict | None:
     """Cell-type proportions: Pearson per type, MAE, mean Jensen-Shannon divergence, dominant-type agreement.
@@ -567,6 +653,12 @@ PROTOCOL = {
                    "50%/90% intervals (in expectation); interval_coverage_* = naive quantile-interval coverage "
                    "(conservative for discrete counts); nll = mean negative log-likelihood (nats) per spot and gene; "
                    "aleatoric_only = the same with variance = aleatoric_var",
+    "uncertainty_ranking": "genes: Spearman across genes of relative predictive SD sqrt(mean var)/mean with "
+                           "Pearson r (log1p counts); mean r of the half of genes with the smallest relative SD "
+                           "vs the half with the highest predicted mean (baseline proxy). spots: per gene, mean "
+                           "|log1p error| of the 80% of spots with the smallest log-scale SD sqrt(var)/(1+mean) "
+                           "over that of all spots (1 = random; oracle ranks by the error; baseline keeps the spots with "
+                           "the highest predicted panel depth), averaged over genes",
     "celltypes": "per-type Pearson across spots of predicted mean probability vs proportion; mae over spots and types; "
                  "mean Jensen-Shannon divergence (base 2) per spot; dominant_agreement = argmax match rate",
     "baseline": "ridge regression on handcrafted colour/texture features of the same tiles (stimage_nb.baseline), "
@@ -652,7 +744,7 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
     df["model"] = "model"
     cal = calibration(Y, mu, alea, epi)
     cal["aleatoric_only"] = calibration(Y, mu, alea, None)
-    entry["model"] = {"genes": summ, "calibration": cal}
+    entry["model"] = {"genes": summ, "calibration": cal, "uncertainty_ranking": uncertainty_ranking(Y, mu, alea, epi)}
     ct_obs = sec.adata.obsm.get(K.CELLTYPE_PROPORTIONS)
     ct_obs = None if ct_obs is None else pd.DataFrame(ct_obs, index=sec.adata.obs_names).loc[ids]
     ct_pred = pred.obsm.get(K.CELLTYPE_MEAN)

@@ -35,6 +35,10 @@ def test_quick_demo_writes_the_report(quick_demo):
     rows = [ln for ln in text.splitlines() if re.match(r"\| (C6|B4) \| \d+ \| 24 \|", ln)]
     assert [r.split("|")[1].strip() for r in rows] == ["C6", "B4"]
     assert "same patient, unseen section" in text and "another patient" in text
+    # the uncertainty-ranking table has a row per held-out section, every ratio a number
+    unc = text.split("### Does the uncertainty say which predictions to trust?")[1].split("\n## ")[0]
+    urows = [ln.split("|")[1:-1] for ln in unc.splitlines() if re.match(r"\| (C6|B4) \|", ln)]
+    assert [r[0].strip() for r in urows] == ["C6", "B4"] and all(float(v) >= 0 for r in urows for v in r[1:])
     # every linked figure exists and is a real PNG
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) >= 3 + 2 * 2 + 2  # 3 evaluation figures, 2 genes x 2 sections, 2 cell-type maps

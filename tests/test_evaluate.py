@@ -123,6 +123,31 @@ def test_calibrated_nb_sample_has_nominal_coverage(c6_counts):
     assert pois["coverage_90"] < full["coverage_90"] - 0.04 and pois["nll"] > alea["nll"]
 
 
+def test_uncertainty_ranking_finds_the_noisy_genes_and_spots(c6_counts):
+    """Real expression levels as means; observations with gene- and spot-dependent noise. An SD that
+    tracks the noise ranks it; an SD unrelated to the noise is no better than a random choice."""
+    rng = np.random.default_rng(1)
+    m = c6_counts.mean(0, keepdims=True) * (c6_counts.sum(1, keepdims=True) / c6_counts.sum(1).mean()) + 0.5
+    n, g = m.shape
+    gene_noise = np.where(np.arange(g) % 2 == 0, 0.1, 2.0)     # every other gene is very noisy
+    spot_noise = np.where(np.arange(n) < n // 4, 3.0, 0.2)      # a quarter of the spots are very noisy
+    noise = gene_noise[None, :] * spot_noise[:, None]
+    y = np.round(np.expm1(np.log1p(m) + rng.normal(0, 1, m.shape) * noise * 0.5)).clip(0)
+    sd_log = noise * 0.5
+    var = (sd_log * (1 + m)) ** 2                               # the stated log-scale SD, in count variance
+    good = E.uncertainty_ranking(y, m, 0.5 * var, 0.5 * var)
+    assert good["genes"]["spearman_relative_sd_vs_r"] < -0.5
+    assert good["genes"]["mean_r_most_certain_0.5"] > good["genes"]["mean_r_all"] + 0.1
+    assert good["spots"]["error_retained_0.8_by_sd"] < 0.75
+    assert good["spots"]["error_retained_0.8_oracle"] <= good["spots"]["error_retained_0.8_by_sd"]
+    assert good["spots"]["spearman_sd_vs_abs_error_median"] > 0.3
+    shuffled = var[rng.permutation(n)][:, rng.permutation(g)]
+    bad = E.uncertainty_ranking(y, m, shuffled, np.zeros_like(var))
+    assert bad["spots"]["error_retained_0.8_by_sd"] == pytest.approx(1.0, abs=0.08)
+    assert abs(bad["genes"]["spearman_relative_epistemic_sd_vs_r"] or 0.0) < 0.2  # epistemic 0: undefined
+    assert bad["spots"]["error_retained_0.8_oracle"] < 0.8
+
+
 # ----------------------------------------------------------------------------- cell types
 def test_celltype_metrics_perfect_and_wrong(c6):
     obs = c6.adata.obsm[K.CELLTYPE_PROPORTIONS]
@@ -219,6 +244,9 @@ def test_evaluate_end_to_end_with_baseline(small_case, tmp_path):
     for k in ("coverage_50", "coverage_90", "nll", "interval_coverage_50"):
         assert np.isfinite(cal[k])
     assert cal["coverage_90"] >= cal["aleatoric_only"]["coverage_90"]
+    ur = c6["model"]["uncertainty_ranking"]
+    assert ur["spots"]["error_retained_0.8_oracle"] < ur["spots"]["error_retained_0.8_by_sd"]
+    assert -1 <= ur["genes"]["spearman_relative_sd_vs_r"] <= 1 and 0 < ur["genes"]["mean_r_all"] <= 1
     # per-gene table: 2 models x 2 targets x genes
     pg = pd.read_csv(out / "metrics_per_gene.csv")
     assert len(pg) == 2 * 2 * GENES
