@@ -325,6 +325,8 @@ def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
               f"{_f(us['error_retained_0.8_by_epistemic_sd'])} | {_f(us['error_retained_0.8_by_predicted_depth'])} | "
               f"{_f(us['error_retained_0.8_oracle'])} |")
         w("")
+        if "uncertainty_ranking" in figs:
+            w(f"![uncertainty ranking]({_rel(figs['uncertainty_ranking'], out)})\n")
 
     rob = info.get("robustness")
     if rob:

@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("log1p_counts", "log1p_cp10k")
 R_THRESHOLD = 0.3
 COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+RETAINED_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # sparsification curves
 _EPS = 1e-8
 
 __all__ = [
@@ -361,7 +362,8 @@ def uncertainty_ranking(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, 
     that of all spots, averaged over genes (1 = no better than a random choice), for the total and the
     epistemic SD, for the oracle that ranks by the error itself and for the baseline that keeps the
     spots with the highest predicted panel depth; and the median over genes of the
-    Spearman correlation between a spot's SD and its error.
+    Spearman correlation between a spot's SD and its error. ``spots["curve"]``: the same ratio at every
+    fraction of :data:`RETAINED_FRACTIONS` for each ranking (a sparsification curve).
     """
     from scipy.stats import rankdata, spearmanr
 
@@ -370,6 +372,8 @@ def uncertainty_ranking(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, 
     var_t = np.maximum(np.asarray(aleatoric, dtype=np.float64) + np.asarray(epistemic, dtype=np.float64), 0)
     var_e = np.maximum(np.asarray(epistemic, dtype=np.float64), 0)
     n, g = y.shape
+    if n == 0 or g == 0:
+        raise ValueError(f"uncertainty_ranking needs spots and genes, got {y.shape}")
     r = np.nan_to_num(correlations(np.log1p(mu), np.log1p(y))[0], nan=0.0)
     m = np.maximum(mu.mean(0), _EPS)
     rel_t, rel_e = np.sqrt(var_t.mean(0)) / m, np.sqrt(var_e.mean(0)) / m
@@ -389,24 +393,27 @@ def uncertainty_ranking(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, 
     err = np.abs(np.log1p(y) - np.log1p(mu))
     tot = err.sum(0)
     ok = tot > 0
-    j = max(1, int(round(retain * n)))
-
-    def retained(score):
-        idx = np.argsort(score[:, ok], axis=0, kind="stable")[:j]
-        kept = np.take_along_axis(err[:, ok], idx, axis=0).mean(0)
-        return float((kept / (tot[ok] / n)).mean()) if ok.any() else None
-
     sd_t, sd_e = np.sqrt(var_t) / (1 + mu), np.sqrt(var_e) / (1 + mu)
-    rs = rankdata(sd_t[:, ok], axis=0)
-    re = rankdata(err[:, ok], axis=0)
-    per_gene = _colwise_pearson(rs, re)
+    # the obvious proxy: trust the spots with the most predicted counts over the panel (cellularity)
+    rankings = {"sd": sd_t, "epistemic_sd": sd_e, "predicted_depth": np.broadcast_to(-mu.sum(1, keepdims=True), mu.shape),
+                "oracle": err}
+    # per gene, cumulative mean error of the spots in each ranking's order (most certain first)
+    cum = {k: np.cumsum(np.take_along_axis(err[:, ok], np.argsort(v[:, ok], axis=0, kind="stable"), axis=0), axis=0)
+           for k, v in rankings.items()}
+
+    def retained(name, frac):
+        j = max(1, int(round(frac * n)))
+        return float((cum[name][j - 1] / j / (tot[ok] / n)).mean()) if ok.any() else None
+
+    per_gene = _colwise_pearson(rankdata(sd_t[:, ok], axis=0), rankdata(err[:, ok], axis=0))
     spots = {
-        f"error_retained_{retain:g}_by_sd": retained(sd_t),
-        f"error_retained_{retain:g}_by_epistemic_sd": retained(sd_e),
-        f"error_retained_{retain:g}_oracle": retained(err),
-        # the obvious proxy: trust the spots with the most predicted counts over the panel (cellularity)
-        f"error_retained_{retain:g}_by_predicted_depth": retained(np.broadcast_to(-mu.sum(1, keepdims=True), mu.shape)),
+        f"error_retained_{retain:g}_by_sd": retained("sd", retain),
+        f"error_retained_{retain:g}_by_epistemic_sd": retained("epistemic_sd", retain),
+        f"error_retained_{retain:g}_oracle": retained("oracle", retain),
+        f"error_retained_{retain:g}_by_predicted_depth": retained("predicted_depth", retain),
         "spearman_sd_vs_abs_error_median": float(np.nanmedian(per_gene)) if np.isfinite(per_gene).any() else None,
+        "curve": {"retained": list(RETAINED_FRACTIONS),
+                  **{k: [retained(k, f) for f in RETAINED_FRACTIONS] for k in rankings}},
     }
     return {"genes": genes, "spots": spots}
 
@@ -829,4 +836,7 @@ def _figures(result: dict, per_gene: pd.DataFrame | None, out: Path) -> dict:
             figs[f"correlation_{t}"] = str(_savefig_atomic(fig, fdir / f"correlation_{t}.png"))
     fig = P.calibration_plot(result)
     figs["calibration"] = str(_savefig_atomic(fig, fdir / "calibration.png"))
+    if any("uncertainty_ranking" in e.get("model", {}) for e in result.get("sections", {}).values()):
+        fig = P.sparsification_plot(result)
+        figs["uncertainty_ranking"] = str(_savefig_atomic(fig, fdir / "uncertainty_ranking.png"))
     return figs

@@ -407,3 +407,43 @@ def calibration_plot(metrics, *, ax=None, sections: Sequence[str] | None = None,
     ax.set_title("calibration of the NB predictive distribution", fontsize=9)
     ax.legend(fontsize=6, loc="upper left", frameon=False)
     return fig
+
+
+def sparsification_plot(metrics, *, ax=None, sections: Sequence[str] | None = None):
+    """Does the uncertainty point at the errors? Per section, the mean |log1p error| of the spots kept
+    (per gene, the most certain first) relative to all spots, against the fraction kept.
+
+    Solid: ranked by the predictive SD; dashed: by the epistemic SD alone; dotted: by predicted depth
+    (the obvious proxy); thin: the oracle (ranked by the error itself). A random choice stays at 1.
+    See :func:`stimage_nb.evaluate.uncertainty_ranking`.
+
+    Parameters
+    ----------
+    metrics
+        The dict returned by :func:`stimage_nb.evaluate.evaluate`, or the path of ``metrics.json``
+        (or of its folder).
+    ax
+        Axes to draw into; a new figure when ``None``.
+    """
+    import matplotlib.pyplot as plt
+
+    m = _load_metrics(metrics)
+    secs = list(sections) if sections is not None else list(m.get("sections", {}))
+    fig, (ax,) = _new_axes(ax, 1, size=(4.6, 4.0))
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="random")
+    cmap = plt.get_cmap("tab10")
+    styles = (("sd", "-", 1.6, "by SD"), ("epistemic_sd", "--", 1.0, "epistemic SD"),
+              ("predicted_depth", ":", 1.0, "predicted depth"), ("oracle", "-", 0.6, "oracle"))
+    for i, s in enumerate(secs):
+        ur = m["sections"][s].get("model", {}).get("uncertainty_ranking")
+        if not ur or "curve" not in ur["spots"]:
+            continue
+        c, curve = cmap(i % 10), ur["spots"]["curve"]
+        for key, ls, lw, what in styles:
+            ax.plot(curve["retained"], curve[key], ls=ls, lw=lw, color=c, label=f"{s} {what}")
+    ax.set_xlim(1.0, 0.0)  # from keeping everything to keeping the most certain few
+    ax.set_xlabel("fraction of spots kept per gene (most certain first)")
+    ax.set_ylabel("mean |log1p error| kept / all")
+    ax.set_title("does the uncertainty rank the errors?", fontsize=9)
+    ax.legend(fontsize=6, loc="best", frameon=False, ncol=2)
+    return fig

@@ -229,7 +229,8 @@ def test_evaluate_end_to_end_with_baseline(small_case, tmp_path):
     on_disk = json.loads(text)
     assert on_disk["sections"].keys() == res["sections"].keys() == {"C6"}
     assert "no counts" in res["skipped"]["B4"]
-    for f in ("correlation_log1p_counts.png", "correlation_log1p_cp10k.png", "calibration.png"):
+    for f in ("correlation_log1p_counts.png", "correlation_log1p_cp10k.png", "calibration.png",
+              "uncertainty_ranking.png"):
         assert (out / "figures" / f).stat().st_size > 5000
     c6 = res["sections"]["C6"]
     assert c6["n_spots"] == 178 and c6["n_genes"] == GENES

@@ -169,3 +169,33 @@ def test_calibration_plot(tmp_path):
         np.testing.assert_allclose(yv, x, atol=0.03)  # calibrated: on the diagonal
     finally:
         plt.close(fig)
+
+
+def test_sparsification_plot(tmp_path):
+    """Curves from uncertainty_ranking: the oracle ends lowest, the curves start at 1 (all kept)."""
+    import json
+
+    from stimage_nb.evaluate import RETAINED_FRACTIONS, uncertainty_ranking
+
+    rng = np.random.default_rng(0)
+    m = rng.gamma(2, 3, (200, 20))
+    noise = np.where(np.arange(200)[:, None] < 50, 2.0, 0.2) * np.ones((1, 20))
+    y = np.round(np.expm1(np.log1p(m) + rng.normal(0, 1, m.shape) * noise)).clip(0)
+    var = (noise * (1 + m)) ** 2
+    ur = uncertainty_ranking(y, m, 0.5 * var, 0.5 * var)
+    curve = ur["spots"]["curve"]
+    assert curve["retained"] == list(RETAINED_FRACTIONS)
+    for k in ("sd", "epistemic_sd", "predicted_depth", "oracle"):
+        assert curve[k][0] == pytest.approx(1.0)  # everything kept: the ratio is 1 by definition
+    assert curve["oracle"][-1] < curve["sd"][-1] < 0.5 < curve["predicted_depth"][-1]
+    assert curve["sd"][2] == pytest.approx(ur["spots"]["error_retained_0.8_by_sd"])
+    (tmp_path / "metrics.json").write_text(json.dumps({"sections": {"C6": {"model": {"uncertainty_ranking": ur}}}}))
+    fig = P.sparsification_plot(tmp_path)
+    try:
+        (ax,) = fig.axes
+        labels = [ln.get_label() for ln in ax.get_lines()]
+        assert labels == ["random", "C6 by SD", "C6 epistemic SD", "C6 predicted depth", "C6 oracle"]
+        np.testing.assert_allclose(ax.get_lines()[1].get_data()[1], curve["sd"])
+        assert ax.get_xlim() == (1.0, 0.0)
+    finally:
+        plt.close(fig)
