@@ -1,4 +1,4 @@
-"""Tiles by physical size, tissue masks and the on-disk tile cache.
+"""Tiles by physical size and the on-disk tile cache.
 
 A tile is a square of ``tile_um`` micrometres centred on a spot or cell, read from the pyramid level
 closest to the target resolution and resampled to ``out_px`` pixels. Two scans of the same tissue at
@@ -24,59 +24,6 @@ log = logging.getLogger(__name__)
 def default_tile_um(diameter_um: float, context: float = 1.5) -> float:
     """Tile side from the spot diameter: the spot plus some context (1.5x by default)."""
     return float(diameter_um) * context
-
-
-def tissue_mask(image: SlideImage, max_px: int = 2048) -> tuple[np.ndarray, float]:
-    """A boolean tissue mask of a thumbnail; returns (mask, downsample to level 0).
-
-    Tissue is where saturation is above an Otsu threshold and the pixel is not near-white glass;
-    small holes are filled and specks removed.
-    """
-    from scipy import ndimage as ndi
-
-    rgb, ds = image.thumbnail(max_px)
-    f = rgb.astype(np.float32) / 255.0
-    mx, mn = f.max(axis=2), f.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
-    t = _otsu(sat)
-    mask = (sat > max(t, 0.05)) & (mx < 0.98)
-    mask = ndi.binary_opening(mask, iterations=2)
-    mask = ndi.binary_closing(mask, iterations=4)
-    mask = ndi.binary_fill_holes(mask)
-    lab, n = ndi.label(mask)
-    if n > 1:
-        sizes = ndi.sum(mask, lab, range(1, n + 1))
-        keep = np.isin(lab, 1 + np.flatnonzero(sizes >= max(0.001 * mask.size, 16)))
-        mask = keep
-    return mask, ds
-
-
-def _otsu(x: np.ndarray) -> float:
-    hist, edges = np.histogram(x.ravel(), bins=256, range=(0, 1))
-    w = np.cumsum(hist).astype(np.float64)
-    mu = np.cumsum(hist * edges[:-1])
-    wt, mut = w[-1], mu[-1]
-    between = (mut * w - mu * wt) ** 2 / np.maximum(w * (wt - w), 1e-12)
-    return float(edges[int(np.argmax(between))])
-
-
-def in_mask(xy: np.ndarray, mask: np.ndarray, ds: float) -> np.ndarray:
-    """Which level-0 points fall on True pixels of a thumbnail mask with downsample ``ds``."""
-    xi = np.clip((xy[:, 0] / ds).astype(int), 0, mask.shape[1] - 1)
-    yi = np.clip((xy[:, 1] / ds).astype(int), 0, mask.shape[0] - 1)
-    return mask[yi, xi]
-
-
-def grid_points(image: SlideImage, spacing_um: float, tissue_only: bool = True) -> np.ndarray:
-    """Centres (level-0 px) of a regular grid ``spacing_um`` apart, optionally only over tissue."""
-    step = spacing_um / image.um_per_px
-    xs = np.arange(step / 2, image.width, step)
-    ys = np.arange(step / 2, image.height, step)
-    xy = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
-    if tissue_only:
-        mask, ds = tissue_mask(image)
-        xy = xy[in_mask(xy, mask, ds)]
-    return xy
 
 
 def _cache_path(image: SlideImage, xy: np.ndarray, tile_um: float, out_px: int) -> Path:

@@ -333,7 +333,7 @@ def read_wsi(path: str | os.PathLike, *, um_per_px: float | None = None, spacing
 
     Use it to predict on slides that have no spatial transcriptomics.
     """
-    from ..tiles import grid_points
+    from .tissue import grid_points
 
     img = open_image(path, um_per_px=um_per_px)
     xy = grid_points(img, spacing_um=spacing_um, tissue_only=tissue_only)

@@ -1,0 +1,85 @@
+"""Where the tissue is on a slide: a tissue mask of a thumbnail, and grid points over the tissue.
+
+Image-level analysis of a :class:`~stimage_nb.io.image.SlideImage` (no tiles, no model): the WSI
+reader lays its observation points out with :func:`grid_points`, and :mod:`stimage_nb.tiles` uses the
+same functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .image import SlideImage
+
+
+def tissue_mask(image: SlideImage, max_px: int = 2048, *, texture_k: float = 6.0, stain_k: float = 3.0,
+                window_um: float = 24.0, smooth_um: float = 8.0) -> tuple[np.ndarray, float]:
+    """A boolean tissue mask of a thumbnail; returns (mask, downsample to level 0).
+
+    Tissue is textured and stained; glass, the pink haze of eosin beside a section, and a Visium
+    slide's grey fiducial frame are not both. On a thumbnail of at most ``max_px`` pixels:
+
+    1. texture: the local standard deviation of the grey level in a ``window_um`` window, smoothed
+       over ``smooth_um`` (both in micrometres, so scans at any resolution are treated alike);
+    2. stain: the colour saturation, smoothed the same way;
+    3. a pixel is tissue where both exceed the background by ``texture_k`` and ``stain_k`` robust
+       standard deviations (median and MAD of the lower half of the thumbnail's values: the
+       background, as long as tissue covers less than half of the slide, or the faintest tissue);
+    4. then an opening removes specks, a closing joins tissue torn by fat and cracks, holes are
+       filled, and components smaller than 0.1% of the thumbnail are dropped.
+
+    Checked against two references (``tests/test_io.py``): the spots the her2st authors selected
+    as under tissue (all inside on six sections; a saturation-Otsu mask used before kept 38–84%),
+    and Space Ranger's ``in_tissue`` flags of the Visium fixture (recall 1.00, accuracy 0.99; 0.41
+    before). The defaults were not tuned: recall stayed 1.00 for ``texture_k`` 4–8 and ``stain_k``
+    2–5 on both.
+    """
+    from scipy import ndimage as ndi
+
+    rgb, ds = image.thumbnail(max_px)
+    um = float(image.um_per_px) * ds  # µm per thumbnail pixel
+    sigma = max(0.5, smooth_um / um)
+    f = rgb.astype(np.float32) / 255.0
+    g = f.mean(axis=2)
+    w = max(3, int(round(window_um / um)) | 1)
+    tex = np.sqrt(np.clip(ndi.uniform_filter(g * g, w) - ndi.uniform_filter(g, w) ** 2, 0, None))
+    tex = ndi.gaussian_filter(tex, sigma)
+    fs = ndi.gaussian_filter(f, (sigma, sigma, 0))
+    mx, mn = fs.max(axis=2), fs.min(axis=2)
+    sat = (mx - mn) / np.maximum(mx, 1e-6)
+    mask = (tex > _background_level(tex, texture_k)) & (sat > _background_level(sat, stain_k))
+    r = max(1, int(round(2 * smooth_um / um)))
+    mask = ndi.binary_opening(mask, iterations=r)
+    mask = ndi.binary_closing(mask, iterations=2 * r)
+    mask = ndi.binary_fill_holes(mask)
+    lab, n = ndi.label(mask)
+    if n > 1:
+        sizes = ndi.sum(mask, lab, range(1, n + 1))
+        mask = np.isin(lab, 1 + np.flatnonzero(sizes >= max(0.001 * mask.size, 16)))
+    return mask, ds
+
+
+def _background_level(x: np.ndarray, k: float) -> float:
+    """Median + ``k`` robust SDs (1.4826 MAD) of the lower half of ``x``'s values."""
+    low = x[x <= np.percentile(x, 50)]
+    med = float(np.median(low))
+    return med + k * (1.4826 * float(np.median(np.abs(low - med))) + 1e-6)
+
+
+def in_mask(xy: np.ndarray, mask: np.ndarray, ds: float) -> np.ndarray:
+    """Which level-0 points fall on True pixels of a thumbnail mask with downsample ``ds``."""
+    xi = np.clip((xy[:, 0] / ds).astype(int), 0, mask.shape[1] - 1)
+    yi = np.clip((xy[:, 1] / ds).astype(int), 0, mask.shape[0] - 1)
+    return mask[yi, xi]
+
+
+def grid_points(image: SlideImage, spacing_um: float, tissue_only: bool = True) -> np.ndarray:
+    """Centres (level-0 px) of a regular grid ``spacing_um`` apart, optionally only over tissue."""
+    step = spacing_um / image.um_per_px
+    xs = np.arange(step / 2, image.width, step)
+    ys = np.arange(step / 2, image.height, step)
+    xy = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    if tissue_only:
+        mask, ds = tissue_mask(image)
+        xy = xy[in_mask(xy, mask, ds)]
+    return xy
