@@ -1,8 +1,8 @@
 """Where the tissue is on a slide: a tissue mask of a thumbnail, and grid points over the tissue.
 
 Image-level analysis of a :class:`~stimage_nb.io.image.SlideImage` (no tiles, no model): the WSI
-reader lays its observation points out with :func:`grid_points`, and :mod:`stimage_nb.tiles` uses the
-same functions.
+reader (:func:`stimage_nb.io.readers.read_wsi`) lays its observation points out with
+:func:`grid_points`, so a whole slide is predicted where there is tissue and nowhere else.
 """
 
 from __future__ import annotations
