@@ -62,9 +62,17 @@ def _cmd_train(a) -> int:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predict sections with a trained ensemble")
+    p = sub.add_parser("predict", help="predict sections (a manifest) or whole slides (--image) with a trained ensemble")
     p.add_argument("--model", required=True, type=Path, help="run directory written by `train`")
-    p.add_argument("--manifest", required=True, type=Path)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path, help="sections with their spots (counts optional)")
+    src.add_argument("--image", type=Path, action="append",
+                     help="a whole slide without spots (SVS/TIFF/OME-Zarr/JPEG), predicted on a grid over its "
+                          "tissue; repeat for several")
+    p.add_argument("--grid-um", type=float, default=None,
+                   help="with --image: grid spacing in µm (default: the model's tile side)")
+    p.add_argument("--um-per-px", type=float, default=None,
+                   help="with --image: the scan's µm per pixel when the file does not record it")
     p.add_argument("--sections", help="comma-separated sections (default: all)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -79,8 +87,14 @@ def _cmd_predict(a) -> int:
     from . import _keys as K
     from .predict import predict_manifest
 
-    paths = predict_manifest(a.model, a.manifest, out=a.out, sections=_csv(a.sections), device=a.device,
-                             batch_size=a.batch_size)
+    if a.image:
+        from .predict import predict_slides
+
+        paths = predict_slides(a.model, a.image, out=a.out, grid_um=a.grid_um, um_per_px=a.um_per_px,
+                               device=a.device, batch_size=a.batch_size)
+    else:
+        paths = predict_manifest(a.model, a.manifest, out=a.out, sections=_csv(a.sections), device=a.device,
+                                 batch_size=a.batch_size)
     for p in paths:
         dom = (ad.read_h5ad(p, backed="r").uns.get(K.UNS) or {}).get("domain") or {}
         pct = dom.get("median_percentile")

@@ -6,6 +6,10 @@ counts), ``layers["aleatoric_var"]`` and ``layers["epistemic_var"]``, ``obsm["ce
 ``obsm["celltype_std"]`` (DataFrames), pixel coordinates and diameter in ``obs`` and
 ``obsm["spatial"]``, provenance in ``uns["stimage_nb"]``.
 
+``predict_slides(model_dir, images, out)`` predicts whole slides that have no spatial transcriptomics
+(routine H&E): points on a grid over the tissue (:func:`stimage_nb.io.readers.read_wsi`), by default
+one tile apart, so every piece of tissue is seen once.
+
 Tiles are read at the model's physical tile size (``tile_um``) whatever the scan's µm/px, so a
 slide scanned at another resolution is resampled to what the model saw. Spots whose centre lies
 outside the image are excluded and counted (``uns["stimage_nb"]["n_outside_image"]``). Large
@@ -25,6 +29,7 @@ import numpy as np
 
 from . import _keys as K
 from .ensemble import Ensemble, versions
+from .errors import StimageInputError
 from .io.prediction import write_h5ad
 from .io.section import Section
 
@@ -187,5 +192,39 @@ def predict_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike, 
         a = predict_section(ens, s, batch_size=batch_size, progress=progress)
         p = write_h5ad(a, out / f"{s.name}.h5ad")
         log.info("%s: %d spots predicted -> %s", s.name, a.n_obs, p)
+        paths.append(p)
+    return paths
+
+
+def predict_slides(model_dir: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                   grid_um: float | None = None, um_per_px: float | None = None, device: str = "auto",
+                   batch_size: int = 256, progress: bool = True) -> list[Path]:
+    """Predict whole slides (routine H&E, no counts) on a grid over their tissue; write ``out/<name>.h5ad``.
+
+    Parameters
+    ----------
+    images
+        Slides (SVS/TIFF/OME-Zarr/JPEG...); each gets points ``grid_um`` apart over the tissue
+        (:func:`stimage_nb.io.tissue.tissue_mask`), named ``"{x}_{y}"`` (level-0 pixels).
+    grid_um
+        Grid spacing and point diameter in µm; default: the model's tile side, so the tiles cover the
+        tissue once without overlap.
+    um_per_px
+        The scan's resolution when the file does not record it (a JPEG); an SVS/OME-Zarr knows it.
+    """
+    from .io.readers import read_wsi
+
+    ens = Ensemble.load(model_dir, device=device)
+    step = float(grid_um or ens.tile_um)
+    out = Path(out)
+    paths = []
+    for img in images:
+        s = read_wsi(img, um_per_px=um_per_px, spacing_um=step, diameter_um=step)
+        if s.adata.n_obs == 0:
+            raise StimageInputError(f"{img}: no tissue found on the slide (stimage_nb.io.tissue.tissue_mask); "
+                                    "is it a blank or fluorescence image?")
+        a = predict_section(ens, s, batch_size=batch_size, progress=progress)
+        p = write_h5ad(a, out / f"{s.name}.h5ad")
+        log.info("%s: %d grid points over tissue (%g µm apart) predicted -> %s", s.name, a.n_obs, step, p)
         paths.append(p)
     return paths

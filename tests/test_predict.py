@@ -155,3 +155,39 @@ def test_cli_train_then_predict(tmp_path, capsys):
     # bad input: a model directory that is not one
     rc = main(["predict", "--model", str(tmp_path), "--manifest", str(her2st_manifest()), "--out", str(tmp_path / "p2")])
     assert rc == 2 and "ensemble.json" in capsys.readouterr().err
+
+
+def test_predict_whole_slides_on_a_grid_over_tissue(tmp_path, data_dir, capsys):
+    """A routine H&E slide without spots (the real SVS): one point per tile-sized square of tissue."""
+    import anndata as ad
+    from PIL import Image
+
+    from stimage_nb.cli import main
+    from stimage_nb.io.image import open_image
+    from stimage_nb.io.tissue import in_mask, tissue_mask
+    from stimage_nb.predict import predict_slides
+
+    svs = data_dir / "fixtures" / "wsi" / "cmu_small_region.svs"
+    (path,) = predict_slides(kit.tiny_run(), [svs], tmp_path / "pred", device="cpu", progress=False)
+    a = ad.read_h5ad(path)
+    img = open_image(svs)
+    step = 150.0 / img.um_per_px  # the tiny model's tile side, in pixels
+    xy = np.asarray(a.obsm[K.SPATIAL])
+    full_grid = len(np.arange(step / 2, img.width, step)) * len(np.arange(step / 2, img.height, step))
+    assert 20 < a.n_obs < full_grid and np.isfinite(a.X).all() and K.EPISTEMIC in a.layers
+    np.testing.assert_allclose(np.diff(np.unique(np.round(xy[:, 0], 1))), step, rtol=1e-5)
+    m, ds = tissue_mask(img)
+    assert in_mask(xy, m, ds).all()  # every point lies on tissue
+    assert a.obs_names[0] == f"{int(round(xy[0, 0]))}_{int(round(xy[0, 1]))}"
+    assert a.uns["stimage_nb"]["image"] == str(svs) and a.uns["stimage_nb"]["um_per_px"] == pytest.approx(0.499)
+    # the command line: a coarser grid, the same slide
+    rc = main(["predict", "--model", str(kit.tiny_run()), "--image", str(svs), "--grid-um", "300",
+               "--out", str(tmp_path / "cli"), "--device", "cpu"])
+    assert rc == 0 and str(tmp_path / "cli" / "cmu_small_region.h5ad") in capsys.readouterr().out
+    assert ad.read_h5ad(tmp_path / "cli" / "cmu_small_region.h5ad").n_obs < a.n_obs / 3
+    # a blank slide is an error that says so, and writes nothing
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (800, 600), (245, 245, 245)).save(blank)
+    rc = main(["predict", "--model", str(kit.tiny_run()), "--image", str(blank), "--um-per-px", "0.5",
+               "--out", str(tmp_path / "blank"), "--device", "cpu"])
+    assert rc == 2 and "no tissue found" in capsys.readouterr().err and not (tmp_path / "blank").exists()
