@@ -32,8 +32,8 @@ def check_um_per_px(value, source: str | os.PathLike) -> float:
         v = float("nan")
     if not math.isfinite(v):
         raise StimageInputError(
-            f"{source}: the pixel size (µm/px) is missing. Give it explicitly (e.g. um_per_px=0.5 or the "
-            "manifest's um_per_px column); typical H&E scans are 0.25 (40x) to 1.0 µm/px.")
+            f"{source}: the pixel size (µm/px) is missing. Give it explicitly (um_per_px=0.5 in Python, the "
+            "manifest's um_per_px column, or --um-per-px 0.5 with `stimage-nb predict --image`); typical H&E scans are 0.25 (40x) to 1.0 µm/px.")
     if not (MIN_UM_PER_PX <= v <= MAX_UM_PER_PX):
         raise StimageInputError(
             f"{source}: pixel size {v} µm/px is outside the plausible range [{MIN_UM_PER_PX}, {MAX_UM_PER_PX}]. "
