@@ -153,6 +153,38 @@ def test_visium_outs(data_dir):
     assert (s.xy >= 0).all() and (s.xy < 600).all()
 
 
+def test_manifest_rows_can_be_visium_outs(data_dir, her2st_manifest, tmp_path):
+    """A `visium` column names a Space Ranger outs/ folder: such rows train and predict through the
+    same manifest as the her2st layout, in one file."""
+    outs = data_dir / "fixtures" / "visium_1.0.0"
+    h = pd.read_csv(her2st_manifest, dtype=str).set_index("section").loc["C3"]
+    base = her2st_manifest.parent
+    man = tmp_path / "mixed.csv"
+    pd.DataFrame([
+        {"section": "C3", "patient": "C", "image": str(base / h["image"]), "counts": str(base / h["counts"]),
+         "spots": str(base / h["spots"]), "um_per_px": h["um_per_px"], "visium": ""},
+        {"section": "heart", "patient": "P1", "image": "", "counts": "", "spots": "", "um_per_px": "",
+         "visium": str(outs)},
+    ]).to_csv(man, index=False)
+    c3, heart = read_manifest(man, genes=None)
+    ref = read_visium(outs)
+    assert c3.name == "C3" and c3.adata.n_obs == 180
+    assert heart.name == "heart" and heart.patient == "P1" and heart.adata.n_obs == ref.adata.n_obs
+    assert heart.um_per_px == pytest.approx(ref.um_per_px)
+    assert (heart.adata.X != ref.adata.X).nnz == 0 and list(heart.adata.obs_names) == list(ref.adata.obs_names)
+    # only `section` + `visium` are needed for an all-Visium manifest
+    only = tmp_path / "visium.csv"
+    only.write_text(f"section,visium\nheart,{outs}\n")
+    assert read_manifest(only)[0].adata.n_obs == ref.adata.n_obs
+    # a missing outs/ folder names the section; a her2st row in a visium manifest still needs its columns
+    only.write_text(f"section,visium\nheart,{tmp_path / 'nope'}\n")
+    with pytest.raises(StimageInputError, match="Visium outs/ folder of section heart not found"):
+        read_manifest(only)
+    only.write_text(f"section,visium\nheart,{outs}\nC3,\n")
+    with pytest.raises(StimageInputError, match="section C3 has no visium folder, so it needs the columns"):
+        read_manifest(only)
+
+
 def test_anndata_with_image(sections, tmp_path):
     s = sections["C4"]
     p = tmp_path / "c4.h5ad"

@@ -4,7 +4,10 @@
   ``section,patient,image,counts,spots,um_per_px``; optional ``celltypes``, ``spot_diameter_um`` and
   ``annotations`` (a QuPath GeoJSON: only spots inside its annotations are kept, ``obs["region"]`` names
   them; see :func:`stimage_nb.qupath.restrict_to_regions`) columns; paths relative to the CSV). Rows
-  without counts are valid (prediction only).
+  without counts are valid (prediction only). A row whose optional ``visium`` column names a Space
+  Ranger ``outs/`` folder is read by :func:`read_visium` (``image``: the full-resolution H&E, optional;
+  ``spots``, ``counts`` and ``um_per_px`` are then left empty), so Visium sections train and predict
+  through the same manifest and command line.
 - :func:`read_visium`: a 10x Space Ranger ``outs/`` folder.
 - :func:`read_anndata`: an AnnData with ``obsm["spatial"]`` plus an image.
 - :func:`read_wsi`: a whole-slide image (SVS/TIFF/OME-Zarr) with points on a regular grid over tissue.
@@ -163,7 +166,8 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
         m = pd.read_csv(path, dtype=str)
     except Exception as e:  # noqa: BLE001
         raise StimageInputError(f"{path}: cannot read the manifest CSV ({e}).") from e
-    missing_cols = [c for c in MANIFEST_COLUMNS if c not in m.columns]
+    required = ("section",) if "visium" in m.columns else MANIFEST_COLUMNS
+    missing_cols = [c for c in required if c not in m.columns]
     if missing_cols:
         raise StimageInputError(f"{path}: manifest lacks columns {missing_cols}; expected at least "
                                 f"{list(MANIFEST_COLUMNS)} (plus optional counts, patient, celltypes, spot_diameter_um).")
@@ -177,6 +181,13 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
         m = m.loc[sections]
     out = []
     for name, row in m.iterrows():
+        outs = _resolve(base, row.get("visium")) if "visium" in m.columns else None
+        if outs is not None:
+            out.append(_manifest_visium_row(path, base, str(name), row, outs, genes, drop_missing_genes, check_images))
+            continue
+        missing = [c for c in MANIFEST_COLUMNS if c not in m.columns]
+        if missing:
+            raise StimageInputError(f"{path}: section {name} has no visium folder, so it needs the columns {missing}.")
         um_raw = row.get("um_per_px")
         um = check_um_per_px(um_raw, f"{path} (section {name}, column um_per_px)")
         image = _resolve(base, row["image"])
@@ -197,6 +208,22 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
 
             out[-1] = restrict_to_regions(out[-1], ann)
     return out
+
+
+def _manifest_visium_row(path: Path, base: Path, name: str, row, outs: Path, genes, drop_missing_genes: bool,
+                         check_images: bool) -> Section:
+    """One manifest row that names a Space Ranger ``outs/`` folder (column ``visium``)."""
+    if not outs.is_dir():
+        raise StimageInputError(f"{outs}: Visium outs/ folder of section {name} not found (manifest {path}).")
+    image = _resolve(base, row.get("image")) if "image" in row.index else None
+    if image is not None and check_images and not image.exists():
+        raise StimageInputError(f"{image}: image of section {name} not found (manifest {path}).")
+    s = read_visium(outs, image=image, name=name, genes=genes, drop_missing_genes=drop_missing_genes)
+    patient = row.get("patient") if "patient" in row.index else None
+    if patient is not None and str(patient) not in ("", "nan"):
+        s.patient = str(patient)
+        s.adata.uns.setdefault(K.UNS, {})["patient"] = str(patient)
+    return s
 
 
 def _read_10x_h5(path: Path):
