@@ -3,9 +3,9 @@
 - :func:`resolve_device`: ``"auto"`` -> CUDA when there is one, else the CPU.
 - :func:`fast_paths`: whether bf16 autocast and the channels_last memory format apply on a device.
   They pay on CUDA (tensor cores, cuDNN's NHWC kernels) and are off on the CPU, so CPU results stay
-  float32 everywhere (bf16 speed on a CPU depends on its instruction set). Setting the environment variable ``STIMAGE_NB_CPU_FAST_PATHS=1`` turns them on for the
-  CPU too: the CPU then runs exactly the mixed-precision code a GPU runs (slowly), which is how the
-  tests check that path on machines without a GPU.
+  float32 everywhere (bf16 speed on a CPU depends on its instruction set). Setting the environment
+  variable ``STIMAGE_NB_CPU_FAST_PATHS=1`` turns them on for the CPU too: the CPU then runs exactly
+  the mixed-precision code a GPU runs, which is how the tests check that path without a GPU.
 - :func:`autocast`: the bf16 autocast context of a device, enabled by the policy above.
 - :func:`synchronize`: wait for a device's queued work (timings).
 - :func:`for_batches`: run a function over ``[0, n)`` in batches, retrying a batch that does not fit
