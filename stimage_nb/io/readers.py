@@ -183,31 +183,38 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
     for name, row in m.iterrows():
         outs = _resolve(base, row.get("visium")) if "visium" in m.columns else None
         if outs is not None:
-            out.append(_manifest_visium_row(path, base, str(name), row, outs, genes, drop_missing_genes, check_images))
-            continue
-        missing = [c for c in MANIFEST_COLUMNS if c not in m.columns]
-        if missing:
-            raise StimageInputError(f"{path}: section {name} has no visium folder, so it needs the columns {missing}.")
-        um_raw = row.get("um_per_px")
-        um = check_um_per_px(um_raw, f"{path} (section {name}, column um_per_px)")
-        image = _resolve(base, row["image"])
-        if image is None:
-            raise StimageInputError(f"{path}: section {name} has no image.")
-        if check_images and not image.exists():
-            raise StimageInputError(f"{image}: image of section {name} not found (manifest {path}).")
-        ct = _resolve(base, row.get("celltypes")) if "celltypes" in m.columns else _default_celltypes(base, name, celltype_level)
-        diam = row.get("spot_diameter_um")
-        diam = float(diam) if diam is not None and str(diam) not in ("", "nan") else LEGACY_ST_SPOT_UM
-        out.append(read_section_files(
-            str(name), image=image, spots=_resolve(base, row["spots"]), counts=_resolve(base, row.get("counts")),
-            um_per_px=um, patient=row.get("patient") if "patient" in m.columns else None, celltypes=ct,
-            spot_diameter_um=diam, genes=genes, drop_missing_genes=drop_missing_genes))
+            sec = _manifest_visium_row(path, base, str(name), row, outs, genes, drop_missing_genes, check_images)
+        else:
+            sec = _manifest_files_row(path, base, m.columns, str(name), row, genes, drop_missing_genes, check_images,
+                                      celltype_level)
         ann = _resolve(base, row.get("annotations")) if "annotations" in m.columns else None
         if ann is not None:  # QuPath annotations: keep the spots inside them (Ignore*/exclude dropped)
             from ..qupath import restrict_to_regions
 
-            out[-1] = restrict_to_regions(out[-1], ann)
+            sec = restrict_to_regions(sec, ann)
+        out.append(sec)
     return out
+
+
+def _manifest_files_row(path: Path, base: Path, columns, name: str, row, genes, drop_missing_genes: bool,
+                        check_images: bool, celltype_level: str) -> Section:
+    """One manifest row in the her2st layout (image, spots, counts, µm/px files)."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+    if missing:
+        raise StimageInputError(f"{path}: section {name} has no visium folder, so it needs the columns {missing}.")
+    um = check_um_per_px(row.get("um_per_px"), f"{path} (section {name}, column um_per_px)")
+    image = _resolve(base, row["image"])
+    if image is None:
+        raise StimageInputError(f"{path}: section {name} has no image.")
+    if check_images and not image.exists():
+        raise StimageInputError(f"{image}: image of section {name} not found (manifest {path}).")
+    ct = _resolve(base, row.get("celltypes")) if "celltypes" in columns else _default_celltypes(base, name, celltype_level)
+    diam = row.get("spot_diameter_um")
+    diam = float(diam) if diam is not None and str(diam) not in ("", "nan") else LEGACY_ST_SPOT_UM
+    return read_section_files(
+        name, image=image, spots=_resolve(base, row["spots"]), counts=_resolve(base, row.get("counts")),
+        um_per_px=um, patient=row.get("patient") if "patient" in columns else None, celltypes=ct,
+        spot_diameter_um=diam, genes=genes, drop_missing_genes=drop_missing_genes)
 
 
 def _manifest_visium_row(path: Path, base: Path, name: str, row, outs: Path, genes, drop_missing_genes: bool,
