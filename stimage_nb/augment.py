@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from .devices import fast_paths
+from .stain import RUIFROK_HED
 
 # Ruifrok & Johnston stain vectors (as scikit-image's rgb_from_hed): rows H, E, DAB in OD space.
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
-_RGB_FROM_HED = _RGB_FROM_HED / torch.linalg.norm(_RGB_FROM_HED, dim=1, keepdim=True)
+_RGB_FROM_HED = torch.from_numpy(RUIFROK_HED)
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 

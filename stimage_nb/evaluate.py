@@ -386,9 +386,9 @@ def uncertainty_ranking(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, 
         "spearman_relative_sd_vs_r": rho(rel_t, r),
         "spearman_relative_epistemic_sd_vs_r": rho(rel_e, r),
         "spearman_mean_expression_vs_r": rho(m, r),
-        "mean_r_all": float(r.mean()) if g else None,
-        f"mean_r_most_certain_{keep:g}": float(r[np.argsort(rel_t, kind="stable")[:k]].mean()) if g else None,
-        f"mean_r_most_expressed_{keep:g}": float(r[np.argsort(-m, kind="stable")[:k]].mean()) if g else None,
+        "mean_r_all": float(r.mean()),
+        f"mean_r_most_certain_{keep:g}": float(r[np.argsort(rel_t, kind="stable")[:k]].mean()),
+        f"mean_r_most_expressed_{keep:g}": float(r[np.argsort(-m, kind="stable")[:k]].mean()),
     }
     err = np.abs(np.log1p(y) - np.log1p(mu))
     tot = err.sum(0)
@@ -407,10 +407,7 @@ def uncertainty_ranking(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, 
 
     per_gene = _colwise_pearson(rankdata(sd_t[:, ok], axis=0), rankdata(err[:, ok], axis=0))
     spots = {
-        f"error_retained_{retain:g}_by_sd": retained("sd", retain),
-        f"error_retained_{retain:g}_by_epistemic_sd": retained("epistemic_sd", retain),
-        f"error_retained_{retain:g}_oracle": retained("oracle", retain),
-        f"error_retained_{retain:g}_by_predicted_depth": retained("predicted_depth", retain),
+        **{f"error_retained_{retain:g}_{'oracle' if k == 'oracle' else 'by_' + k}": retained(k, retain) for k in rankings},
         "spearman_sd_vs_abs_error_median": float(np.nanmedian(per_gene)) if np.isfinite(per_gene).any() else None,
         "curve": {"retained": list(RETAINED_FRACTIONS),
                   **{k: [retained(k, f) for f in RETAINED_FRACTIONS] for k in rankings}},
