@@ -9,8 +9,16 @@
 # passwordless sudo for apt-get; without them it says so and exits non-zero (setup.sh then goes on
 # and the browser test skips with that reason).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${1:-.venv/bin/python}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${1:-$ROOT/.venv/bin/python}
+# The Python as an absolute path, resolved against the caller's directory (never through its symlink:
+# a venv's python is a link to the base interpreter), so every later `cd` keeps it valid.
+case "$PY" in
+  /*) ;;
+  */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;;
+  *) PY=$(command -v "$PY") || { echo "no python named $1 on PATH" >&2; exit 1; } ;;
+esac
+cd "$ROOT"
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
 chromium_bin() {

@@ -13,8 +13,16 @@
 # Needs a C++ compiler and the OpenSSL and bzip2 headers (Debian: g++ libssl-dev libbz2-dev).
 # conda users can skip all this: conda-forge ships zeroc-ice 3.6.5 prebuilt (environment.yml).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${1:-.venv/bin/python}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${1:-$ROOT/.venv/bin/python}
+# The Python as an absolute path, resolved against the caller's directory (never through its symlink:
+# a venv's python is a link to the base interpreter), so every later `cd` keeps it valid.
+case "$PY" in
+  /*) ;;
+  */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;;
+  *) PY=$(command -v "$PY") || { echo "no python named $1 on PATH" >&2; exit 1; } ;;
+esac
+cd "$ROOT"
 ICE_VERSION=3.6.5
 PKGS=("omero-py>=5.19,<6" "ezomero>=3.0" "omero-rois>=0.3" "omero-marshal>=0.9")
 WHEELS=${STIMAGE_NB_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/stimage_nb/wheels}

@@ -5,10 +5,11 @@
 # Environment: PYTHON (default python3.11), STIMAGE_NB_SKIP_OMERO=1 to skip the OMERO client stack,
 # STIMAGE_NB_SKIP_BROWSER=1 to skip chromium.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-VENV=.venv
+VENV="$ROOT/.venv"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
@@ -18,17 +19,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing into $VENV (first run takes a few minutes)"
-"$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+"$VENV/bin/python" -m pip install -q --upgrade pip wheel "setuptools<81"
 # torch/torchvision: the pinned pair installs from the local wheel cache on these machines;
 # elsewhere pip fetches them from PyPI.
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
   || "$VENV/bin/python" -m pip install -q torch torchvision
 "$VENV/bin/python" -m pip install -q -e ".[test,jupyter]"
 if [ -z "${STIMAGE_NB_SKIP_OMERO:-}" ] && [ -f .ci/install_omero.sh ]; then
-  bash .ci/install_omero.sh "$VENV/bin/python"
+  bash "$ROOT/.ci/install_omero.sh" "$VENV/bin/python"
 fi
 if [ -z "${STIMAGE_NB_SKIP_BROWSER:-}" ] && [ -f .ci/install_browser.sh ]; then
-  bash .ci/install_browser.sh "$VENV/bin/python" || echo "[setup] browser test tooling not installed; browser tests will skip"
+  bash "$ROOT/.ci/install_browser.sh" "$VENV/bin/python" || echo "[setup] browser test tooling not installed; browser tests will skip"
 fi
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -29,6 +29,7 @@ CONDA_NAMES = {
     "dask": ("dask-core", "dask"),
     "matplotlib": ("matplotlib-base", "matplotlib"),
     "zeroc-ice": ("zeroc-ice",),
+    "openslide-bin": ("openslide",),  # PyPI's wheel of the C library; conda-forge packages the library itself
 }
 # what each environment file must provide: core dependencies + these extras
 REQUIRED_EXTRAS = {TOP: ("omero", "jupyter"), BINDER / "environment.yml": ("jupyter",)}
