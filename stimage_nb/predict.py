@@ -170,6 +170,9 @@ def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:
         "model_dir": str(getattr(ens, "path", "")), "stain_normalization": "macenko" if ens.stain is not None else "none",
         "n_outside_image": int(n_out), "n_spots": int(sec.adata.n_obs),
         "counts": str(uns_in.get("counts") or ""),
+        "platform": str(sec.platform), "obs_unit": str(uns_in.get(K.OBS_UNIT) or "spot"),
+        "pseudospot_um": float((uns_in.get(K.PSEUDOSPOT) or {}).get("diameter_um", 0.0)),
+        "train_platforms": sorted(set((m.get("train_platforms") or {}).values())),
         "package_version": str(versions().get("stimage_nb")), "versions": {k: str(v) for k, v in versions().items()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -183,7 +183,7 @@ def read_celltype_targets(path: str | os.PathLike, ids) -> tuple[pd.DataFrame, p
         raise StimageInputError(f"{p}: cell-type file not found.")
     sep = "\t" if any(x in p.name.lower() for x in (".tsv", ".txt")) else ","
     try:
-        df = pd.read_csv(p, sep=sep, index_col=0)
+        df = pd.read_csv(p, sep=sep, index_col=0, dtype=str)  # labels as written ("1", not 1.0)
     except Exception as e:  # noqa: BLE001
         raise StimageInputError(f"{p}: cannot read the cell-type table ({type(e).__name__}: {e}).") from e
     df.index = df.index.astype(str)
@@ -197,8 +197,7 @@ def read_celltype_targets(path: str | os.PathLike, ids) -> tuple[pd.DataFrame, p
     if n_hit < len(ids):
         log.warning("%s: %d of %d observations have no cell type (NaN targets)", p, len(ids) - n_hit, len(ids))
     if df.shape[1] == 1:
-        labels = df.iloc[:, 0].reindex(ids)
-        labels = labels.where(labels.isna(), labels.astype(str))
+        labels = df.iloc[:, 0].str.strip().replace("", np.nan).reindex(ids)
         return celltypes_from_labels(labels), labels
     try:
         props = df.reindex(ids).astype(np.float32)

@@ -2,8 +2,10 @@
 
 - :func:`read_visium`: a Space Ranger ``outs/`` folder of a Visium slide: 55 µm spots
   (``platform="visium"``). Positions from any of the three files Space Ranger has written
-  (:func:`stimage_nb.io.tenx.read_tissue_positions`); µm/px from the 55 µm spot diameter and
-  ``spot_diameter_fullres``.
+  (:func:`stimage_nb.io.tenx.read_tissue_positions`); µm/px from ``spot_diameter_fullres``, which
+  Space Ranger defines as the pixels spanning a *theoretical 65 µm spot* (10x, "Space Ranger spatial
+  outputs"), not the 55 µm capture spot: 65 / ``spot_diameter_fullres``. Checked on the real fixture
+  against the array's geometry (spots 100 µm apart centre to centre; 55 µm would make them 85 µm).
 - :func:`read_visium_hd`: Visium HD binned outputs, ``binned_outputs/square_002um|008um|016um/``
   (``platform="visium_hd"``): square bins, positions only in ``spatial/tissue_positions.parquet``, µm/px
   from ``microns_per_pixel`` in the scale factors (else ``bin_size_um / spot_diameter_fullres``).
@@ -32,7 +34,8 @@ from .tenx import not_blank, read_10x_counts, read_scalefactors, read_tissue_pos
 
 log = logging.getLogger(__name__)
 
-VISIUM_SPOT_UM = 55.0
+VISIUM_SPOT_UM = 55.0            # the capture spot's diameter
+VISIUM_SPOT_FULLRES_UM = 65.0    # what scalefactors' spot_diameter_fullres spans (10x's "theoretical spot")
 HD_BIN_SIZES_UM = (2, 8, 16)
 HD_DEFAULT_BIN_UM = 8
 
@@ -97,7 +100,7 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None = No
     Returns
     -------
     Section with ``platform="visium"``; obs ``in_tissue, array_row, array_col``; ``obsm["spatial"]`` in
-    pixels of the image used; µm/px = 55 / ``spot_diameter_fullres`` / image scale.
+    pixels of the image used; µm/px = 65 / ``spot_diameter_fullres`` / image scale (module docstring).
 
     Raises
     ------
@@ -118,7 +121,7 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None = No
     sp_dir = outs / "spatial"
     sf = read_scalefactors(sp_dir / "scalefactors_json.json", need=("spot_diameter_fullres",))
     pos, pos_path = read_tissue_positions(sp_dir)
-    um_full = VISIUM_SPOT_UM / float(sf["spot_diameter_fullres"])
+    um_full = VISIUM_SPOT_FULLRES_UM / float(sf["spot_diameter_fullres"])
     if image is None:
         image, scale = _pick_image([sp_dir], sf, sp_dir)
     else:

@@ -192,7 +192,11 @@ def read_xenium(outs: str | os.PathLike, *, image: str | os.PathLike | None = No
         if not _spatialdata_can_read(outs, spec):
             raise StimageInputError(f"{outs}: spatialdata-io's Xenium reader needs cells.parquet, cell_feature_matrix.h5 "
                                     "(and cells.zarr.zip for Xenium Onboard Analysis 2.0+).")
-        counts, cells = _cells_spatialdata(outs)
+        try:
+            counts, cells = _cells_spatialdata(outs)
+        except Exception as e:  # noqa: BLE001 - the library's assertions and KeyErrors become one clear line
+            raise StimageInputError(f"{outs}: spatialdata-io's Xenium reader failed ({type(e).__name__}: {e}); "
+                                    "check cells.parquet against cell_feature_matrix.h5 (same cell_id, same order).") from e
     else:
         counts, cells = _cells_pandas(outs)
     common = counts.obs_names[counts.obs_names.isin(cells.index)]
