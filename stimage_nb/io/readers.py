@@ -291,6 +291,9 @@ def _manifest_files_row(path: Path, base: Path, columns, name: str, row, genes, 
     ct = _resolve(base, row.get("celltypes")) if "celltypes" in columns else _default_celltypes(base, name, celltype_level)
     diam = _float_cell(path, name, row, "spot_diameter_um")
     if diam is None:
+        if P.obs_unit(platform) in ("cell", "bin"):
+            raise StimageInputError(f"{path}: section {name} ({platform}) in the spots-table layout: give the cell/bin "
+                                    "diameter in the column spot_diameter_um.")
         diam = P.PLATFORMS[platform].diameter_um or LEGACY_ST_SPOT_UM
     return read_section_files(
         name, image=image, spots=_resolve(base, row["spots"]), counts=_resolve(base, row.get("counts")),

@@ -109,6 +109,8 @@ def test_manifest_platform_disagreements(data_dir, tmp_path, her2st_manifest):
          r"every row needs a unique section name \(empty or repeated: \['heart'\]\)"),
         ([{"section": "heart", "outs": str(vis)}, {**_her2st_row(her2st_manifest), "platform": "visum"}],
          r"section C3, column platform\): unknown platform 'visum'"),
+        ([{**_her2st_row(her2st_manifest), "platform": "xenium"}],
+         r"section C3 \(xenium\) in the spots-table layout: give the cell/bin diameter in the column spot_diameter_um"),
     ]
     for rows, msg in cases:
         man = tmp_path / "m.csv"

@@ -104,6 +104,14 @@ def test_visium_bad_inputs_name_the_file(data_dir, tmp_path):
         read_visium(noh5)
     with pytest.raises(StimageInputError, match="Visium outs/ folder not found"):
         read_visium(tmp_path / "nothing")
+    junk = D._copy_tree_links(src, tmp_path / "junk", skip=("filtered_feature_bc_matrix.h5",))
+    (junk / "filtered_feature_bc_matrix.h5").write_bytes(b"not hdf5")
+    with pytest.raises(StimageInputError, match=r"junk/filtered_feature_bc_matrix.h5: not a readable 10x feature-barcode"):
+        read_visium(junk)
+    noimg = D._copy_tree_links(src, tmp_path / "noimg", skip=("tissue_lowres_image.png",))  # the hires is blank
+    with pytest.raises(StimageInputError, match=r"noimg/spatial: no usable H&E image .* pass image="):
+        read_visium(noimg)
+    assert read_visium(noimg, image=src / "spatial" / "tissue_lowres_image.png").adata.uns[K.UNS]["image_scale"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- Visium HD
