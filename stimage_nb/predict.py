@@ -192,6 +192,10 @@ def predict_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike, 
     out = Path(out)
     paths = []
     for s in secs:
+        if (s.adata.uns.get(K.UNS) or {}).get(K.OBS_UNIT) == "bin":
+            log.warning("%s: predicting %d %s bins one by one (a %g µm tile each); to predict at the model's spot size "
+                        "give the manifest row pseudospot_um=%g", s.name, s.adata.n_obs, s.platform, ens.tile_um,
+                        float(ens.meta.get("train_diameter_um") or ens.tile_um / 1.5))
         a = predict_section(ens, s, batch_size=batch_size, progress=progress)
         p = write_h5ad(a, out / f"{s.name}.h5ad")
         log.info("%s: %d spots predicted -> %s", s.name, a.n_obs, p)

@@ -179,3 +179,25 @@ def test_cli_names_a_bad_platform_in_one_line(data_dir, tmp_path):
     assert "Traceback" not in r.stderr
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and "unknown platform 'xenum'" in err[0], r.stderr
+
+
+def test_bins_predicted_one_by_one_are_told_how_to_aggregate(data_dir, tmp_path, caplog):
+    """Visium HD bins without pseudospot_um are predicted per bin, with a warning that names the model's spot
+    size; with pseudospot_um they are predicted as pseudo-spots of that size."""
+    import logging
+
+    from stimage_nb.io.prediction import read_prediction
+    from stimage_nb.predict import predict_manifest
+
+    run = kit.tiny_run()
+    man = tmp_path / "hd.csv"
+    outs = str(D.hd_field_case(data_dir))
+    pd.DataFrame([{"section": "hd", "outs": outs}, {"section": "hd_ps", "outs": outs, "pseudospot_um": "100"}]
+                 ).to_csv(man, index=False)
+    with caplog.at_level(logging.WARNING, logger="stimage_nb.predict"):
+        paths = predict_manifest(run, man, tmp_path / "pred", device="cpu", progress=False)
+    warn = [r.getMessage() for r in caplog.records if "bins one by one" in r.getMessage()]
+    assert len(warn) == 1 and warn[0].startswith("hd: predicting 576 visium_hd bins") and "pseudospot_um=100" in warn[0]
+    hd, ps = (read_prediction(p) for p in paths)
+    assert hd.n_obs == 576 and hd.uns[K.UNS]["obs_unit"] == "bin"
+    assert ps.uns[K.UNS]["obs_unit"] == "pseudospot" and 0 < ps.n_obs < 576 / 20
