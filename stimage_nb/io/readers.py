@@ -276,6 +276,40 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
     return out
 
 
+def manifest_platforms(path: str | os.PathLike) -> dict[str, str]:
+    """``{section: platform}`` of a manifest without reading any counts or image (for planning splits).
+
+    The ``platform`` column where given; else the layout of the ``outs``/``visium`` folder; else ``st``
+    (her2st-layout rows). Raises :class:`StimageInputError` for an unknown platform or an ``.h5ad`` row
+    without one, as :func:`read_manifest` would.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise StimageInputError(f"{path}: manifest not found.")
+    try:
+        m = pd.read_csv(path, dtype=str)
+    except Exception as e:  # noqa: BLE001
+        raise StimageInputError(f"{path}: cannot read the manifest CSV ({e}).") from e
+    if "section" not in m.columns:
+        raise StimageInputError(f"{path}: manifest lacks the column section.")
+    out = {}
+    for _, row in m.iterrows():
+        name = str(row["section"])
+        plat = _cell(row, "platform")
+        if plat is not None:
+            out[name] = check_platform(plat, f"{path} (section {name}, column platform)")
+            continue
+        src = next((_resolve(path.parent, _cell(row, c)) for c in OUTS_COLUMNS if _cell(row, c) is not None), None)
+        if src is None:
+            out[name] = P.ST
+        elif src.suffix == ".h5ad":
+            raise StimageInputError(f"{path}: section {name} is an AnnData ({src.name}); say which platform it comes from "
+                                    f"in the column platform (one of {sorted(P.PLATFORMS)}).")
+        else:
+            out[name] = P.detect_platform(src) or P.UNKNOWN
+    return out
+
+
 def _manifest_files_row(path: Path, base: Path, columns, name: str, row, genes, drop_missing_genes: bool,
                         check_images: bool, celltype_level: str, outs_col: str, platform: str) -> Section:
     """One manifest row in the her2st layout (image, spots, counts, µm/px files)."""

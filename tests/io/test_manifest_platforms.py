@@ -75,6 +75,9 @@ def test_a_manifest_mixing_platforms_reads_in_one_call(mixed, data_dir):
     assert ps["diameter_um"] == 100.0 and ps["lattice"] == "hex" and ps["source_unit"] == "cell"
     assert secs["lung_ps55sq"].adata.uns[K.UNS][K.PSEUDOSPOT]["lattice"] == "square"
     assert secs["lung_ps100"].adata.X.sum() <= secs["lung"].adata.X.sum()
+    from stimage_nb.io import manifest_platforms
+
+    assert manifest_platforms(mixed) == {n: s.platform for n, s in secs.items()}  # the same, without reading data
     # a subset by name, in the order asked
     assert [s.name for s in read_manifest(mixed, ["lung_ps100", "C3"])] == ["lung_ps100", "C3"]
 
