@@ -54,16 +54,17 @@ def _pick_image(sp_dirs: Sequence[Path], sf: dict, where: Path) -> tuple[Path, f
 def _section(name: str, counts, pos, pos_path: Path, image: Path, scale: float, um_per_px: float, diameter_um,
              platform: str, uns: dict, in_tissue_only: bool, genes, drop_missing_genes: bool, source: Path,
              celltypes=None) -> Section:
-    bc = counts.obs_names[counts.obs_names.isin(pos.index)]
-    if len(bc) == 0:
+    at = pos.index.get_indexer(counts.obs_names)  # one hash join (millions of bins), positional from here on
+    rows = np.flatnonzero(at >= 0)
+    if len(rows) == 0:
         raise StimageInputError(f"{pos_path}: none of the {counts.n_obs} barcodes of {source} is in the positions "
                                 f"(e.g. {list(counts.obs_names[:2])} vs {list(pos.index[:2])}).")
-    keep = pos.loc[bc]
     if in_tissue_only:
-        keep = keep[keep["in_tissue"].to_numpy() == 1]
-        if len(keep) == 0:
+        rows = rows[pos["in_tissue"].to_numpy()[at[rows]] == 1]
+        if len(rows) == 0:
             raise StimageInputError(f"{pos_path}: no barcode of {source} is flagged in_tissue.")
-    X = counts[keep.index].X
+    keep = pos.iloc[at[rows]]
+    X = counts.X[rows]
     check_counts(X, source)
     xy = keep[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64) * scale
     ct, labels = read_celltype_targets(celltypes, keep.index) if celltypes is not None else (None, None)
