@@ -204,3 +204,30 @@ def test_bins_predicted_one_by_one_are_told_how_to_aggregate(data_dir, tmp_path,
     hd, ps = (read_prediction(p) for p in paths)
     assert hd.n_obs == 576 and hd.uns[K.UNS]["obs_unit"] == "bin"
     assert ps.uns[K.UNS]["obs_unit"] == "pseudospot" and 0 < ps.n_obs < 576 / 20
+
+
+def test_sections_command_lists_what_each_row_yields(mixed, tmp_path):
+    """`stimage-nb sections`: the same reading as train/predict, one line per section, JSON beside."""
+    import json
+
+    from stimage_nb.io.summary import summarize_manifest
+
+    summ = summarize_manifest(mixed, ["C3", "hd", "lung", "lung_ps100"])
+    f = summ.to_frame()
+    assert list(f.index) == ["C3", "hd", "lung", "lung_ps100"]
+    assert f.loc["C3", ["platform", "obs_unit", "n_obs"]].tolist() == ["st", "spot", 180]
+    assert f.loc["hd", ["platform", "obs_unit", "n_obs", "diameter_um"]].tolist() == ["visium_hd", "bin", 576, 8.0]
+    assert f.loc["lung_ps100", "pseudospot_um"] == 100.0 and f.loc["lung", "n_genes"] == 338
+    out = tmp_path / "s.json"
+    r = subprocess.run([sys.executable, "-m", "stimage_nb.cli", "sections", "--manifest", str(mixed), "--sections",
+                        "hd,lung", "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("hd") and "visium_hd" in lines[2] and "xenium" in lines[3]
+    assert [s["platform"] for s in json.loads(out.read_text())["sections"]] == ["visium_hd", "xenium"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("section,outs,platform\nx,nowhere,visium\n")
+    r = subprocess.run([sys.executable, "-m", "stimage_nb.cli", "sections", "--manifest", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "nowhere: platform output (column outs) of section x not found" in r.stderr
