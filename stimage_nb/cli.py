@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
+    from .io import summary as io_summary
+
+    io_summary.add_cli(sub)
     return parser
 
 
