@@ -111,13 +111,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: the prediction directory")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--baseline-sections", default=None,
+                   help="comma-separated sections to train the baseline on (default: the model's training sections; "
+                        "needed for a model trained elsewhere, e.g. an imported Path2Space model)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(a) -> int:
     from .evaluate import evaluate
 
-    evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline)
+    evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline,
+             baseline_sections=_csv(getattr(a, "baseline_sections", None)))
     return 0
 
 
