@@ -10,6 +10,7 @@
   timm and loaded offline from local files
 """
 
+from . import encoders
 from .backbone import (
                        create_backbone,
                        hub_reachable,
@@ -24,7 +25,6 @@ from .features import (
                        build_stack,
                        parse_extractor,
 )
-from . import encoders
 from .heads import CellTypeHead, MLPHead, NBHead, labels_to_targets, soft_cross_entropy
 from .model import Output, STModel, build_model
 from .nb import moment_init, nb_log_prob, nb_nll, nb_variance, to_torch_distribution
