@@ -27,8 +27,12 @@ def _add_train(sub) -> None:
     p.add_argument("--backbone", default=None,
                    help="timm model name to fine-tune end to end (e.g. resnet18; default: the offline default, "
                         "frozen k-means + handcrafted features with low-rank NB heads). With --frozen or "
-                        "--extractor timm: its frozen features")
-    p.add_argument("--weights", default=None, help="PATH to a safetensors file, a timm/hf-hub name, or 'none'")
+                        "--extractor timm: its frozen features. A registered pathology encoder (uni, virchow2, "
+                        "h-optimus-0...; `stimage-nb encoders`) gives frozen features, tiles at its own µm/px "
+                        "and size; several, comma-separated, are cycled over the members (uni,virchow2)")
+    p.add_argument("--weights", default=None,
+                   help="PATH to a .safetensors/.bin file or a downloaded Hugging Face folder (read offline), a "
+                        "timm/hf-hub name, or 'none'; one per backbone, comma-separated, for several")
     p.add_argument("--extractor", default=None,
                    help="frozen feature branches joined by '+': kmeans, handcrafted, timm (the --backbone with "
                         "--weights, e.g. a local pathology foundation model). Default: kmeans+handcrafted")
@@ -42,12 +46,16 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per training step (default: 1024 frozen, 32 fine-tuned; lower it if the GPU runs out of memory)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 frozen, 1e-3 fine-tuned)")
-    p.add_argument("--tile-um", type=float, default=None, help="tile side in µm (default 150)")
-    p.add_argument("--out-px", type=int, default=None, help="tile side in pixels fed to the model (default 112)")
+    p.add_argument("--tile-um", type=float, default=None,
+                   help="tile side in µm (default 150; a registered encoder's own: UNI 112)")
+    p.add_argument("--out-px", type=int, default=None,
+                   help="tile side in pixels fed to the model (default 112; a registered encoder's own: 224)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frozen", action="store_true",
                    help="with --backbone: frozen-backbone fast path (features cached once, heads trained)")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tune a registered encoder end to end instead of its frozen features")
     p.set_defaults(func=_cmd_train)
 
 
@@ -161,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
     from . import export, shifts
+    from .models.encoders import cli as encoders_cli
     from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
 
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
+    encoders_cli.add_cli(sub)
     return parser
 
 

@@ -109,6 +109,14 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def _digests(members) -> list[str]:
+    """Each member's backbone digest, computed once per backbone module (a shared 1B-parameter encoder is
+    hashed once, not once per member)."""
+    seen: dict[int, str] = {}
+    return [seen.setdefault(id(m.backbone), m.backbone_digest()) if id(m.backbone) not in seen else seen[id(m.backbone)]
+            for m in members]
+
+
 class Ensemble:
     """N members predicting the same genes and cell types from tiles of the same size.
 
@@ -185,7 +193,7 @@ class Ensemble:
     def _groups(self) -> list[list[int]]:
         """Members sharing an identical backbone and input normalisation (features computed once)."""
         if self._digests is None:
-            self._digests = [m.backbone_digest() for m in self.members]
+            self._digests = _digests(self.members)
         keys: dict[tuple, list[int]] = {}
         for i, m in enumerate(self.members):
             key = (self._digests[i], tuple(m.mean.flatten().tolist()), tuple(m.std.flatten().tolist()))
@@ -338,7 +346,7 @@ class Ensemble:
         cfg = self.config()
         cfg.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         members_meta = list(self.meta.get("members") or [{} for _ in self.members])
-        digests = self._digests or [m.backbone_digest() for m in self.members]
+        digests = self._digests or _digests(self.members)
         entries, shared = [], {}
         for i, m in enumerate(self.members):
             f = d / f"member_{i}.safetensors"

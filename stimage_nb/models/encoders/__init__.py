@@ -22,12 +22,13 @@ from ._arch import (
     parameter_count,
     standin_overrides,
 )
-from ._load import load_encoder
+from ._load import check_weights, load_encoder
 from ._registry import ENCODERS, LAYOUTS, OUTPUTS, Encoder, find_encoder, get_encoder, list_encoders
 from ._weights import (
     WeightsSource,
     identify,
     provenance,
+    read_shapes,
     read_tensors,
     resolve_weights,
     sha256_of,
@@ -46,6 +47,7 @@ __all__ = [
     "EncoderModule",
     "WeightsSource",
     "build_module",
+    "check_weights",
     "find_encoder",
     "get_encoder",
     "identify",
@@ -54,6 +56,7 @@ __all__ = [
     "meta_module",
     "parameter_count",
     "provenance",
+    "read_shapes",
     "read_tensors",
     "resolve_weights",
     "sha256_of",

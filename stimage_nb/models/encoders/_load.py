@@ -8,7 +8,7 @@ import os
 from ...errors import StimageInputError, WeightsUnavailableError
 from ._arch import EncoderModule, build_module, resolve_kwargs
 from ._registry import Encoder, get_encoder
-from ._weights import config_overrides, load_into, provenance, resolve_weights
+from ._weights import config_overrides, load_into, mismatch, provenance, read_shapes, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +73,18 @@ def load_encoder(name: str | Encoder, weights: str | os.PathLike | None = "none"
         return module
     raise StimageInputError(f"weights {w!r} for encoder {entry.name!r}: give 'none', a local file or Hugging Face "
                             "folder, 'pretrained' or 'hf-hub:ORG/REPO'.")
+
+
+def check_weights(name: str | Encoder, weights: str | os.PathLike | None, *, overrides: dict | None = None) -> None:
+    """Fail fast: raise the error :func:`load_encoder` would raise for local ``weights``, reading only the
+    file's tensor names and shapes (safetensors header / memory map) against a meta-device build."""
+    entry = name if isinstance(name, Encoder) else get_encoder(name)
+    w = None if weights is None else str(weights)
+    if w is None or not _is_local(w):
+        return
+    src = resolve_weights(w)
+    cfg_over, _ = config_overrides(entry, src.config)
+    module = build_module(entry, {**cfg_over, **dict(overrides or {})} or None, device="meta")
+    msg = mismatch(module, entry, read_shapes(src), src.path)
+    if msg:
+        raise WeightsUnavailableError(msg)

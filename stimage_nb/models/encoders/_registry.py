@@ -162,7 +162,7 @@ ENCODERS: dict[str, Encoder] = {e.name: e for e in [
         source="https://huggingface.co/bioptimus/H-optimus-1 (model card: timm.create_model('hf-hub:bioptimus/"
                "H-optimus-1', init_values=1e-5, dynamic_img_size=False); same architecture and normalisation as "
                "H-optimus-0)",
-        licence="gated; access on request under Bioptimus' terms (see the model card)", gated=True, params_card="1.1B",
+        licence="Bioptimus' terms, access on request (see the model card)", gated=True, params_card="1.1B",
         reference="Bioptimus, 2025", aliases=("hoptimus1", "h_optimus_1", "hoptimus-1"),
         notes="Same architecture as H-optimus-0, trained on more than 1M slides; 224 px at 0.5 µm/px."),
     Encoder(

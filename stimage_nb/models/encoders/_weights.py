@@ -411,22 +411,51 @@ def _describe_mismatch(path, entry: Encoder, missing, unexpected, bad_shape, n_o
     return f"{path}: these weights do not fit {entry.title} ({entry.name}): {'; '.join(parts)}.{guess}"
 
 
+def read_shapes(src: WeightsSource) -> dict[str, torch.Tensor]:
+    """The source's tensors as meta tensors (names and shapes only): the safetensors header, or a
+    memory-mapped torch file; nothing is copied into memory."""
+    out: dict[str, torch.Tensor] = {}
+    for f in src.files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        out[k] = torch.empty(h.get_slice(k).get_shape(), device="meta")
+            except Exception as e:  # noqa: BLE001
+                raise WeightsUnavailableError(f"{f}: cannot read the weights ({type(e).__name__}: {e}).") from e
+        else:
+            out.update({k: torch.empty(v.shape, device="meta") for k, v in _read_one(f).items()})
+    return out
+
+
+def mismatch(module: EncoderModule, entry: Encoder, sd: dict, path) -> str | None:
+    """The error message when ``sd`` (any supported layout) does not fit ``module``; ``None`` when it does."""
+    conv = to_timm_layout(entry, sd, module)
+    own = module.model.state_dict()
+    ignored = ("head.",) if entry.builder != "conch" else ()
+    unexpected = [k for k in conv if k not in own and not k.startswith(ignored)
+                  and not k.endswith(("relative_position_index", "attn_mask"))]
+    missing = [k for k in own if k not in conv and not k.endswith(("relative_position_index", "attn_mask"))]
+    bad_shape = [f"{k}: file {tuple(conv[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in conv and tuple(conv[k].shape) != tuple(own[k].shape)]
+    if missing or bad_shape or unexpected:
+        return _describe_mismatch(path, entry, missing, unexpected, bad_shape, len(own), sd)
+    return None
+
+
 def load_into(module: EncoderModule, entry: Encoder, src: WeightsSource) -> dict:
     """Load ``src`` into ``module`` (strict: every tensor present with its shape); returns counts.
 
     Raises :class:`~stimage_nb.errors.WeightsUnavailableError` naming the encoder the file seems to be.
     """
     raw = read_tensors(src)
+    msg = mismatch(module, entry, raw, src.path)
+    if msg:
+        raise WeightsUnavailableError(msg)
     sd = to_timm_layout(entry, raw, module)
     own = module.model.state_dict()
-    ignored = ("head.",) if entry.builder != "conch" else ()
-    unexpected = [k for k in sd if k not in own and not k.startswith(ignored)
-                  and not k.endswith(("relative_position_index", "attn_mask"))]
-    missing = [k for k in own if k not in sd and not k.endswith(("relative_position_index", "attn_mask"))]
-    bad_shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or bad_shape or unexpected:
-        raise WeightsUnavailableError(_describe_mismatch(src.path, entry, missing, unexpected, bad_shape, len(own), raw))
     module.model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     log.info("%s: loaded %d tensors of %s", src.path, len(own), entry.name)
     return {"loaded": len(own), "ignored": len(raw) - len(own)}
