@@ -168,14 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
-    from . import export, shifts
+    from . import export, shifts, smoothing
     from .models.encoders import cli as encoders_cli
     from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
+    from .path2space import cli as path2space_cli
 
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
     encoders_cli.add_cli(sub)
+    path2space_cli.add_cli(sub)
+    smoothing.add_cli(sub)
     return parser
 
 
