@@ -432,7 +432,11 @@ def read_shapes(src: WeightsSource) -> dict[str, torch.Tensor]:
 
 def mismatch(module: EncoderModule, entry: Encoder, sd: dict, path) -> str | None:
     """The error message when ``sd`` (any supported layout) does not fit ``module``; ``None`` when it does."""
-    conv = to_timm_layout(entry, sd, module)
+    try:
+        conv = to_timm_layout(entry, sd, module)
+    except Exception as e:  # noqa: BLE001 - a layout conversion that cannot apply to these tensors
+        return _describe_mismatch(path, entry, [f"(the {entry.layout} layout conversion failed: {type(e).__name__})"],
+                                  [], [], len(module.model.state_dict()), sd)
     own = module.model.state_dict()
     ignored = ("head.",) if entry.builder != "conch" else ()
     unexpected = [k for k in conv if k not in own and not k.startswith(ignored)
