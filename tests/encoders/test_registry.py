@@ -251,3 +251,20 @@ def test_hf_hub_name_with_local_weights_builds_offline(monkeypatch, tmp_path):
     assert torch.equal(bb(xx), ref(xx)) and tuple(bb.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
     with pytest.raises(WeightsUnavailableError, match="pass the downloaded Hugging Face folder|Pass the downloaded"):
         create_backbone("hf-hub:someone/not-registered", folder / "model.safetensors", hub_timeout=1.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_code_path_on_the_cpu(name, monkeypatch):
+    """The frozen feature pass a GPU takes (bf16 autocast, channels_last; stimage_nb.devices), on each family."""
+    from stimage_nb.models.features import FeatureStack, TimmExtractor
+    from stimage_nb.train import _raw_features
+
+    entry = E.get_encoder(name)
+    stack = FeatureStack(["timm"], timm=TimmExtractor(_randomise(standin(entry), seed=4), name)).eval()
+    tiles = (torch.rand(3, entry.input_px, entry.input_px, 3) * 255).to(torch.uint8)
+    ref = _raw_features(stack, tiles, views=1, batch_size=2, amp=False)[0]
+    monkeypatch.setenv("STIMAGE_NB_CPU_FAST_PATHS", "1")
+    fast = _raw_features(stack, tiles, views=1, batch_size=2, amp=True)[0]
+    assert fast.dtype == torch.float32 and fast.shape == ref.shape
+    rel = (fast - ref).norm() / ref.norm()
+    assert rel < 0.05, f"{name}: bf16 features differ by {rel:.3f}"
