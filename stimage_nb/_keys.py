@@ -26,6 +26,8 @@ Prediction AnnData (``PRED_DIR/<section>.h5ad``)
     ``obsm[CELLTYPE_STD]``            DataFrame of their standard deviation across members
     ``obs[DOMAIN_DISTANCE]``          distance of the tile's features from the training data (~1 in distribution)
     ``obs[DOMAIN_PERCENTILE]``        its percentile among held-out reference tiles (:mod:`stimage_nb.domain`)
+    ``layers[UNSMOOTHED]``            ``X`` before neighbourhood smoothing (:mod:`stimage_nb.smoothing`), whose
+                                      parameters are in ``uns[UNS][UNS_SMOOTHING]``
     ``obsm[SPATIAL]``, ``obs[PIXEL_X]``... as for the section
     ``uns[UNS]``                      provenance: model config, weights sha256, package version, run id,
                                       the section's ``platform``/``obs_unit`` and the model's ``train_platforms``
@@ -64,6 +66,8 @@ CELLTYPE_STD = "celltype_std"
 CELLTYPE_PRED = "celltype_pred"
 DOMAIN_DISTANCE = "domain_distance"
 DOMAIN_PERCENTILE = "domain_percentile"
+UNSMOOTHED = "unsmoothed_mean"            # layers: X before stimage_nb.smoothing.smooth_prediction
+UNS_SMOOTHING = "smoothing"               # uns[UNS][...]: the smoothing's parameters
 
 OBJECT_TYPE = "object_type"
 CLASSIFICATION = "classification"

@@ -9,6 +9,12 @@ Prediction for each spot and gene (Lakshminarayanan et al. 2017, with negative-b
 so that the predictive variance of the mixture is their sum. For cell types: the mean of the members'
 softmax probabilities and their standard deviation across members.
 
+Members with a regression head (``STModel(head="mlp")``, e.g. an imported Path2Space model) predict a
+point value, not a count distribution: their predictive mean and epistemic variance are computed the
+same way, and the aleatoric variance is NaN (not modelled). ``meta["mean_groups"]`` (lists of member
+indices) averages within each group first and then across groups, to reproduce a published model's
+averaging order exactly (Path2Space: inner mean over 7 folds, outer over 22).
+
 On disk (``Ensemble.save(dir)``): ``member_{i}.safetensors`` per member and ``ensemble.json``
 (genes, cell types, tile µm, out_px, how µm/px is handled, stain normalisation parameters, training
 sections, member architectures and sha256 of their files, package/torch/timm versions). No pickle.
@@ -103,6 +109,14 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def _digests(members) -> list[str]:
+    """Each member's backbone digest, computed once per backbone module (a shared 1B-parameter encoder is
+    hashed once, not once per member)."""
+    seen: dict[int, str] = {}
+    return [seen.setdefault(id(m.backbone), m.backbone_digest()) if id(m.backbone) not in seen else seen[id(m.backbone)]
+            for m in members]
+
+
 class Ensemble:
     """N members predicting the same genes and cell types from tiles of the same size.
 
@@ -141,6 +155,11 @@ class Ensemble:
         self._digests: list[str] | None = self.meta.get("_digests")
         self.meta.pop("_digests", None)
         self.device = torch.device("cpu")
+        groups = self.meta.get("mean_groups")
+        if groups is not None:
+            flat = sorted(int(i) for g in groups for i in g)
+            if flat != list(range(len(self.members))) or not all(len(g) for g in groups):
+                raise ValueError("meta['mean_groups'] must split the member indices 0..n-1 into non-empty groups")
         for m in self.members:
             m.eval()
 
@@ -152,6 +171,11 @@ class Ensemble:
     @property
     def run_id(self) -> str:
         return self.meta["run_id"]
+
+    @property
+    def has_distribution(self) -> bool:
+        """Whether every member predicts a count distribution (so an aleatoric variance exists)."""
+        return all(getattr(m, "has_distribution", True) for m in self.members)
 
     def __repr__(self) -> str:
         bbs = sorted({m.backbone_name for m in self.members})
@@ -169,7 +193,7 @@ class Ensemble:
     def _groups(self) -> list[list[int]]:
         """Members sharing an identical backbone and input normalisation (features computed once)."""
         if self._digests is None:
-            self._digests = [m.backbone_digest() for m in self.members]
+            self._digests = _digests(self.members)
         keys: dict[tuple, list[int]] = {}
         for i, m in enumerate(self.members):
             key = (self._digests[i], tuple(m.mean.flatten().tolist()), tuple(m.std.flatten().tolist()))
@@ -261,13 +285,21 @@ class Ensemble:
                 res["domain_distance"] = self.domain.distance(f.float().cpu().numpy())
             for j in grp:
                 o = self.members[j].heads(f.float())
-                mu = torch.exp(o.log_mu.double())
-                theta = torch.exp(o.log_theta.double())
-                mus[j], vars_[j] = mu, mu + mu * mu / theta
+                if o.mean is not None:  # a regression member: a point value, no count distribution
+                    mus[j] = o.mean.double()
+                    vars_[j] = torch.full_like(mus[j], float("nan"))
+                else:
+                    mu = torch.exp(o.log_mu.double())
+                    theta = torch.exp(o.log_theta.double())
+                    mus[j], vars_[j] = mu, mu + mu * mu / theta
                 if C:
                     probs[j] = torch.softmax(o.logits.double(), dim=1)
         mu = torch.stack(mus)
-        res["mean"] = mu.mean(0).cpu().numpy()
+        order = self.meta.get("mean_groups")
+        if order:  # within each group, then across groups (a published model's averaging order)
+            res["mean"] = torch.stack([mu[list(g)].mean(0) for g in order]).mean(0).cpu().numpy()
+        else:
+            res["mean"] = mu.mean(0).cpu().numpy()
         res["aleatoric_var"] = torch.stack(vars_).mean(0).cpu().numpy()
         res["epistemic_var"] = mu.var(0, correction=0).cpu().numpy()
         if C:
@@ -314,7 +346,7 @@ class Ensemble:
         cfg = self.config()
         cfg.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         members_meta = list(self.meta.get("members") or [{} for _ in self.members])
-        digests = self._digests or [m.backbone_digest() for m in self.members]
+        digests = self._digests or _digests(self.members)
         entries, shared = [], {}
         for i, m in enumerate(self.members):
             f = d / f"member_{i}.safetensors"
@@ -379,9 +411,11 @@ class Ensemble:
                 raise StimageInputError(f"{f}: member weights missing (listed in {p}).")
             if verify and e.get("sha256") and sha256_file(f) != e["sha256"]:
                 raise StimageInputError(f"{f}: sha256 does not match {p}; the file is corrupt or was replaced.")
-            m = build_model(e, "none")
-            sd = load_file(str(f))
             bname = e.get("backbone_file")
+            # members that share a backbone get the one already built; the others are allocated without
+            # random initialisation where the file holds every tensor (checked below)
+            m = build_model(e, "none", backbone=backbones.get(bname) if bname else None, init=False)
+            sd = load_file(str(f))
             if bname:
                 if bname not in backbones:
                     bf = d / bname

@@ -2,7 +2,8 @@
 
 ``predict_section(ensemble, section)`` returns the prediction AnnData of the package's contract
 (see :mod:`stimage_nb._keys`): obs names = spot ids, var = genes, ``X`` = predictive mean (expected
-counts), ``layers["aleatoric_var"]`` and ``layers["epistemic_var"]``, ``obsm["celltype_mean"]`` and
+counts), ``layers["aleatoric_var"]`` and ``layers["epistemic_var"]`` (an ensemble of point predictors,
+such as an imported Path2Space model, has no ``aleatoric_var``), ``obsm["celltype_mean"]`` and
 ``obsm["celltype_std"]`` (DataFrames), pixel coordinates and diameter in ``obs`` and
 ``obsm["spatial"]``, provenance in ``uns["stimage_nb"]``.
 
@@ -133,7 +134,8 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
             obs[col] = sec.adata.obs[col].to_numpy()
     var = pd.DataFrame(index=pd.Index(ensemble.genes))
     a = ad.AnnData(X=res["mean"], obs=obs, var=var)
-    a.layers[K.ALEATORIC] = res["aleatoric_var"]
+    if ensemble.has_distribution:  # a regression model (e.g. imported Path2Space) has no aleatoric part
+        a.layers[K.ALEATORIC] = res["aleatoric_var"]
     a.layers[K.EPISTEMIC] = res["epistemic_var"]
     a.obsm[K.CELLTYPE_MEAN] = pd.DataFrame(res["celltype_mean"], index=obs.index, columns=ensemble.celltypes)
     a.obsm[K.CELLTYPE_STD] = pd.DataFrame(res["celltype_std"], index=obs.index, columns=ensemble.celltypes)
@@ -169,6 +171,9 @@ def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:
         "n_members": int(ens.n_members), "run_id": str(ens.run_id), "weights_sha256": str(m.get("weights_sha256", "")),
         "model_dir": str(getattr(ens, "path", "")), "stain_normalization": "macenko" if ens.stain is not None else "none",
         "n_outside_image": int(n_out), "n_spots": int(sec.adata.n_obs),
+        "predictive_distribution": "negative binomial per member" if ens.has_distribution else
+        "none (point predictions; no aleatoric_var layer)",
+        "source": str(m.get("source", "stimage_nb")),
         "counts": str(uns_in.get("counts") or ""),
         "platform": str(sec.platform), "obs_unit": str(uns_in.get(K.OBS_UNIT) or "spot"),
         "pseudospot_um": float((uns_in.get(K.PSEUDOSPOT) or {}).get("diameter_um", 0.0)),

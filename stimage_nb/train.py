@@ -99,7 +99,8 @@ class TrainConfig:
     frozen
         ``True``: frozen features (``extractor``) computed once, only the heads are trained.
         ``False``: full fine-tuning of the timm ``backbone``. ``None``: frozen unless a ``backbone``
-        is named without an ``extractor``.
+        is named without an ``extractor``; a registered pathology foundation encoder (``"uni"``,
+        ``"uni,virchow2"``...; :mod:`stimage_nb.models.encoders`) is always frozen unless ``frozen=False``.
     extractor
         Frozen feature branches joined by ``+``: ``kmeans`` (Coates & Ng k-means filters fitted on the
         training tiles), ``handcrafted`` (the baseline's 40 statistics), ``timm`` (the frozen timm
@@ -115,15 +116,21 @@ class TrainConfig:
         variance); costs one k-means fit and feature pass per member. Only matters with a ``kmeans``
         branch; see ``docs/offline_default.md``.
     backbone
-        timm model name (fine-tuned, or the ``timm`` extractor branch; ``None``: resnet18); several
-        names separated by commas are cycled over the members.
+        timm model name or registered encoder (fine-tuned, or the ``timm`` extractor branch; ``None``:
+        resnet18); several names separated by commas are cycled over the members (members that differ by
+        encoder: ``"uni,virchow2"``).
     weights
-        ``"none"`` (train from scratch), a local ``.safetensors`` file, ``"pretrained"``, a timm
-        ``name.tag`` or ``"hf-hub:org/repo"`` (see :func:`stimage_nb.models.create_backbone`).
+        ``"none"`` (train from scratch), a local ``.safetensors``/``.bin`` file or downloaded Hugging Face
+        folder, ``"pretrained"``, a timm ``name.tag`` or ``"hf-hub:org/repo"`` (see
+        :func:`stimage_nb.models.create_backbone`); with several backbones, one per backbone separated by
+        commas (:meth:`weights_for`).
     backbone_kwargs
         Extra arguments for :func:`timm.create_model`.
     tile_um, out_px
-        Tile side in µm (``None``: 1.5 x the spot diameter) and in pixels after resampling.
+        Tile side in µm (``None``: 1.5 x the spot diameter) and in pixels after resampling. ``"auto"``/
+        ``None`` (the defaults): a registered encoder's own input (``input_px`` pixels at its ``um_per_px``;
+        UNI: 224 px = 112 µm), else 150 µm at 112 px; giving only one keeps the other from the encoder
+        (``out_px`` alone keeps its µm/px).
     epochs, batch_size, lr, weight_decay, patience
         Optimisation (AdamW, warm-up then cosine schedule, early stopping after ``patience`` epochs
         without a better validation criterion; the best epoch is kept). A batch size at least the
@@ -171,8 +178,8 @@ class TrainConfig:
     backbone: str | None = None
     weights: str = "none"
     backbone_kwargs: dict = field(default_factory=dict)
-    tile_um: float | None = 150.0
-    out_px: int = 112
+    tile_um: float | str | None = "auto"
+    out_px: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -197,8 +204,10 @@ class TrainConfig:
 
     def __post_init__(self):
         named = self.backbone is not None
+        encs = _registered(self.backbone) if named else []
         if self.frozen is None:
-            self.frozen = bool(self.extractor) or not named
+            self.frozen = bool(self.extractor) or not named or bool(encs)
+        self._resolve_geometry(encs)
         if self.extractor is None:
             self.extractor = ("timm" if named else DEFAULT_EXTRACTOR) if self.frozen else ""
         if self.backbone is None:
@@ -224,6 +233,10 @@ class TrainConfig:
         if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
             raise StimageInputError(f"invalid training config: members={self.members}, epochs={self.epochs}, "
                                     f"batch_size={self.batch_size}, out_px={self.out_px}")
+        ws = [w.strip() for w in str(self.weights).split(",")]
+        if len(ws) > 1 and len(ws) != len(self.backbones):
+            raise StimageInputError(f"{len(ws)} weights for {len(self.backbones)} backbones ({self.backbone}): give one "
+                                    "weights entry per backbone, in the same order, separated by commas.")
         if self.frozen_views not in (1, 8):
             raise StimageInputError("frozen_views must be 1 or 8")
         if isinstance(self.augment, AugmentConfig):
@@ -232,6 +245,40 @@ class TrainConfig:
     @property
     def backbones(self) -> list[str]:
         return [b.strip() for b in str(self.backbone).split(",") if b.strip()]
+
+    def weights_for(self, backbone: str) -> str:
+        """The weights of one backbone: ``weights`` itself, or its entry in a comma-separated list aligned
+        with ``backbone`` (``backbone="uni,virchow2", weights="uni.safetensors,virchow2_dir"``)."""
+        names = self.backbones
+        ws = [w.strip() for w in str(self.weights).split(",")]
+        if len(names) > 1 and len(ws) == len(names):
+            return ws[names.index(backbone)]
+        return str(self.weights)
+
+    def _resolve_geometry(self, encs) -> None:
+        """Tile µm and px: the user's, else the registered encoders' own (they must agree), else 150 µm/112 px."""
+        um = self.tile_um
+        if isinstance(um, str):
+            if um.strip().lower() != "auto":
+                try:
+                    um = float(um)
+                except ValueError:
+                    raise StimageInputError(f"tile_um must be a number of µm, None or 'auto', not {um!r}") from None
+            else:
+                um = "auto"
+        if not encs:
+            self.out_px = 112 if self.out_px is None else self.out_px
+            self.tile_um = 150.0 if um == "auto" else um
+            return
+        geo = {(e.input_px, e.um_per_px) for e in encs}
+        if len(geo) > 1 and (self.out_px is None or um == "auto"):
+            desc = ", ".join(f"{e.name}: {e.input_px} px at {e.um_per_px:g} µm/px" for e in encs)
+            raise StimageInputError(f"the encoders were trained on different tiles ({desc}); members of one ensemble "
+                                    "share one tile geometry: give --tile-um and --out-px (TrainConfig tile_um/out_px).")
+        px, res = next(iter(geo))
+        if self.out_px is None:
+            self.out_px = int(px)
+        self.tile_um = float(self.out_px) * float(res) if um == "auto" else um
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,6 +306,8 @@ class TrainConfig:
             d["extractor"] = args.extractor
         if getattr(args, "frozen", False):
             d["frozen"] = True
+        if getattr(args, "finetune", False):
+            d["frozen"] = False
         if getattr(args, "bagging", False):
             d["bagging"] = True
         if getattr(args, "member_features", None):
@@ -267,6 +316,15 @@ class TrainConfig:
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
         return cls(**d)
+
+
+def _registered(backbone: str | None) -> list:
+    """The registry entries of ``backbone`` when every comma-separated name is a registered encoder, else []."""
+    from .models.encoders import find_encoder
+
+    names = [b.strip() for b in str(backbone or "").split(",") if b.strip()]
+    entries = [find_encoder(n) for n in names]
+    return entries if names and all(entries) else []
 
 
 # ---------------------------------------------------------------------- callbacks
@@ -570,9 +628,9 @@ def _make_model(cfg: TrainConfig, backbone: str, n_genes: int, n_types: int, see
     from .models.backbone import create_backbone
 
     torch.manual_seed(seed)
-    bb = create_backbone(backbone, cfg.weights, **cfg.backbone_kwargs)
-    return STModel(bb, n_genes, n_types, backbone_name=backbone, backbone_kwargs=cfg.backbone_kwargs,
-                   dropout=cfg.dropout, rank=cfg.rank)
+    bb = create_backbone(backbone, cfg.weights_for(backbone), **cfg.backbone_kwargs)
+    return STModel(bb, n_genes, n_types, backbone_name=backbone,
+                   backbone_kwargs=getattr(bb, "build_kwargs", cfg.backbone_kwargs), dropout=cfg.dropout, rank=cfg.rank)
 
 
 def _loss(out, counts, targets, w_ct: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -672,7 +730,8 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     sp, fp = cdir / f"extractor-{key}.safetensors", cdir / f"features-{key}-v{cfg.frozen_views}.safetensors"
     torch.manual_seed(_seed(cfg.seed, "backbone", backbone))  # a random timm branch is the same in every run
-    stack = build_stack(cfg.extractor, backbone=backbone, weights=cfg.weights, backbone_kwargs=cfg.backbone_kwargs,
+    stack = build_stack(cfg.extractor, backbone=backbone, weights=cfg.weights_for(backbone),
+                        backbone_kwargs=cfg.backbone_kwargs,
                         kmeans_k=cfg.kmeans_k)
     for p in stack.parameters():
         p.requires_grad_(False)
@@ -933,6 +992,7 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     The trained :class:`~stimage_nb.ensemble.Ensemble` (on the training device).
     """
     cfg = config or TrainConfig()
+    _check_encoder_weights(cfg)  # before any tile is read: a wrong or missing file fails at once
     out = Path(out)
     if val_sections is None and cfg.val_sections:
         val_sections = list(cfg.val_sections)
@@ -983,6 +1043,55 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         cb.on_train_end(state)
     log.info("trained %r in %s", ens, out)
     return ens.to(device)
+
+
+def _check_encoder_weights(cfg: TrainConfig) -> None:
+    """Each registered encoder's local weights exist and fit (names and shapes only, no loading)."""
+    from .models.encoders import check_weights, find_encoder
+
+    for name in cfg.backbones:
+        if find_encoder(name) is not None and (cfg.frozen and "timm" in cfg.extractor.split("+") or not cfg.frozen):
+            check_weights(name, cfg.weights_for(name), overrides=cfg.backbone_kwargs or None)
+
+
+def _encoder_provenance(cfg: TrainConfig, tile_um: float, stacks: dict) -> dict:
+    """What ensemble.json records per registered encoder: the entry, the arguments it was built with, the
+    preprocessing actually used (normalisation, tile µm and px) and the weights' files with their sha256."""
+    from .models.backbone import is_local_weights
+    from .models.encoders import find_encoder, provenance, resolve_weights
+
+    out = {}
+    for name in cfg.backbones:
+        entry = find_encoder(name)
+        if entry is None:
+            continue
+        module = None
+        for ident, (stack, _, _) in stacks.items():
+            if ident.split("#")[0] == name and "timm" in getattr(stack, "branches", {}):
+                module = stack.branches["timm"].backbone
+        w = cfg.weights_for(name)
+        if module is not None and getattr(module, "weights_source", None):
+            weights = module.weights_source
+        elif is_local_weights(w):
+            weights = provenance(resolve_weights(w))
+        else:
+            weights = {"path": w, "files": {}, "sha256": ""}
+        pcfg = getattr(module, "pretrained_cfg", None) or {}
+        out[name] = {
+            "encoder": entry.name, "title": entry.title, "architecture": pcfg.get("architecture", entry.architecture),
+            "registry_kwargs": entry.kwargs, "build_kwargs": getattr(module, "build_kwargs", dict(cfg.backbone_kwargs)),
+            "output": entry.output, "feature_dim": int(getattr(module, "num_features", entry.feature_dim)),
+            "preprocessing": {"mean": list(pcfg.get("mean", entry.mean)), "std": list(pcfg.get("std", entry.std)),
+                              "tile_um": float(tile_um), "out_px": int(cfg.out_px),
+                              "um_per_px": float(tile_um) / int(cfg.out_px),
+                              "encoder_input_px": entry.input_px, "encoder_um_per_px": entry.um_per_px,
+                              "stain": cfg.stain},
+            "weights": weights, "licence": entry.licence, "frozen": bool(cfg.frozen),
+        }
+        if not weights.get("sha256"):
+            log.warning("encoder %s trained with weights %r (no local file): its features are %s", name, w,
+                        "random" if w.lower() in ("none", "") else "from the hub")
+    return out
 
 
 def _fit_domain(cfg: TrainConfig, ens: Ensemble, stacks: dict, mstates: list[dict], train_d: _Data,
@@ -1037,7 +1146,7 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
             m = build_model(st["model_config"], "none")
             m.load_state_dict(sd)
         members.append(m)
-        info.append({"member": i, "seed": _seed(cfg.seed, i, "init"), "weights": str(cfg.weights),
+        info.append({"member": i, "seed": _seed(cfg.seed, i, "init"), "weights": cfg.weights_for(st["backbone"]),
                      "best_epoch": st["best_epoch"], "early_stop": cfg.early_stop,
                      **_val_summary(cfg, st),
                      "epochs_run": len(st["history"]), "stopped_early": st.get("stopped_early", False)})
@@ -1049,6 +1158,9 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
             "train_diameter_um": float(np.median([s.diameter_um for s in train_s])),
             "n_train_spots": int(sum(s.adata.n_obs for s in train_s)), "train_config": cfg.to_dict(),
             "members": info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    encs = _encoder_provenance(cfg, tile_um, stacks)
+    if encs:
+        meta["encoders"] = encs
     ens = Ensemble(members, genes=genes, celltypes=celltypes, tile_um=tile_um, out_px=cfg.out_px, stain=normalizer,
                    meta=meta)
     ens.domain = _fit_domain(cfg, ens, stacks, mstates, train_d, val_d, val_s, device)

@@ -6,6 +6,8 @@
   parameter (initialised by the method of moments). With ``rank=k > 0`` the map is low-rank,
   ``W = W_dec W_enc`` (features -> k -> genes, the decoder without bias), which shares a few
   expression programmes across genes (the offline default uses k = 8).
+- :class:`MLPHead`: the two-layer ReLU regression head of Path2Space (a point prediction per gene, no
+  count distribution), so that published model's members run here.
 - :class:`CellTypeHead`: softmax over cell types, trained by cross-entropy against soft targets
   (per-spot proportions) or one-hot labels; rows with NaN targets are ignored.
 """
@@ -107,6 +109,25 @@ class CellTypeHead(nn.Module):
     def loss(logits: Tensor, targets: Tensor) -> Tensor:
         """See :func:`soft_cross_entropy`."""
         return soft_cross_entropy(logits, targets)
+
+
+class MLPHead(nn.Module):
+    """Two-layer ReLU regression head: ``relu(W1 dropout(relu(W0 f + b0)) + b1)``, one output per gene.
+
+    The gene-expression model of Path2Space (Shulman et al., Cell 2026; ``MLP_regression_relu_two`` of the
+    companion code ``ge_model/path2space/model_mlp.py``), with its state-dict keys ``layer0.0.{weight,bias}``
+    and ``layer1.0.{weight,bias}``, so its published ``model_trained.pth`` files load as they are. It predicts
+    a point value per gene (non-negative), not a count distribution.
+    """
+
+    def __init__(self, in_features: int, hidden: int, n_genes: int, dropout: float = 0.2):
+        super().__init__()
+        self.layer0 = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.layer1 = nn.Sequential(nn.Linear(hidden, n_genes), nn.ReLU())
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Predicted values (n, genes), float32."""
+        return self.layer1(self.layer0(features)).float()
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
