@@ -115,7 +115,7 @@ def jobqueue_cluster(kind: str = "slurm", options: ClusterOptions | None = None,
     sched = dict(kw.pop("scheduler_options", {}) or {})
     if o.scheduler_host:
         sched.setdefault("host", o.scheduler_host)
-    sched.setdefault("dashboard_address", None)
+    sched.setdefault("dashboard_address", ":0")
     if kind == "slurm":
         from dask_jobqueue import SLURMCluster
 
@@ -141,7 +141,7 @@ def _local_cluster(o: ClusterOptions):
 
     n = o.n_workers or max(1, min(2, os.cpu_count() or 1))
     kw: dict[str, Any] = dict(n_workers=n, threads_per_worker=o.threads_per_worker, processes=o.processes,
-                              dashboard_address=None, memory_limit=o.memory or "auto")
+                              dashboard_address=":0", memory_limit=o.memory or "auto")
     if o.gpus_per_worker:
         kw["resources"] = {"GPU": o.gpus_per_worker}
     if o.local_directory:

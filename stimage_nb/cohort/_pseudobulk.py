@@ -183,12 +183,17 @@ def pseudobulk(pred, *, region: str | None = None, genes=None, epistemic: str = 
 
 @contextlib.contextmanager
 def quiet_squidpy():
-    """Silence the INFO lines squidpy's graph functions print for every call (through spatialdata's logger)."""
-    lg = logging.getLogger("spatialdata")
+    """Silence the INFO line squidpy's graph functions print for every call (through spatialdata's logger), and
+    numpy's warning when a neighbourhood-enrichment permutation has no spread (its z-score is then NaN)."""
+    import warnings
+
+    lg = logging.getLogger("spatialdata._logging")
     level = lg.level
     lg.setLevel(max(level, logging.WARNING))
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
+            yield
     finally:
         lg.setLevel(level)
 
