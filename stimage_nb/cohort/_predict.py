@@ -111,7 +111,9 @@ def predict_slide(ensemble, image: str | os.PathLike, *, slide_id: str, grid_um:
                   um_per_px: float | None = None, annotations: str | os.PathLike | None = None,
                   batch_size: int = 256):
     """One slide: points on a grid over its tissue (``grid_um`` apart; default the model's tile side),
-    predicted by the ensemble; QuPath ``annotations`` label the points (``obs["region"]``).
+    predicted by the ensemble; QuPath ``annotations`` label the points (``obs["region"]``). An OMERO image
+    pulled at a lower resolution level keeps its ``image_scale`` (``uns["stimage_nb"]``), so exports and
+    annotations use full-resolution pixels.
 
     Raises
     ------
@@ -119,10 +121,14 @@ def predict_slide(ensemble, image: str | os.PathLike, *, slide_id: str, grid_um:
         An unreadable slide, or no tissue on it.
     """
     from ..io.readers import read_wsi
+    from ..omero.pull import pulled_source  # needs no omero-py
     from ..predict import predict_section
 
     step = float(grid_um or ensemble.tile_um)
     s = read_wsi(image, um_per_px=um_per_px, spacing_um=step, diameter_um=step, name=slide_id)
+    pulled = pulled_source(image) or {}
+    if pulled.get("image_scale"):  # an OMERO image pulled at a lower resolution level
+        s.meta["image_scale"] = float(pulled["image_scale"])
     if s.adata.n_obs == 0:
         raise StimageInputError(f"{image}: no tissue found on the slide (stimage_nb.io.tissue.tissue_mask); "
                                 "is it a blank or fluorescence image?")
