@@ -13,6 +13,10 @@ between the observations' centres (``obsm["spatial"]`` in level-0 pixels times `
 and grid points of any model and scan resolution are smoothed alike. The neighbourhood graph is
 squidpy's radius graph (:func:`squidpy.gr.spatial_neighbors`, ``coord_type="generic"``).
 
+The predictive variances are propagated as those of a weighted mean of per-spot predictive distributions
+(:func:`stimage_nb.uncertainty.weighted_mean_var`: aleatoric independent between spots, epistemic
+``"correlated"`` (conservative) or ``"independent"``), so the intervals of a smoothed map stay honest.
+
 A pure function of a prediction AnnData; the command line (``stimage-nb smooth``) writes the files.
 """
 
@@ -53,7 +57,8 @@ def neighbourhood_graph(pred, radius_um: float):
     return (sp.csr_matrix(conn) > 0).astype(np.float64)
 
 
-def smooth_prediction(pred, *, radius_um: float | None = None, centre_weight: float = 1.0, copy: bool = True):
+def smooth_prediction(pred, *, radius_um: float | None = None, centre_weight: float = 1.0,
+                      epistemic: str = "correlated", copy: bool = True):
     """Neighbourhood mean of the predicted expression ``X`` (module docstring).
 
     Parameters
@@ -67,22 +72,29 @@ def smooth_prediction(pred, *, radius_um: float | None = None, centre_weight: fl
     centre_weight
         Path2Space's ``weights``: 1 = the plain mean over the neighbourhood; ``w > 1`` up-weights the
         observation itself.
+    epistemic
+        How the epistemic variance of a neighbourhood mean is bounded: ``"correlated"`` (members' errors
+        shared by neighbours; conservative, the default) or ``"independent"`` (:mod:`stimage_nb.uncertainty`).
     copy
         Return a new AnnData (``False``: change ``pred`` in place and return it).
 
     Returns
     -------
-    The AnnData with ``X`` smoothed; the unsmoothed values in ``layers["unsmoothed_mean"]`` and the
-    parameters in ``uns["stimage_nb"]["smoothing"]``. The variance layers are left as they are (they
-    describe the unsmoothed prediction).
+    The AnnData with ``X`` smoothed and the variance layers (``aleatoric_var``, ``epistemic_var``, where
+    present) propagated to the smoothed mean; the unsmoothed values in ``layers["unsmoothed_mean"]`` and the
+    parameters in ``uns["stimage_nb"]["smoothing"]``.
 
     Raises
     ------
     StimageInputError
-        Missing µm/px or tile size, a non-positive radius or centre weight.
+        Missing µm/px or tile size, a non-positive radius or centre weight, an unknown ``epistemic``.
     """
     import scipy.sparse as sp
 
+    from .uncertainty import EPISTEMIC_MODES, weighted_mean_var
+
+    if epistemic not in EPISTEMIC_MODES:
+        raise StimageInputError(f"epistemic must be one of {EPISTEMIC_MODES}, not {epistemic!r}")
     if not centre_weight > 0:
         raise StimageInputError(f"centre_weight must be > 0, not {centre_weight}")
     uns = pred.uns.get(K.UNS) or {}
@@ -94,17 +106,29 @@ def smooth_prediction(pred, *, radius_um: float | None = None, centre_weight: fl
     X = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
     X = X.astype(np.float64)
     k = np.asarray(A.sum(1)).ravel()
-    mean_nb = (A @ X) / k[:, None]
     w = float(centre_weight)
-    smoothed = mean_nb if w == 1.0 else (k[:, None] * mean_nb + (w - 1.0) * X) / (k[:, None] + w - 1.0)
+    # row-normalised weights: 1 for each neighbour, w for the observation itself (Path2Space's formula)
+    Wm = (A + (w - 1.0) * sp.identity(A.shape[0], format="csr")).tocsr()
+    Wm = sp.diags(1.0 / (k + w - 1.0)) @ Wm
+    zeros = np.zeros_like(X)
+    layers = {key: np.asarray(pred.layers[key], dtype=np.float64) if key in pred.layers else None
+              for key in (K.ALEATORIC, K.EPISTEMIC)}
+    smoothed, va, ve = weighted_mean_var(Wm, X, zeros if layers[K.ALEATORIC] is None else layers[K.ALEATORIC],
+                                         zeros if layers[K.EPISTEMIC] is None else layers[K.EPISTEMIC],
+                                         epistemic_mode=epistemic)
     out = pred.copy() if copy else pred
     out.layers[K.UNSMOOTHED] = X.astype(np.float32)
     out.X = smoothed.astype(np.float32)
+    if layers[K.ALEATORIC] is not None:
+        out.layers[K.ALEATORIC] = va.astype(np.float32)
+    if layers[K.EPISTEMIC] is not None:
+        out.layers[K.EPISTEMIC] = ve.astype(np.float32)
     out.uns.setdefault(K.UNS, {})
     out.uns[K.UNS][K.UNS_SMOOTHING] = {
         "method": "neighbourhood mean within radius_um (self included), centre weight as Path2Space's "
                   "smooth_genes_kdtree", "radius_um": float(radius_um), "centre_weight": w,
-        "median_neighbours": float(np.median(k)) if len(k) else 0.0}
+        "median_neighbours": float(np.median(k)) if len(k) else 0.0,
+        "mean_neighbours": float(np.mean(k)) if len(k) else 0.0, "epistemic": epistemic}
     return out
 
 
