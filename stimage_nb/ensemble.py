@@ -35,7 +35,7 @@ from .devices import autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
 from .errors import StimageInputError
 from .models.model import STModel, build_model
-from .stain import MacenkoNormalizer, normalizer_from_dict
+from .stain import BACKGROUNDS, MacenkoNormalizer, normalizer_from_dict, whiten_background
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,20 @@ class Ensemble:
     domain
         The :class:`~stimage_nb.domain.DomainModel` of member 0's training features (``None``: no
         domain-shift score).
+    background
+        How tiles' masked black background is handled before anything else (:func:`stimage_nb.stain.
+        whiten_background`: ``"white"`` turns it into glass; ``"keep"``, the behaviour before it existed).
+    reference_depth
+        The sequencing depth (median counts per spot over the genes) the predicted means refer to: the
+        median of the training sections' depths (exactly so when trained with depth offsets,
+        ``TrainConfig.depth="section"``; approximately otherwise). A section's own depth given at
+        prediction (``predict_tiles(depth=...)``) rescales the negative binomials to it; ``None``: not
+        recorded (older ensembles), predictions stay at the training depth.
     """
 
     def __init__(self, members: list[STModel], *, genes: list[str], celltypes: list[str], tile_um: float, out_px: int,
-                 stain: MacenkoNormalizer | None = None, meta: dict | None = None, domain: DomainModel | None = None):
+                 stain: MacenkoNormalizer | None = None, meta: dict | None = None, domain: DomainModel | None = None,
+                 background: str = "keep", reference_depth: float | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         for m in members:
@@ -136,6 +146,10 @@ class Ensemble:
         self.tile_um, self.out_px = float(tile_um), int(out_px)
         self.stain = stain
         self.domain = domain
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
+        self.background = background
+        self.reference_depth = None if reference_depth is None else float(reference_depth)
         self.meta = dict(meta or {})
         self.meta.setdefault("run_id", uuid.uuid4().hex[:12])
         self._digests: list[str] | None = self.meta.get("_digests")
@@ -177,9 +191,27 @@ class Ensemble:
         return list(keys.values())
 
     # ------------------------------------------------------------------ prediction
+    def prepare_tiles(self, tiles):
+        """Tiles as the members' input pipeline starts from: the masked background handled
+        (:attr:`background`); numpy or torch uint8 ``(n, h, w, 3)``, same type back."""
+        return whiten_background(tiles, self.background)
+
+    def depth_factor(self, depth: float | None) -> float:
+        """The factor that takes predicted means from :attr:`reference_depth` to a section of ``depth``
+        (median panel counts per spot); 1 when either is unknown."""
+        if depth is None:
+            return 1.0
+        if not self.reference_depth:
+            log.warning("this ensemble records no reference depth (trained before depth offsets); the given "
+                        "depth %.4g is ignored", depth)
+            return 1.0
+        if not depth > 0:
+            raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
+        return float(depth) / self.reference_depth
+
     def stain_source(self, tiles):
         """The stain estimate of a set of tiles (one section), or ``None`` without normalisation."""
-        return None if self.stain is None else self.stain.estimate(tiles)
+        return None if self.stain is None else self.stain.estimate(self.prepare_tiles(tiles))
 
     def _stain_map(self, x, stain_source):
         """The per-pixel OD map to the reference stain for tiles ``x`` (``None``: leave them as they are).
@@ -191,7 +223,7 @@ class Ensemble:
 
     @torch.no_grad()
     def predict_tiles(self, tiles, *, batch_size: int = 256, stain_source="auto", progress: bool = False,
-                      amp: bool = True) -> dict[str, np.ndarray]:
+                      amp: bool = True, depth: float | None = None) -> dict[str, np.ndarray]:
         """Predict uint8 tiles (n, out_px, out_px, 3) of one section.
 
         Parameters
@@ -203,6 +235,10 @@ class Ensemble:
             ``None`` skips stain normalisation.
         amp
             bf16 autocast where the device's fast paths are on (CUDA; see :mod:`stimage_nb.devices`).
+        depth
+            The section's sequencing depth (median counts per spot over the model's genes), when known:
+            every member's NB mean is scaled by ``depth / reference_depth`` (its dispersion kept), so the
+            means and both variances refer to that depth. ``None``: the training depth.
 
         Returns
         -------
@@ -220,7 +256,9 @@ class Ensemble:
             raise StimageInputError(f"tiles are {x.shape[1]}x{x.shape[2]} px but the model was trained on "
                                     f"{self.out_px} px tiles of {self.tile_um:g} µm; extract tiles with these sizes.")
         dev = self.device
+        x = self.prepare_tiles(x)
         M = self._stain_map(x, stain_source)
+        factor = self.depth_factor(depth)
         n, G, C = x.shape[0], len(self.genes), len(self.celltypes)
         out = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
                "epistemic_var": np.empty((n, G), np.float32), "celltype_mean": np.empty((n, C), np.float32),
@@ -235,7 +273,7 @@ class Ensemble:
             bar = tqdm(total=n, desc="predict", leave=False, unit="tile")
 
         def run(i, j):
-            for k, v in self._predict_batch(x[i:j], M, groups, amp).items():
+            for k, v in self._predict_batch(x[i:j], M, groups, amp, factor).items():
                 out[k][i:j] = v
 
         for_batches(run, n, batch_size, dev, "prediction", bar)
@@ -243,7 +281,7 @@ class Ensemble:
             bar.close()
         return out
 
-    def _predict_batch(self, xb, M, groups, amp: bool) -> dict[str, np.ndarray]:
+    def _predict_batch(self, xb, M, groups, amp: bool, factor: float = 1.0) -> dict[str, np.ndarray]:
         """One batch of :meth:`predict_tiles` (uint8 tiles on any device) -> host arrays."""
         from .augment import to_float
 
@@ -261,7 +299,7 @@ class Ensemble:
                 res["domain_distance"] = self.domain.distance(f.float().cpu().numpy())
             for j in grp:
                 o = self.members[j].heads(f.float())
-                mu = torch.exp(o.log_mu.double())
+                mu = torch.exp(o.log_mu.double()) * factor
                 theta = torch.exp(o.log_theta.double())
                 mus[j], vars_[j] = mu, mu + mu * mu / theta
                 if C:
@@ -283,6 +321,7 @@ class Ensemble:
         from .augment import to_float
 
         x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
+        x = self.prepare_tiles(x)
         M = self._stain_map(x, stain_source)
         out = np.empty((x.shape[0], self.members[0].feat_dim), np.float32)
 
@@ -304,6 +343,7 @@ class Ensemble:
                 "tile_um": self.tile_um, "out_px": self.out_px, "model_um_per_px": self.tile_um / self.out_px,
                 "um_per_px_handling": UM_PER_PX_HANDLING,
                 "stain_normalization": self.stain.to_dict() if self.stain is not None else {"method": "none"},
+                "background": self.background, "reference_depth": self.reference_depth,
                 "versions": versions(), **meta}
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -412,10 +452,12 @@ class Ensemble:
             domain = DomainModel.from_tensors(load_file(str(df)), {k: v for k, v in cfg["domain"].items()
                                                                    if k not in ("file", "sha256")})
         meta = {k: v for k, v in cfg.items() if k not in ("genes", "celltypes", "tile_um", "out_px", "domain",
-                                                         "stain_normalization", "format", "format_version")}
+                                                         "stain_normalization", "format", "format_version",
+                                                         "background", "reference_depth")}
         meta["_digests"] = [e.get("backbone_sha256") for e in cfg["members"]] if all(
             e.get("backbone_sha256") for e in cfg["members"]) else None
         ens = cls(members, genes=cfg["genes"], celltypes=cfg["celltypes"], tile_um=cfg["tile_um"], out_px=cfg["out_px"],
-                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta, domain=domain)
+                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta, domain=domain,
+                  background=cfg.get("background", "keep"), reference_depth=cfg.get("reference_depth"))
         ens.path = d
         return ens.to(device)

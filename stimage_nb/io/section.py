@@ -179,3 +179,14 @@ def select_genes(section: Section, genes: list[str] | None, *, drop_missing: boo
     a.uns = section.adata.uns
     return Section(section.name, a, section.image_path, section.um_per_px, section.patient, section.meta,
                    section._image), missing
+
+
+def section_depth(section: Section, genes: list[str] | None = None) -> float:
+    """A section's sequencing depth: the median over its spots of the counts summed over ``genes`` (default:
+    all its genes); the mean when the median is 0, and at least 1."""
+    import scipy.sparse as sp
+
+    X = section.adata.X if genes is None else section.adata[:, list(genes)].X
+    tot = np.asarray(X.sum(axis=1)).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).sum(1)
+    d = float(np.median(tot)) if len(tot) else 0.0
+    return d if d > 0 else max(float(np.mean(tot)) if len(tot) else 0.0, 1.0)
