@@ -125,7 +125,7 @@ class Ensemble:
         How tiles' masked black background is handled before anything else (:func:`stimage_nb.stain.
         whiten_background`: ``"white"`` turns it into glass; ``"keep"``, the behaviour before it existed).
     reference_depth
-        The sequencing depth (median counts per spot over the genes) the predicted means refer to: the
+        The sequencing depth (mean counts per spot over the genes) the predicted means refer to: the
         median of the training sections' depths (exactly so when trained with depth offsets,
         ``TrainConfig.depth="section"``; approximately otherwise). A section's own depth given at
         prediction (``predict_tiles(depth=...)``) rescales the negative binomials to it; ``None``: not
@@ -198,7 +198,7 @@ class Ensemble:
 
     def depth_factor(self, depth: float | None) -> float:
         """The factor that takes predicted means from :attr:`reference_depth` to a section of ``depth``
-        (median panel counts per spot); 1 when either is unknown."""
+        (mean counts per spot over the genes); 1 when either is unknown."""
         if depth is None:
             return 1.0
         if not self.reference_depth:
@@ -236,7 +236,7 @@ class Ensemble:
         amp
             bf16 autocast where the device's fast paths are on (CUDA; see :mod:`stimage_nb.devices`).
         depth
-            The section's sequencing depth (median counts per spot over the model's genes), when known:
+            The section's sequencing depth (mean counts per spot over the model's genes), when known:
             every member's NB mean is scaled by ``depth / reference_depth`` (its dispersion kept), so the
             means and both variances refer to that depth. ``None``: the training depth.
 

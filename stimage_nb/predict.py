@@ -82,7 +82,7 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
     chunk, workers
         Chunk size and tile-reading threads for streaming.
     depth
-        The section's sequencing depth (median counts per spot over the model's genes): a number,
+        The section's sequencing depth (mean counts per spot over the model's genes): a number,
         ``"observed"`` (from the section's own counts, when it has them) or ``None`` (the training depth,
         ``ensemble.reference_depth``). See :meth:`stimage_nb.ensemble.Ensemble.predict_tiles`.
     tiles
@@ -170,7 +170,7 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
 
 
 def _section_depth(sec: Section, ens: Ensemble, depth) -> float | None:
-    """The depth to predict at: a number, the section's observed median counts over the model's genes
+    """The depth to predict at: a number, the section's observed mean counts per spot over the model's genes
     (``"observed"``), or ``None``."""
     if depth is None or depth == "reference":
         return None

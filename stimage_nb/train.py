@@ -167,7 +167,7 @@ class TrainConfig:
         (:func:`stimage_nb.stain.whiten_background`); ``"keep"``: tiles as read.
     depth
         ``"section"``: the NB mean of a spot is its section's sequencing depth times a rate the heads
-        predict from the image (``log mu = log(D_section / D_ref) + heads(x)``, ``D`` = median counts per
+        predict from the image (``log mu = log(D_section / D_ref) + heads(x)``, ``D`` = mean counts per
         spot over the genes, ``D_ref`` = the training sections' median), so sections sequenced at other
         depths train together and a prediction can be given the depth of the section it is for
         (``predict_section(..., depth=...)``); ``"none"``: the heads predict counts at whatever depth the

@@ -182,11 +182,11 @@ def select_genes(section: Section, genes: list[str] | None, *, drop_missing: boo
 
 
 def section_depth(section: Section, genes: list[str] | None = None) -> float:
-    """A section's sequencing depth: the median over its spots of the counts summed over ``genes`` (default:
-    all its genes); the mean when the median is 0, and at least 1."""
+    """A section's sequencing depth: the mean over its spots of the counts summed over ``genes`` (default: all
+    its genes), at least 1. The mean, not the median, because the predicted means scale with it (on a shallow
+    section most spots hold a handful of counts and the median is a coarse integer)."""
     import scipy.sparse as sp
 
     X = section.adata.X if genes is None else section.adata[:, list(genes)].X
     tot = np.asarray(X.sum(axis=1)).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).sum(1)
-    d = float(np.median(tot)) if len(tot) else 0.0
-    return d if d > 0 else max(float(np.mean(tot)) if len(tot) else 0.0, 1.0)
+    return max(float(np.mean(tot)) if len(tot) else 0.0, 1.0)

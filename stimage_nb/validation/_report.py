@@ -157,7 +157,7 @@ def report_markdown(result, figs: dict) -> str:
       f"depth `{cfg.get('depth')}`, member data `{cfg.get('member_data')}`), its **first member alone**, and the "
       "**ridge baseline** on 40 handcrafted colour/texture features of the same tiles.")
     w(f"- **Depth**: `{o.get('depth')}` ("
-      + ("each held-out section's median counts per spot is given to the model, which predicts at that depth"
+      + ("each held-out section's mean counts per spot is given to the model, which predicts at that depth"
          if o.get("depth") == "observed" else "predictions at the training depth") + ").")
     w("- A **fold** trains on some sections and scores others that no part of training saw. Patients, not "
       "spots, are held out: neighbouring spots of one section share tissue, staining and sequencing run, so a "

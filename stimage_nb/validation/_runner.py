@@ -58,8 +58,8 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
              genes: Sequence[str] | None = None, config=None, sections: Sequence[str] | None = None,
              val: str = "none", depth: str = "observed", shifts=None, patients: Sequence[str] | None = None,
              train_platform: str | None = None, test_platform: str | None = None, n_boot: int = 200,
-             crop_margin_um: float | None = 200.0, keep_shifted: bool = False, seed: int = 0,
-             progress: bool = True) -> ValidationResult:
+             crop_margin_um: float | None = 200.0, keep_shifted: bool = False, shift_dir: str | os.PathLike | None = None,
+             seed: int = 0, progress: bool = True) -> ValidationResult:
     """Run validation protocols on a manifest: train, predict held-out sections, score, beside the baseline.
 
     Parameters
@@ -83,7 +83,7 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
         ``"none"`` (all training sections are fitted on) or ``"last"`` (the last one is held out of fitting
         for validation) — see :func:`~stimage_nb.validation.make_splits`.
     depth
-        ``"observed"``: each held-out section's sequencing depth (median counts per spot over the genes, one
+        ``"observed"``: each held-out section's sequencing depth (mean counts per spot over the genes, one
         number per section, a property of the sequencing run) is given to the ensemble, which predicts
         at that depth (:meth:`stimage_nb.ensemble.Ensemble.predict_tiles`); ``"reference"``: predictions at
         the training depth.
@@ -98,6 +98,9 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
         ``None``: the whole slide.
     keep_shifted
         Keep the shifted images after their fold is scored (default: removed).
+    shift_dir
+        Where shifted images go (default ``OUT/shifted``); runs of several recipes can share one with
+        ``keep_shifted=True``, so each image is made once.
     seed
         Seed of the bootstrap.
     progress
@@ -143,6 +146,8 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
         it = bar = tqdm(splits, desc="validate", unit="fold")
     ctx = _Context(by_name, genes_used, cfg, out, opts)
     ctx.keep_shifted = bool(keep_shifted)
+    ctx.shift_dir = Path(shift_dir) if shift_dir is not None else out / "shifted"
+    quiet = _Quiet("stimage_nb.predict", "stimage_nb.baseline")  # per-section warnings are in the records
     for split in it:
         if bar is not None:
             bar.set_postfix_str(split.id)
@@ -152,7 +157,8 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
         done = _read_fold(f_json, f_genes, fp)
         if done is None:
             t0 = time.perf_counter()
-            done = _run_fold(split, ctx)
+            with quiet:
+                done = _run_fold(split, ctx)
             done["fingerprint"] = fp
             done["seconds"]["total"] = round(time.perf_counter() - t0, 1)
             _write_fold(done, f_json, f_genes)
@@ -192,6 +198,23 @@ def _read_sections(manifest, sections, genes) -> tuple[list, list[str], list[str
     for s in secs:
         out.append(select_genes(s, common)[0] if s.has_counts else s)
     return out, common, dropped
+
+
+class _Quiet:
+    """Raise some loggers to ERROR inside a ``with`` block."""
+
+    def __init__(self, *names):
+        self.loggers = [logging.getLogger(n) for n in names]
+        self.levels: list = []
+
+    def __enter__(self):
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, lv in zip(self.loggers, self.levels):
+            lg.setLevel(lv)
 
 
 def _config_key(cfg) -> dict:
@@ -235,6 +258,7 @@ class _Context:
         self.sections, self.genes, self.cfg, self.out, self.opts = sections, genes, cfg, out, opts
         self.features: dict = {}  # handcrafted features of prepared tiles, per (tile cache key, background)
         self.keep_shifted = False
+        self.shift_dir = out / "shifted"
 
 
 def _model_dir(split: Split, ctx: _Context) -> Path:
@@ -307,7 +331,7 @@ def _run_fold(split: Split, ctx: _Context) -> dict:
     rb = _fit_baseline(split, ctx, ens)
     train_patients = {ctx.sections[n].patient for n in split.train}
     records, per_gene, curves = [], [], []
-    shift_dir = ctx.out / "shifted" / _safe(split.id)
+    shift_dir = ctx.shift_dir / _safe(split.fold if split.protocol == "acquisition" else split.id)
     t0 = time.perf_counter()
     for name in split.test:
         base = ctx.sections[name].drop_outside_image()
@@ -393,8 +417,8 @@ def _score(sec, preds: dict, bl: dict, rb, genes: list[str], info: dict, opts: d
             rec(m, "spearman_mean", t, s_["mean"])
             rec(m, "lees_l_mean", t, float(np.mean(ll)))
             rec(m, "ssim_mean", t, float(np.nanmean(ss)) if np.isfinite(ss).any() else None)
-        rec(m, "observed_depth", "counts", float(np.median(Y.sum(1))))
-        rec(m, "predicted_depth", "counts", float(np.median(mu.sum(1))))
+        rec(m, "observed_depth", "counts", float(np.mean(Y.sum(1))))
+        rec(m, "predicted_depth", "counts", float(np.mean(mu.sum(1))))
         if m != "baseline":
             a = preds[m][ids, genes]
             alea, epi = _dense(a.layers[K.ALEATORIC]), _dense(a.layers[K.EPISTEMIC])
