@@ -67,10 +67,24 @@ def lees_l(pred: np.ndarray, obs: np.ndarray, weights, *, chunk: int = 64) -> np
     return out
 
 
-def spot_grid(xy: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    """Integer grid cells (row, col) of spots: centres binned at the median nearest-neighbour distance."""
+def spot_grid(xy: np.ndarray, obs=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Integer grid cells (row, col) of spots, and the grid's shape.
+
+    The array coordinates when ``obs`` (a DataFrame of the spots) has them and they are one spot per cell:
+    legacy ST ``array_x``/``array_y``; Visium ``array_row``/``array_col`` (a hexagonal grid: every other
+    column of a row is used, so ``array_col // 2``). Otherwise the centres ``xy`` binned at the median
+    nearest-neighbour distance (cells, bins of a Visium HD or Xenium section).
+    """
     from scipy.spatial import cKDTree
 
+    if obs is not None:
+        for rc, cc, half in (("array_y", "array_x", False), ("array_row", "array_col", True)):
+            if rc in obs and cc in obs:
+                r = np.asarray(obs[rc], dtype=np.int64)
+                c = np.asarray(obs[cc], dtype=np.int64) // (2 if half else 1)
+                cells = np.stack([r - r.min(), c - c.min()], 1)
+                if len({(a, b) for a, b in cells}) == len(cells):
+                    return cells, (int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1)
     xy = np.asarray(xy, np.float64)
     if len(xy) < 2:
         return np.zeros((len(xy), 2), int), (1, 1)
@@ -91,10 +105,12 @@ def _raster(values: np.ndarray, cells: np.ndarray, shape: tuple[int, int]) -> np
         return s / (c[..., None] if values.ndim > 1 else c)
 
 
-def map_ssim(pred: np.ndarray, obs: np.ndarray, xy: np.ndarray, *, win_size: int = SSIM_WINDOW) -> np.ndarray:
+def map_ssim(pred: np.ndarray, obs: np.ndarray, xy: np.ndarray, *, spots=None,
+             win_size: int = SSIM_WINDOW) -> np.ndarray:
     """SSIM of the predicted and observed map of each gene (spots x genes, same scale; centres ``xy``).
 
-    Each map is rasterised on the spot grid (:func:`spot_grid`), min-max scaled to [0, 1] over its spots
+    Each map is rasterised on the spot grid (:func:`spot_grid`; ``spots``: the spots' ``obs`` table, whose
+    array coordinates are used when it has them), min-max scaled to [0, 1] over its spots
     (a constant map is 0), empty cells set to 0, and compared with :func:`skimage.metrics.
     structural_similarity` (``win_size`` cells, ``data_range=1``); the SSIM image is averaged over the
     cells that hold a spot. 1 = the same map.
@@ -103,7 +119,7 @@ def map_ssim(pred: np.ndarray, obs: np.ndarray, xy: np.ndarray, *, win_size: int
 
     pred = np.asarray(pred, np.float64)
     obs = np.asarray(obs, np.float64)
-    cells, shape = spot_grid(xy)
+    cells, shape = spot_grid(xy, spots)
     w = min(win_size, *shape)
     w = w if w % 2 else w - 1
     out = np.full(pred.shape[1], np.nan)

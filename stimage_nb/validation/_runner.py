@@ -380,6 +380,7 @@ def _score(sec, preds: dict, bl: dict, rb, genes: list[str], info: dict, opts: d
     Y = _dense(obs.X)
     xy = sec.xy[sec.adata.obs_names.get_indexer(ids)]
     W = spatial_weights(xy)
+    spots_obs = sec.adata.obs.loc[ids]
     ct_obs = sec.adata.obsm.get(K.CELLTYPE_PROPORTIONS)
     ct_obs = ct_obs.loc[ids] if isinstance(ct_obs, pd.DataFrame) else None
     rows, genes_rows, curves = [], [], []
@@ -402,7 +403,7 @@ def _score(sec, preds: dict, bl: dict, rb, genes: list[str], info: dict, opts: d
         df, summ = score_genes(mu, Y, genes, pred_on_scale=scaled[m] if m == "baseline" else None)
         for t in TARGETS:
             ll = lees_l(scaled[m][t], obs_scaled[t], W)
-            ss = map_ssim(scaled[m][t], obs_scaled[t], xy)
+            ss = map_ssim(scaled[m][t], obs_scaled[t], xy, spots=spots_obs)
             sub = df[df["target"] == t]
             genes_rows.append(pd.DataFrame({
                 "protocol": info["protocol"], "fold": info["fold"], "section": info["section"],
