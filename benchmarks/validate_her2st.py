@@ -176,12 +176,15 @@ def main(argv=None) -> int:
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a machine shared with other jobs, two OpenMP threads "
+                        "spin-wait on each other and train the heads ~6x slower than one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("stimage_nb.io.readers").setLevel(logging.ERROR)
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     from stimage_nb._settings import data_dir, her2st_manifest
     from stimage_nb.io.readers import read_gene_list
 
