@@ -172,6 +172,11 @@ class TrainConfig:
         depths train together and a prediction can be given the depth of the section it is for
         (``predict_section(..., depth=...)``); ``"none"``: the heads predict counts at whatever depth the
         training sections had.
+    composition
+        The NB head's mean factorised as the spot's depth (a scalar head on the image features) times a
+        composition over the genes (a softmax), :class:`stimage_nb.models.heads.NBHead`; with
+        ``depth="section"`` the section's sequencing depth multiplies both: ``mu = D_section / D_ref x
+        depth(x) x composition(x)``.
     member_data
         ``"all"``: every member trains on all training spots (or a bootstrap sample with ``bagging``).
         ``"groups"``: member ``i`` leaves out one group of training spots, the training sections in turn
@@ -214,6 +219,7 @@ class TrainConfig:
     background: str = "keep"
     depth: str = "none"
     member_data: str = "all"
+    composition: bool = False
 
     def __post_init__(self):
         named = self.backbone is not None
@@ -612,7 +618,7 @@ def _make_model(cfg: TrainConfig, backbone: str, n_genes: int, n_types: int, see
     torch.manual_seed(seed)
     bb = create_backbone(backbone, cfg.weights, **cfg.backbone_kwargs)
     return STModel(bb, n_genes, n_types, backbone_name=backbone, backbone_kwargs=cfg.backbone_kwargs,
-                   dropout=cfg.dropout, rank=cfg.rank)
+                   dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
 
 
 def _offset(out, offset):
@@ -812,7 +818,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
         stack, feats_tr, feats_va = _frozen_stack(cfg, backbone, train_d, val_d, out, device, feature_cache,
                                                   member=i)
         model = STModel(stack, n_genes, n_types, backbone_name=stack.name, backbone_kwargs=cfg.backbone_kwargs,
-                        dropout=cfg.dropout, rank=cfg.rank)
+                        dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
     else:
         model = _make_model(cfg, backbone, n_genes, n_types, _seed(cfg.seed, i, "init"))
     torch.manual_seed(_seed(cfg.seed, i, "heads"))
@@ -1098,7 +1104,7 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
         if cfg.frozen:  # heads on the shared fitted extractor
             stack = stacks[_stack_id(cfg, st["backbone"], i)][0].cpu()
             m = STModel(stack, len(genes), len(celltypes), backbone_name=stack.name,
-                        backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank)
+                        backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
             _load_member_state(m, sd, True)
         else:
             m = build_model(st["model_config"], "none")

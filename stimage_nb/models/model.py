@@ -45,10 +45,13 @@ class STModel(nn.Module):
         Dropout on the features before each head.
     rank
         Rank of the NB head's gene map (0: full; see :class:`NBHead`).
+    composition
+        The NB head's mean as a depth head times a composition over the genes (:class:`NBHead`).
     """
 
     def __init__(self, backbone: nn.Module, n_genes: int, n_celltypes: int = 0, *, backbone_name: str,
-                 backbone_kwargs: dict | None = None, dropout: float = 0.1, mean=None, std=None, rank: int = 0):
+                 backbone_kwargs: dict | None = None, dropout: float = 0.1, mean=None, std=None, rank: int = 0,
+                 composition: bool = False):
         super().__init__()
         self.backbone = backbone
         self.backbone_name = backbone_name
@@ -56,13 +59,14 @@ class STModel(nn.Module):
         self.feat_dim = int(backbone.num_features)
         self.n_genes, self.n_celltypes, self.dropout = int(n_genes), int(n_celltypes), float(dropout)
         self.rank = int(rank)
+        self.composition = bool(composition)
         if isinstance(backbone, FeatureStack):
             m, s = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         else:
             m, s = normalisation_of(backbone)
         self.register_buffer("mean", torch.tensor(mean if mean is not None else m, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std if std is not None else s, dtype=torch.float32).view(1, 3, 1, 1))
-        self.nb = NBHead(self.feat_dim, self.n_genes, dropout, rank=self.rank)
+        self.nb = NBHead(self.feat_dim, self.n_genes, dropout, rank=self.rank, composition=self.composition)
         self.celltype = CellTypeHead(self.feat_dim, self.n_celltypes, dropout) if self.n_celltypes else None
 
     # ------------------------------------------------------------------ forward
@@ -90,7 +94,7 @@ class STModel(nn.Module):
         out = {"backbone": self.backbone_name, "architecture": arch, "backbone_kwargs": self.backbone_kwargs,
                "n_genes": self.n_genes, "n_celltypes": self.n_celltypes, "feat_dim": self.feat_dim,
                "dropout": self.dropout, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
-               "rank": self.rank}
+               "rank": self.rank, "composition": self.composition}
         if self.is_stack:
             out["extractor"] = self.backbone.config()
         return out
@@ -120,4 +124,4 @@ def build_model(config: dict, weights: str | None = "none", **create_kw) -> STMo
         bb = create_backbone(name, weights, **kwargs, **create_kw)
     return STModel(bb, config["n_genes"], config.get("n_celltypes", 0), backbone_name=name, backbone_kwargs=kwargs,
                    dropout=config.get("dropout", 0.1), mean=config.get("mean"), std=config.get("std"),
-                   rank=config.get("rank", 0))
+                   rank=config.get("rank", 0), composition=bool(config.get("composition", False)))
