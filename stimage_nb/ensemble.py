@@ -103,6 +103,32 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def rescale_to_depth(pred: dict, depth: float) -> dict:
+    """Predictions of one section (:meth:`Ensemble.predict_tiles` output) at another sequencing depth.
+
+    Every member's NB mean ``mu_m`` becomes ``f mu_m`` with ``f = depth / mean_spots(sum_genes mean)``, so the
+    mean predicted counts per spot equal ``depth``; the dispersions are kept. Exact from the outputs: the
+    mean scales by ``f``, the epistemic variance by ``f^2``, and the aleatoric variance
+    ``mean_m(mu_m + mu_m^2 / theta_m)`` becomes ``f mean + f^2 (aleatoric - mean)``. ``pred["depth_factor"]``
+    records ``f``. A single member's outputs (``member_*``) are rescaled by the same ``f``.
+    """
+    if not depth > 0:
+        raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
+    mean = pred["mean"].astype(np.float64)
+    now = float(mean.sum(1).mean()) if mean.size else 0.0
+    f = float(depth) / now if now > 0 else 1.0
+    out = dict(pred)
+    out["mean"] = (f * mean).astype(np.float32)
+    out["aleatoric_var"] = (f * mean + f * f * (pred["aleatoric_var"] - mean)).astype(np.float32)
+    out["epistemic_var"] = (f * f * pred["epistemic_var"]).astype(np.float32)
+    if "member_mean" in pred:
+        mm = pred["member_mean"].astype(np.float64)
+        out["member_mean"] = (f * mm).astype(np.float32)
+        out["member_aleatoric_var"] = (f * mm + f * f * (pred["member_aleatoric_var"] - mm)).astype(np.float32)
+    out["depth_factor"] = f
+    return out
+
+
 class Ensemble:
     """N members predicting the same genes and cell types from tiles of the same size.
 
@@ -125,11 +151,11 @@ class Ensemble:
         How tiles' masked black background is handled before anything else (:func:`stimage_nb.stain.
         whiten_background`: ``"white"`` turns it into glass; ``"keep"``, the behaviour before it existed).
     reference_depth
-        The sequencing depth (mean counts per spot over the genes) the predicted means refer to: the
-        median of the training sections' depths (exactly so when trained with depth offsets,
-        ``TrainConfig.depth="section"``; approximately otherwise). A section's own depth given at
-        prediction (``predict_tiles(depth=...)``) rescales the negative binomials to it; ``None``: not
-        recorded (older ensembles), predictions stay at the training depth.
+        The sequencing depth (mean counts per spot over the genes) the predicted means refer to when no
+        depth is given: the median of the training sections' depths (the offset origin when trained with
+        depth offsets, ``TrainConfig.depth="section"``). A section's own depth given at prediction
+        (``predict_tiles(depth=...)``) rescales the negative binomials to it; ``None``: not recorded
+        (older ensembles).
     """
 
     def __init__(self, members: list[STModel], *, genes: list[str], celltypes: list[str], tile_um: float, out_px: int,
@@ -196,19 +222,6 @@ class Ensemble:
         (:attr:`background`); numpy or torch uint8 ``(n, h, w, 3)``, same type back."""
         return whiten_background(tiles, self.background)
 
-    def depth_factor(self, depth: float | None) -> float:
-        """The factor that takes predicted means from :attr:`reference_depth` to a section of ``depth``
-        (mean counts per spot over the genes); 1 when either is unknown."""
-        if depth is None:
-            return 1.0
-        if not self.reference_depth:
-            log.warning("this ensemble records no reference depth (trained before depth offsets); the given "
-                        "depth %.4g is ignored", depth)
-            return 1.0
-        if not depth > 0:
-            raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
-        return float(depth) / self.reference_depth
-
     def stain_source(self, tiles):
         """The stain estimate of a set of tiles (one section), or ``None`` without normalisation."""
         return None if self.stain is None else self.stain.estimate(self.prepare_tiles(tiles))
@@ -223,7 +236,7 @@ class Ensemble:
 
     @torch.no_grad()
     def predict_tiles(self, tiles, *, batch_size: int = 256, stain_source="auto", progress: bool = False,
-                      amp: bool = True, depth: float | None = None) -> dict[str, np.ndarray]:
+                      amp: bool = True, depth: float | None = None, member: int | None = None) -> dict[str, np.ndarray]:
         """Predict uint8 tiles (n, out_px, out_px, 3) of one section.
 
         Parameters
@@ -236,9 +249,14 @@ class Ensemble:
         amp
             bf16 autocast where the device's fast paths are on (CUDA; see :mod:`stimage_nb.devices`).
         depth
-            The section's sequencing depth (mean counts per spot over the model's genes), when known:
-            every member's NB mean is scaled by ``depth / reference_depth`` (its dispersion kept), so the
-            means and both variances refer to that depth. ``None``: the training depth.
+            The section's sequencing depth (mean counts per spot over the model's genes), when known: the
+            members' NB means are scaled by one factor so that the predicted mean depth over these tiles
+            equals it (:func:`rescale_to_depth`; the spots' relative depths and compositions come from the
+            image). Give the tiles of a whole section. ``None``: the training depth.
+        member
+            Also return that member's own prediction, from the same features (``member_mean``,
+            ``member_aleatoric_var``, ``member_celltype_mean``): a single network beside the ensemble at no
+            extra cost (the validation harness scores both).
 
         Returns
         -------
@@ -258,13 +276,17 @@ class Ensemble:
         dev = self.device
         x = self.prepare_tiles(x)
         M = self._stain_map(x, stain_source)
-        factor = self.depth_factor(depth)
         n, G, C = x.shape[0], len(self.genes), len(self.celltypes)
         out = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
                "epistemic_var": np.empty((n, G), np.float32), "celltype_mean": np.empty((n, C), np.float32),
                "celltype_std": np.empty((n, C), np.float32)}
         if self.domain is not None:
             out["domain_distance"] = np.empty(n, np.float32)
+        if member is not None:
+            if not 0 <= int(member) < self.n_members:
+                raise StimageInputError(f"member {member} of an ensemble of {self.n_members}")
+            out.update({"member_mean": np.empty((n, G), np.float32), "member_aleatoric_var": np.empty((n, G), np.float32),
+                        "member_celltype_mean": np.empty((n, C), np.float32)})
         groups = self._groups()
         bar = None
         if progress:
@@ -273,15 +295,15 @@ class Ensemble:
             bar = tqdm(total=n, desc="predict", leave=False, unit="tile")
 
         def run(i, j):
-            for k, v in self._predict_batch(x[i:j], M, groups, amp, factor).items():
+            for k, v in self._predict_batch(x[i:j], M, groups, amp, member).items():
                 out[k][i:j] = v
 
         for_batches(run, n, batch_size, dev, "prediction", bar)
         if bar is not None:
             bar.close()
-        return out
+        return rescale_to_depth(out, depth) if depth is not None else out
 
-    def _predict_batch(self, xb, M, groups, amp: bool, factor: float = 1.0) -> dict[str, np.ndarray]:
+    def _predict_batch(self, xb, M, groups, amp: bool, member: int | None = None) -> dict[str, np.ndarray]:
         """One batch of :meth:`predict_tiles` (uint8 tiles on any device) -> host arrays."""
         from .augment import to_float
 
@@ -299,7 +321,7 @@ class Ensemble:
                 res["domain_distance"] = self.domain.distance(f.float().cpu().numpy())
             for j in grp:
                 o = self.members[j].heads(f.float())
-                mu = torch.exp(o.log_mu.double()) * factor
+                mu = torch.exp(o.log_mu.double())
                 theta = torch.exp(o.log_theta.double())
                 mus[j], vars_[j] = mu, mu + mu * mu / theta
                 if C:
@@ -312,6 +334,11 @@ class Ensemble:
             p = torch.stack(probs)
             res["celltype_mean"] = p.mean(0).cpu().numpy()
             res["celltype_std"] = p.std(0, correction=0).cpu().numpy()
+        if member is not None:
+            res["member_mean"] = mus[member].cpu().numpy()
+            res["member_aleatoric_var"] = vars_[member].cpu().numpy()
+            if C:
+                res["member_celltype_mean"] = probs[member].cpu().numpy()
         return res
 
     @torch.no_grad()

@@ -83,8 +83,9 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
         Chunk size and tile-reading threads for streaming.
     depth
         The section's sequencing depth (mean counts per spot over the model's genes): a number,
-        ``"observed"`` (from the section's own counts, when it has them) or ``None`` (the training depth,
-        ``ensemble.reference_depth``). See :meth:`stimage_nb.ensemble.Ensemble.predict_tiles`.
+        ``"observed"`` (from the section's own counts, when it has them) or ``None`` (the training depth).
+        The predictions are rescaled so that their mean depth over the section equals it
+        (:func:`stimage_nb.ensemble.rescale_to_depth`).
     tiles
         The section's tiles at the model's geometry (``(n, out_px, out_px, 3)`` uint8, in the order of the
         section's points inside the image), when already read; else they are read here.
@@ -112,13 +113,13 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
     if tiles is not None:
         if len(tiles) != n:
             raise StimageInputError(f"{sec.name}: {len(tiles)} tiles given for {n} points inside the image.")
-        res = ensemble.predict_tiles(tiles, batch_size=batch_size, progress=progress, depth=dval)
+        res = ensemble.predict_tiles(tiles, batch_size=batch_size, progress=progress)
     elif cache_tiles:
         from .tiles import extract_tiles
 
         tiles = extract_tiles(sec.image, sec.xy, ensemble.tile_um, ensemble.out_px, cache=True, progress=progress,
                               workers=workers)
-        res = ensemble.predict_tiles(tiles, batch_size=batch_size, progress=progress, depth=dval)
+        res = ensemble.predict_tiles(tiles, batch_size=batch_size, progress=progress)
     else:
         # Chunks are strided over the section so the first one is a spread sample for the stain estimate.
         n_chunks = -(-n // chunk)
@@ -132,10 +133,14 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
         for idx, tiles in it:
             if isinstance(src, str):
                 src = ensemble.stain_source(tiles)
-            r = ensemble.predict_tiles(tiles, batch_size=batch_size, stain_source=src, depth=dval)
+            r = ensemble.predict_tiles(tiles, batch_size=batch_size, stain_source=src)
             for k in res:
                 res[k][idx] = r[k]
 
+    if dval is not None:  # one factor for the whole section (the chunks too)
+        from .ensemble import rescale_to_depth
+
+        res = rescale_to_depth(res, dval)
     obs = pd.DataFrame(index=pd.Index(sec.adata.obs_names.astype(str), name=None))
     xy = sec.xy
     obs[K.PIXEL_X] = xy[:, 0]
@@ -153,7 +158,7 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
     a.obsm[K.SPATIAL] = xy.astype(np.float64)
     a.uns[K.UNS] = _provenance(ensemble, sec, n_out)
     a.uns[K.UNS]["depth"] = {"given": dval if dval is not None else "", "reference": ensemble.reference_depth or "",
-                             "factor": ensemble.depth_factor(dval) if dval is not None else 1.0}
+                             "factor": float(res.get("depth_factor", 1.0))}
     if ensemble.domain is not None:
         d = res["domain_distance"]
         a.obs[K.DOMAIN_DISTANCE] = d

@@ -33,7 +33,7 @@ Example::
 from ._metrics import bootstrap_mean_r_difference, lees_l, map_ssim, paired_test, spatial_weights, spot_grid
 from ._report import readme_table, write_report
 from ._result import RECORD_COLUMNS, ValidationResult
-from ._runner import COMPARISONS, MODELS, single_member, validate
+from ._runner import COMPARISONS, MODELS, load_result, single_member, validate
 from ._splits import (
     PROTOCOLS,
     Acquisition,
@@ -64,6 +64,7 @@ __all__ = [
     "add_cli",
     "bootstrap_mean_r_difference",
     "lees_l",
+    "load_result",
     "make_protocol",
     "make_splits",
     "map_ssim",

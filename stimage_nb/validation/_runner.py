@@ -177,6 +177,40 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
                             skipped=dict(skipped), options=options, timings=timings, out=str(out))
 
 
+def load_result(out: str | os.PathLike) -> ValidationResult:
+    """The :class:`ValidationResult` of the finished folds in a ``validate`` folder, read back without running
+    anything (e.g. to report a run made by another process or an older version)."""
+    from ..shifts import Shift
+
+    out = Path(out)
+    files = sorted((out / "folds").glob("*.json"))
+    if not files:
+        raise StimageInputError(f"{out}: no finished folds (folds/*.json); run stimage-nb validate first.")
+    records, per_gene, curves, splits, timings, opts = [], [], [], [], {}, {}
+    for f in files:
+        d = json.loads(f.read_text())
+        g = f.with_name(f.stem + ".genes.parquet")
+        records += d["records"]
+        curves += d["curves"]
+        if g.is_file():
+            per_gene.append(pd.read_parquet(g))
+        sp_ = d["split"]
+        split = Split(sp_["protocol"], sp_["fold"], tuple(sp_["train"]), tuple(sp_["test"]), sp_["held_out"],
+                      tuple(sp_["val"]), tuple(Shift(**x) for x in sp_["shifts"]))
+        splits.append(split)
+        timings[split.id] = d.get("seconds", {})
+        fp = d.get("fingerprint", {})
+        opts = {**fp.get("options", {}), "config": fp.get("config", {})}
+    rec = pd.DataFrame.from_records(records)
+    opts.update({"protocol": sorted({s.protocol for s in splits}), "n_genes": int(pd.concat(per_gene)["gene"].nunique())
+                 if per_gene else None, "sections": sorted(set(rec["source_section"])) if len(rec) else [],
+                 "manifest": "", "read_back_from": str(out)})
+    timings["wall_seconds"] = round(sum(v.get("total", 0) for v in timings.values() if isinstance(v, dict)), 1)
+    return ValidationResult(records=rec, per_gene=pd.concat(per_gene, ignore_index=True) if per_gene else pd.DataFrame(),
+                            curves=tuple(curves), splits=tuple(splits), skipped={}, options=opts, timings=timings,
+                            out=str(out))
+
+
 # ----------------------------------------------------------------------------- inputs
 def _read_sections(manifest, sections, genes) -> tuple[list, list[str], list[str]]:
     """The manifest's sections, restricted to the genes every section with counts has."""
@@ -217,10 +251,16 @@ class _Quiet:
             lg.setLevel(lv)
 
 
+#: Recipe fields added after runs were made, with their value before: left out of the keys at that value,
+#: so models and folds of earlier runs stay valid.
+_ADDED_FIELDS = {"composition": False}
+
+
 def _config_key(cfg) -> dict:
     from ..train import _RESUMABLE_FIELDS
 
-    return {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in _RESUMABLE_FIELDS and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
 
 
 def _safe(name: str) -> str:
@@ -320,14 +360,12 @@ def _fit_baseline(split: Split, ctx: _Context, ens):
 def _run_fold(split: Split, ctx: _Context) -> dict:
     from ..baseline import handcrafted_features
     from ..io.section import section_depth
-    from ..predict import predict_section
     from ..shifts import Shift, shift_section
     from ..tiles import extract_tiles
 
     t0 = time.perf_counter()
     ens = _train(split, ctx)
     t_train = time.perf_counter() - t0
-    one = single_member(ens)
     rb = _fit_baseline(split, ctx, ens)
     train_patients = {ctx.sections[n].patient for n in split.train}
     records, per_gene, curves = [], [], []
@@ -344,8 +382,7 @@ def _run_fold(split: Split, ctx: _Context) -> dict:
                 sec = sec.drop_outside_image()
             tiles = extract_tiles(sec.image, sec.xy, ens.tile_um, ens.out_px, cache=shift.is_identity)
             dval = d_obs if ctx.opts["depth"] == "observed" else None
-            preds = {m: predict_section(e, sec, tiles=tiles, depth=dval, progress=False)
-                     for m, e in (("ensemble", ens), ("single_member", one))}
+            preds = _predict_both(ens, sec, tiles, dval)
             X = (_prepared_features(ctx, ens, sec, tiles) if shift.is_identity
                  else handcrafted_features(ens.prepare_tiles(tiles)))
             bl = {"log1p": rb.predict(features=X), "celltypes": rb.predict_celltypes(features=X)}
@@ -364,6 +401,30 @@ def _run_fold(split: Split, ctx: _Context) -> dict:
     return {"format": FORMAT, "split": split.to_dict(), "model_dir": str(_model_dir(split, ctx)),
             "records": records, "per_gene": pd.concat(per_gene, ignore_index=True), "curves": curves,
             "seconds": {"train": round(t_train, 1), "predict_and_score": round(time.perf_counter() - t0, 1)}}
+
+
+def _predict_both(ens, sec, tiles: np.ndarray, depth: float | None) -> dict:
+    """The ensemble's and its first member's predictions of one section's tiles (one feature pass), as
+    prediction AnnDatas (``X``, both variance layers, cell-type means; the member's epistemic variance is 0)."""
+    import anndata as ad
+
+    r = ens.predict_tiles(tiles, depth=depth, member=0)
+    obs = pd.DataFrame(index=pd.Index(sec.adata.obs_names.astype(str)))
+    var = pd.DataFrame(index=pd.Index(ens.genes))
+    out = {}
+    for m, mean, alea, epi, ct in (
+            ("ensemble", r["mean"], r["aleatoric_var"], r["epistemic_var"], r["celltype_mean"]),
+            ("single_member", r["member_mean"], r["member_aleatoric_var"], np.zeros_like(r["member_mean"]),
+             r.get("member_celltype_mean"))):
+        a = ad.AnnData(X=mean, obs=obs.copy(), var=var.copy())
+        a.layers[K.ALEATORIC], a.layers[K.EPISTEMIC] = alea, epi
+        if ct is not None and ens.celltypes:
+            a.obsm[K.CELLTYPE_MEAN] = pd.DataFrame(ct, index=obs.index, columns=ens.celltypes)
+        a.uns[K.UNS] = {}
+        if m == "ensemble" and ens.domain is not None and "domain_distance" in r:
+            a.uns[K.UNS]["domain"] = ens.domain.summary(r["domain_distance"])
+        out[m] = a
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
