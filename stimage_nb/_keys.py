@@ -7,7 +7,16 @@ Section (input) AnnData
     ``obsm[CELLTYPE_PROPORTIONS]``    DataFrame of soft cell-type targets (rows sum to 1)
     ``obs[CELLTYPE_LABEL]``           hard per-cell label, when known
     ``X``                             raw integer counts (float32 CSR); zero genes when none
-    ``uns[UNS]``                      ``{"section", "patient", "image", "um_per_px", ...}``
+    ``uns[UNS]``                      ``{"section", "patient", "image", "um_per_px", "platform", ...}``
+    ``uns[UNS][PLATFORM]``            where the observations come from: ``"st"`` (legacy ST spots), ``"visium"``,
+                                      ``"visium_hd"`` (bins), ``"xenium"``/``"cosmx"``/``"merscope"`` (cells),
+                                      ``"image"`` (grid points, no transcriptomics), ``"unknown"``
+                                      (:mod:`stimage_nb.io.platforms`); the same as ``Section.platform``
+    ``uns[UNS][OBS_UNIT]``            what an observation is: ``"spot"``, ``"bin"``, ``"cell"``, ``"pseudospot"``,
+                                      ``"grid point"``
+    ``obs[N_POINTS]``                 pseudo-spots only: how many cells/bins were summed into it
+    ``uns[UNS][PSEUDOSPOT]``          pseudo-spots only: ``{diameter_um, pitch_um, lattice, footprint, source_unit,
+                                      n_source, n_used}`` (:mod:`stimage_nb.io.pseudospots`)
 
 Prediction AnnData (``PRED_DIR/<section>.h5ad``)
     ``X``                             predictive mean (expected counts)
@@ -18,7 +27,8 @@ Prediction AnnData (``PRED_DIR/<section>.h5ad``)
     ``obs[DOMAIN_DISTANCE]``          distance of the tile's features from the training data (~1 in distribution)
     ``obs[DOMAIN_PERCENTILE]``        its percentile among held-out reference tiles (:mod:`stimage_nb.domain`)
     ``obsm[SPATIAL]``, ``obs[PIXEL_X]``... as for the section
-    ``uns[UNS]``                      provenance: model config, weights sha256, package version, run id
+    ``uns[UNS]``                      provenance: model config, weights sha256, package version, run id,
+                                      the section's ``platform``/``obs_unit`` and the model's ``train_platforms``
 
 QuPath / region keys (:mod:`stimage_nb.qupath`)
     ``obs[REGION]``                   name of the pathologist's annotation (region) holding the point
@@ -42,6 +52,10 @@ IN_IMAGE = "in_image"
 CELLTYPE_PROPORTIONS = "celltype_proportions"
 CELLTYPE_LABEL = "celltype"
 REGION = "region"
+PLATFORM = "platform"
+OBS_UNIT = "obs_unit"
+N_POINTS = "n_points"
+PSEUDOSPOT = "pseudospot"
 
 ALEATORIC = "aleatoric_var"
 EPISTEMIC = "epistemic_var"

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import validation
 
     validation.add_cli(sub)
+    from .io import summary as io_summary
+
+    io_summary.add_cli(sub)
     return parser
 
 

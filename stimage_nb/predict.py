@@ -208,6 +208,9 @@ def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:
         "model_dir": str(getattr(ens, "path", "")), "stain_normalization": "macenko" if ens.stain is not None else "none",
         "n_outside_image": int(n_out), "n_spots": int(sec.adata.n_obs),
         "counts": str(uns_in.get("counts") or ""),
+        "platform": str(sec.platform), "obs_unit": str(uns_in.get(K.OBS_UNIT) or "spot"),
+        "pseudospot_um": float((uns_in.get(K.PSEUDOSPOT) or {}).get("diameter_um", 0.0)),
+        "train_platforms": sorted(set((m.get("train_platforms") or {}).values())),
         "package_version": str(versions().get("stimage_nb")), "versions": {k: str(v) for k, v in versions().items()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -227,6 +230,10 @@ def predict_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike, 
     out = Path(out)
     paths = []
     for s in secs:
+        if (s.adata.uns.get(K.UNS) or {}).get(K.OBS_UNIT) == "bin":
+            log.warning("%s: predicting %d %s bins one by one (a %g µm tile each); to predict at the model's spot size "
+                        "give the manifest row pseudospot_um=%g", s.name, s.adata.n_obs, s.platform, ens.tile_um,
+                        float(ens.meta.get("train_diameter_um") or ens.tile_um / 1.5))
         a = predict_section(ens, s, batch_size=batch_size, progress=progress)
         p = write_h5ad(a, out / f"{s.name}.h5ad")
         log.info("%s: %d spots predicted -> %s", s.name, a.n_obs, p)

@@ -363,7 +363,7 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
     base = manifest.parent
     if "celltypes" not in m.columns:
         m["celltypes"] = [str(_default_celltypes(base, s) or "") for s in m.index]
-    for col in ("image", "counts", "spots", "celltypes", "annotations"):
+    for col in ("image", "counts", "spots", "celltypes", "annotations", "visium", "outs", "alignment"):
         if col in m.columns:
             m[col] = [str(_resolve(base, v) or "") for v in m[col]]
     names = [f"{s}__{sh.name}" for s in sections for sh in shifts]
@@ -377,6 +377,11 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
             raise StimageInputError(
                 f"{manifest}: section {s} restricts spots with QuPath annotations in level-0 pixels; rescaled "
                 "shifts cannot reuse them. Drop the annotations column for the robustness check.")
+        outs_col = next((c for c in ("outs", "visium") if c in m.columns and str(row[c]).strip() not in ("", "nan")), None)
+        if outs_col is not None and any(not sh.is_identity for sh in shifts):
+            raise StimageInputError(
+                f"{manifest}: section {s} is read from a platform output ({outs_col}={row[outs_col]}); shifted copies "
+                "are made for rows in the her2st layout (image, spots, counts) only.")
         img = None
         for sh in shifts:
             name = f"{s}__{sh.name}"

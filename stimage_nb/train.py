@@ -1118,6 +1118,8 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
             "val_sections": [s.name for s in val_s],
             "train_patients": sorted({str(s.patient) for s in train_s if s.patient}),
             "train_um_per_px": {s.name: s.um_per_px for s in train_s},
+            "train_platforms": {s.name: s.platform for s in train_s + val_s},
+            "train_diameter_um": float(np.median([s.diameter_um for s in train_s])),
             "n_train_spots": int(sum(s.adata.n_obs for s in train_s)), "train_config": cfg.to_dict(),
             "section_depths": dict(depths or {}),
             "members": info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

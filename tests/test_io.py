@@ -131,7 +131,7 @@ def test_tissue_mask_agrees_with_space_ranger(data_dir):
 
     d = data_dir / "fixtures" / "visium_1.0.0" / "spatial"
     sf = json.loads((d / "scalefactors_json.json").read_text())
-    img = open_image(d / "tissue_lowres_image.png", um_per_px=55.0 / sf["spot_diameter_fullres"] / sf["tissue_lowres_scalef"])
+    img = open_image(d / "tissue_lowres_image.png", um_per_px=65.0 / sf["spot_diameter_fullres"] / sf["tissue_lowres_scalef"])
     pos = pd.read_csv(d / "tissue_positions_list.csv", header=None)
     xy = pos[[5, 4]].to_numpy(float) * sf["tissue_lowres_scalef"]
     flag = pos[1].to_numpy() == 1
@@ -148,7 +148,7 @@ def test_visium_outs(data_dir):
     assert 0 < s.adata.n_obs <= 100
     scale = s.adata.uns[K.UNS]["image_scale"]
     assert scale == pytest.approx(0.045004502)  # the hires PNG is a blank placeholder -> lowres used
-    assert s.um_per_px == pytest.approx(55 / 89.42751063343188 / scale)
+    assert s.um_per_px == pytest.approx(65 / 89.42751063343188 / scale)  # spot_diameter_fullres spans 65 µm
     assert s.image.width == 600
     assert (s.xy >= 0).all() and (s.xy < 600).all()
 

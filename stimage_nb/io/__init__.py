@@ -2,8 +2,13 @@
 
 from .image import SlideImage, open_image
 from .ngff import write_ome_zarr
-from .readers import read_anndata, read_gene_list, read_manifest, read_visium, read_wsi
+from .platforms import PLATFORMS
+from .pseudospots import aggregate_pseudospots, pseudospot_lattice
+from .readers import manifest_platforms, read_anndata, read_gene_list, read_manifest, read_section_files, read_wsi
 from .section import Section
+from .visium import read_visium, read_visium_hd
+from .xenium import read_xenium
 
 __all__ = ["Section", "SlideImage", "open_image", "write_ome_zarr", "read_manifest", "read_visium",
-           "read_anndata", "read_wsi", "read_gene_list"]
+           "read_anndata", "read_wsi", "read_gene_list", "read_visium_hd", "read_xenium", "read_section_files",
+           "aggregate_pseudospots", "pseudospot_lattice", "PLATFORMS", "manifest_platforms"]
