@@ -38,6 +38,14 @@ def _add_train(sub) -> None:
                    help="frozen path: one k-means dictionary for all members, or one per member")
     p.add_argument("--stain", default=None, choices=["macenko", "none"],
                    help="stain normalisation per section to the training sections' stain (default: macenko)")
+    p.add_argument("--background", default=None, choices=["keep", "white"],
+                   help="a black masked background in the tiles: turned into white glass (white) or kept (keep)")
+    p.add_argument("--depth", default=None, choices=["none", "section"],
+                   help="NB mean = section depth x rate (section) or counts at the training depth (none)")
+    p.add_argument("--composition", default=None, choices=["on", "off"],
+                   help="NB head as a spot's depth times a composition over the genes (on) or per-gene (off)")
+    p.add_argument("--member-data", default=None, choices=["all", "groups"],
+                   help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per training step (default: 1024 frozen, 32 fine-tuned; lower it if the GPU runs out of memory)")

@@ -295,6 +295,11 @@ class TrainConfig:
             d["bagging"] = True
         if getattr(args, "member_features", None):
             d["member_features"] = args.member_features
+        for name in ("background", "depth", "member_data"):
+            if getattr(args, name, None):
+                d[name] = getattr(args, name)
+        if getattr(args, "composition", None) in ("on", "off"):
+            d["composition"] = args.composition == "on"
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)

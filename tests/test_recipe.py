@@ -110,3 +110,13 @@ def test_members_that_leave_a_group_out():
     for bad in (dict(background="grey"), dict(depth="spot"), dict(member_data="half")):
         with pytest.raises(StimageInputError):
             TrainConfig(**bad)
+
+
+def test_the_train_command_reaches_the_recipe_options():
+    from stimage_nb.cli import build_parser
+
+    base = ["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"]
+    cfg = TrainConfig.from_cli(build_parser().parse_args(base + ["--background", "keep", "--depth", "none",
+                                                                 "--composition", "off", "--member-data", "groups"]))
+    assert (cfg.background, cfg.depth, cfg.composition, cfg.member_data) == ("keep", "none", False, "groups")
+    assert TrainConfig.from_cli(build_parser().parse_args(base)) == TrainConfig()
