@@ -85,7 +85,7 @@ def test_depth_offsets_train_sections_of_other_depths_together(tmp_path):
 
     secs = kit.sections(("B4", "C3"))
     d = {s.name: section_depth(s) for s in secs}
-    assert d["C3"] > 5 * d["B4"]  # patient B was sequenced far shallower
+    assert d["C3"] > 2.5 * d["B4"]  # patient B was sequenced far shallower (30 genes, 40 spots here)
     cfg = kit.tiny_frozen_config(depth="section", background="white", members=2, epochs=30)
     ens = train(secs, genes=kit.genes(), out=tmp_path / "run", val_sections=[], config=cfg, progress=False)
     assert ens.reference_depth == pytest.approx(np.median(list(d.values())))
