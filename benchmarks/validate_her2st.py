@@ -38,12 +38,13 @@ import pandas as pd
 #: Recipes tried, as TrainConfig fields. The first is the offline default before this study (written out,
 #: so it stays reachable whatever TrainConfig's defaults become).
 CANDIDATES: dict[str, dict] = {
-    "before": {"background": "keep", "depth": "none", "member_data": "all"},
-    "white background": {"background": "white", "depth": "none", "member_data": "all"},
-    "white + depth offsets": {"background": "white", "depth": "section", "member_data": "all"},
+    "before": {"background": "keep", "depth": "none", "member_data": "all", "composition": False},
+    "white background": {"background": "white", "depth": "none", "member_data": "all", "composition": False},
+    "white + depth offsets": {"background": "white", "depth": "section", "member_data": "all", "composition": False},
     "white + depth + composition head": {"background": "white", "depth": "section", "member_data": "all",
                                          "composition": True},
-    "white + depth + members leave a group out": {"background": "white", "depth": "section", "member_data": "groups"},
+    "white + depth + members leave a group out": {"background": "white", "depth": "section", "member_data": "groups",
+                                                  "composition": False},
 }
 TARGETS = ("beats_baseline", "not_worse_cp10k", "coverage_ok", "epistemic_ranks")
 #: The acquisitions the candidates are compared under (the hardest of ACQUISITION_SHIFTS: the black background
