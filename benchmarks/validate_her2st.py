@@ -64,7 +64,7 @@ def summarize(name: str, res) -> dict:
     t = res.table()
     lopo = t[(t["protocol"] == "lopo") & (t["acquisition"] == "reference")]
     met = res.targets_met()
-    row = {"recipe": name}
+    row = {"recipe": name, "folds done": f"{len(res.splits)}/4"}
     for fold, d in lopo.groupby("fold", sort=False):
         tag = "B4" if fold.endswith("_B") else "C (mean of 5)"
         row[f"{tag}: ens r / base r"] = f"{d['ensemble r'].mean():.3f} / {d['baseline r'].mean():.3f}"
@@ -81,9 +81,11 @@ def summarize(name: str, res) -> dict:
 
 
 def choose(rows: list[dict]) -> str:
-    """The recipe meeting the most targets (summed over held-out sections and acquisitions), then the higher
-    mean ensemble r over the held-out patients' sections as scanned."""
-    best = max(rows, key=lambda r: (r["_score"], r["_mean_r"]))
+    """Among the candidates whose four folds all finished: the recipe meeting the most targets (summed over
+    held-out sections and acquisitions), then the higher mean ensemble r over the held-out patients' sections
+    as scanned."""
+    done = [r for r in rows if r["folds done"] == "4/4"] or rows
+    best = max(done, key=lambda r: (r["_score"], r["_mean_r"]))
     return best["recipe"]
 
 
@@ -94,7 +96,9 @@ def candidates_markdown(rows: list[dict], chosen: str, load: str) -> str:
     for _, r in df.iterrows():
         cells = [f"**{r[c]}**" if c == "recipe" and r[c] == chosen else str(r[c]) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Chosen: **{chosen}** (most targets met over the held-out patients' sections and acquisitions, "
+    lines += ["", "Folds: leave-one-patient-out train C → test B4 and train B4 → test C2–C6, and the same two folds "
+              "under the acquisitions; a candidate with fewer than 4/4 folds was stopped early (see the text).",
+              "", f"Chosen: **{chosen}** (most targets met over the held-out patients' sections and acquisitions, "
               "then the higher mean r; leave-one-section-out not consulted). Targets counted per held-out section "
               f"of another patient: as scanned and under {len(CANDIDATE_SHIFTS)} acquisitions ("
               + ", ".join(CANDIDATE_SHIFTS) + "), except the sparsification target (as scanned). Machine load "

@@ -132,6 +132,9 @@ class ValidationResult:
         if t.empty:
             return t
         t = t[t["protocol"].isin(["lopo", "acquisition"]) & t["held_out_patient"].astype(bool)].copy()
+        # a section as scanned is scored by both protocols with the same models and tiles: count it once
+        t = t.drop_duplicates(subset=["source_section", "acquisition", "train"] if "train" in t else
+                              ["source_section", "acquisition"], keep="first")
         p_worse = t["p CP10k (two-sided)"].fillna(1.0)
         t["beats_baseline"] = (t["Δ ens−base"] > 0) & (t["p (ens > base)"].fillna(1.0) < ALPHA)
         t["not_worse_cp10k"] = ~((t["Δ CP10k"] < 0) & (p_worse < ALPHA))
