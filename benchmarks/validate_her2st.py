@@ -76,7 +76,7 @@ def summarize(name: str, res) -> dict:
     row["cov90 range (all)"] = "{:.2f}–{:.2f}".format(*met["coverage_90_range"]) if met.get("coverage_90_range") else "–"
     row["_score"] = sum(met[k]["met"] for k in TARGETS if k in met)
     row["_mean_r"] = float(lopo["ensemble r"].mean())
-    row["minutes"] = round(res.timings.get("wall_seconds", 0) / 60, 1)
+    row["minutes (sum of folds)"] = round(res.timings.get("wall_seconds", 0) / 60, 1)
     return row
 
 
@@ -93,6 +93,7 @@ def candidates_markdown(rows: list[dict], chosen: str, load: str) -> str:
     df = pd.DataFrame(rows)
     cols = [c for c in df.columns if not c.startswith("_")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    df = df.fillna("not run")
     for _, r in df.iterrows():
         cells = [f"**{r[c]}**" if c == "recipe" and r[c] == chosen else str(r[c]) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
@@ -101,8 +102,7 @@ def candidates_markdown(rows: list[dict], chosen: str, load: str) -> str:
               "", f"Chosen: **{chosen}** (most targets met over the held-out patients' sections and acquisitions, "
               "then the higher mean r; leave-one-section-out not consulted). Targets counted per held-out section "
               f"of another patient: as scanned and under {len(CANDIDATE_SHIFTS)} acquisitions ("
-              + ", ".join(CANDIDATE_SHIFTS) + "), except the sparsification target (as scanned). Machine load "
-              f"during the runs: {load}."]
+              + ", ".join(CANDIDATE_SHIFTS) + f"), except the sparsification target (as scanned). {load}"]
     return "\n".join(lines) + "\n"
 
 
@@ -137,7 +137,8 @@ def run_candidates(args, manifest, genes) -> None:
         rows.append(summarize(name, res))
         print(f"{name}: {rows[-1]} ({time.perf_counter() - t0:.0f} s, {loads[-1]})", flush=True)
     chosen = choose(rows)
-    md = candidates_markdown(rows, chosen, "; ".join(sorted(set(loads))))
+    note = args.load_note or ("Machine load after each candidate: " + "; ".join(loads) + ".")
+    md = candidates_markdown(rows, chosen, note)
     (args.out / "candidates.md").write_text(md)
     (args.out / "candidates.json").write_text(json.dumps({"rows": rows, "chosen": chosen}, indent=1))
     print(md)
@@ -190,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--candidates", action="store_true", help="compare the recipes of CANDIDATES (LOPO + acquisition)")
     p.add_argument("--only", nargs="*", help="only these candidates (names of CANDIDATES)")
+    p.add_argument("--load-note", default=None,
+                   help="the sentence on machine load written under the candidates table (default: the load "
+                        "average measured after each candidate)")
     p.add_argument("--summarize-only", action="store_true",
                    help="with --candidates: only read back the candidates' finished folds and write the table")
     p.add_argument("--candidate-shifts", default=",".join(CANDIDATE_SHIFTS),

@@ -30,7 +30,7 @@ def test_the_readers_give_each_row_its_platform(mixed_manifest):
     assert platform_of(secs["C3"]) == "st" and platform_of(secs["NCBI858"]) == "xenium"
     assert secs["NCBI858"].diameter_um == pytest.approx(100.0)  # cells summed into 100 µm pseudo-spots
     shared = set(secs["C3"].genes) & set(secs["NCBI858"].genes)
-    assert 30 < len(shared) < 100  # a lung Xenium panel and a breast transcriptome share a few dozen genes
+    assert 250 < len(shared) <= 338  # most of the 338-gene lung panel is in the her2st transcriptome
     folds = {s.fold: s for s in CrossPlatform().split([SectionInfo.of(s) for s in secs.values()])}
     assert folds["train_st_test_xenium"].train == ("C3",) and folds["train_st_test_xenium"].test == ("NCBI858",)
     assert folds["train_xenium_test_st"].train == ("NCBI858",)
@@ -44,7 +44,7 @@ def test_cross_platform_validation_on_the_fixtures(mixed_manifest, tmp_path):
     res = validate(mixed_manifest, out=tmp_path, protocol="cross_platform", config=cfg, n_boot=0, progress=False)
     t = res.table().set_index(["fold", "section"])
     assert set(t.index) == {("train_st_test_xenium", "NCBI858"), ("train_xenium_test_st", "C3")}
-    assert res.options["n_genes"] == len(res.per_gene["gene"].unique()) > 30
+    assert res.options["n_genes"] == len(res.per_gene["gene"].unique()) > 250
     df = res.to_frame()
     assert set(df.loc[df["fold"] == "train_st_test_xenium", "platform"]) == {"xenium"}
     for col in ("ensemble r", "baseline r", "coverage 90%"):
