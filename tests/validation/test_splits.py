@@ -114,11 +114,16 @@ def test_protocols_the_manifest_cannot_support_say_why(her2st_infos):
 
 
 def test_platform_of_falls_back_to_uns_then_st(her2st_manifest, data_dir):
+    from types import SimpleNamespace
+
     from stimage_nb.io.readers import read_manifest, read_visium
 
     (c3,) = read_manifest(her2st_manifest, ["C3"], genes=["ERBB2"])
-    assert platform_of(c3) == "st"
+    assert platform_of(c3) == c3.platform == "st"
+    # an object without the field (a Section from before it existed): the AnnData's record, then legacy ST
     c3.adata.uns["stimage_nb"]["platform"] = "Visium"
-    assert platform_of(c3) == "visium"
+    assert platform_of(SimpleNamespace(adata=c3.adata)) == "visium"
+    del c3.adata.uns["stimage_nb"]["platform"]
+    assert platform_of(SimpleNamespace(adata=c3.adata)) == "st"
     vis = read_visium(data_dir / "fixtures" / "visium_1.0.0")
     assert platform_of(vis) == "visium"
