@@ -177,6 +177,17 @@ def update_readme(readme: Path, out: Path) -> None:
         blocks["validation-default"] = (full.read_text() + f"\nFull protocol (leave-one-section-out, leave-one-patient-out, "
                                         f"acquisition; 769 genes): {t['wall_seconds'] / 60:.1f} min wall time on "
                                         f"{t['cpus']} CPU cores ({t['load_before']} before, {t['load_after']} after).\n")
+    if "validation-default" not in blocks and (out / "candidates.json").is_file():
+        # no --full run yet: the chosen candidate's folds (leave-one-patient-out and the study's acquisitions)
+        from stimage_nb.validation import load_result, readme_table
+
+        chosen = json.loads((out / "candidates.json").read_text())["chosen"]
+        res = load_result(out / "candidates" / _slug(chosen))
+        blocks["validation-default"] = (
+            f"The default recipe (`TrainConfig()`, the candidate **{chosen}**), from the candidates study: "
+            "leave-one-patient-out as scanned, then the acquisitions of the study (mean over the held-out "
+            "patients' sections). The full protocol (leave-one-section-out too, all nine acquisitions, the "
+            "bootstrap CI) has not been run on the bundle yet: `--full` writes it here.\n\n" + readme_table(res))
     for key, body in blocks.items():
         a, b = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
         if a not in text or b not in text:
