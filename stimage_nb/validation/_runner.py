@@ -43,7 +43,7 @@ from ..evaluate import (
 )
 from ._metrics import bootstrap_mean_r_difference, lees_l, map_ssim, paired_test, spatial_weights
 from ._result import ValidationResult
-from ._splits import SectionInfo, Split, make_splits, platform_of, skipped_protocols
+from ._splits import PROTOCOLS, SectionInfo, Split, make_splits, platform_of, skipped_protocols
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,12 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
     t_start = time.perf_counter()
     out = Path(out)
     cfg = config or TrainConfig()
+    names = [protocol] if isinstance(protocol, str) else list(protocol)
+    bad = [n for n in names if str(n).strip().lower().replace("-", "_") not in (*PROTOCOLS, "all")]
+    if bad:  # before anything is read
+        raise StimageInputError(f"unknown validation protocol {bad[0]!r}; choose from {list(PROTOCOLS)} or 'all'.")
+    if depth not in ("observed", "reference"):
+        raise StimageInputError(f"depth must be 'observed' or 'reference', not {depth!r}")
     secs, genes_used, dropped = _read_sections(manifest, sections, genes)
     infos = [SectionInfo.of(s) for s in secs]
     kw = {"patients": patients, "train_platform": train_platform, "test_platform": test_platform}
@@ -128,8 +134,6 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
         kw["shifts"] = list(shifts)
     splits = make_splits(infos, protocol, val=val, **kw)
     skipped = skipped_protocols(infos, protocol)
-    if depth not in ("observed", "reference"):
-        raise StimageInputError(f"depth must be 'observed' or 'reference', not {depth!r}")
     by_name = {s.name: s for s in secs}
     opts = {"depth": depth, "n_boot": int(n_boot), "seed": int(seed), "crop_margin_um": crop_margin_um,
             "retain": RETAIN, "format": FORMAT}

@@ -113,8 +113,9 @@ def test_a_protocol_the_manifest_cannot_support(her2st_manifest, tmp_path, capsy
 
     with pytest.raises(StimageInputError, match="at least 2 patients"):
         validate(her2st_manifest, out=tmp_path, protocol="lopo", sections=["C3", "C4"], genes=["ERBB2"])
+    (tmp_path / "g.txt").write_text("ERBB2\n")
     rc = main(["validate", "--manifest", str(her2st_manifest), "--sections", "C3,C4", "--protocol", "lopo",
-               "--out", str(tmp_path / "v")])
+               "--genes", str(tmp_path / "g.txt"), "--out", str(tmp_path / "v")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "at least 2 patients" in err and "Traceback" not in err
     assert not (tmp_path / "v" / "models").exists()
