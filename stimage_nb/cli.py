@@ -45,6 +45,14 @@ def _add_train(sub) -> None:
                    help="frozen path: one k-means dictionary for all members, or one per member")
     p.add_argument("--stain", default=None, choices=["macenko", "none"],
                    help="stain normalisation per section to the training sections' stain (default: macenko)")
+    p.add_argument("--background", default=None, choices=["keep", "white"],
+                   help="a black masked background in the tiles: turned into white glass (white) or kept (keep)")
+    p.add_argument("--depth", default=None, choices=["none", "section"],
+                   help="NB mean = section depth x rate (section) or counts at the training depth (none)")
+    p.add_argument("--composition", default=None, choices=["on", "off"],
+                   help="NB head as a spot's depth times a composition over the genes (on) or per-gene (off)")
+    p.add_argument("--member-data", default=None, choices=["all", "groups"],
+                   help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per training step (default: 1024 frozen, 32 fine-tuned; lower it if the GPU runs out of memory)")
@@ -181,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
-    from . import export, shifts, smoothing
+    from . import export, shifts, smoothing, validation
     from .cohort import _cli as cohort_cli
     from .io import summary as io_summary
     from .models.encoders import cli as encoders_cli
@@ -196,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoders_cli.add_cli(sub)
     path2space_cli.add_cli(sub)
     smoothing.add_cli(sub)
+    validation.add_cli(sub)
     return parser
 
 

@@ -41,7 +41,7 @@ from .devices import autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
 from .errors import StimageInputError
 from .models.model import STModel, build_model
-from .stain import MacenkoNormalizer, normalizer_from_dict
+from .stain import BACKGROUNDS, MacenkoNormalizer, normalizer_from_dict, whiten_background
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,32 @@ def _digests(members) -> list[str]:
             for m in members]
 
 
+def rescale_to_depth(pred: dict, depth: float) -> dict:
+    """Predictions of one section (:meth:`Ensemble.predict_tiles` output) at another sequencing depth.
+
+    Every member's NB mean ``mu_m`` becomes ``f mu_m`` with ``f = depth / mean_spots(sum_genes mean)``, so the
+    mean predicted counts per spot equal ``depth``; the dispersions are kept. Exact from the outputs: the
+    mean scales by ``f``, the epistemic variance by ``f^2``, and the aleatoric variance
+    ``mean_m(mu_m + mu_m^2 / theta_m)`` becomes ``f mean + f^2 (aleatoric - mean)``. ``pred["depth_factor"]``
+    records ``f``. A single member's outputs (``member_*``) are rescaled by the same ``f``.
+    """
+    if not depth > 0:
+        raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
+    mean = pred["mean"].astype(np.float64)
+    now = float(mean.sum(1).mean()) if mean.size else 0.0
+    f = float(depth) / now if now > 0 else 1.0
+    out = dict(pred)
+    out["mean"] = (f * mean).astype(np.float32)
+    out["aleatoric_var"] = (f * mean + f * f * (pred["aleatoric_var"] - mean)).astype(np.float32)
+    out["epistemic_var"] = (f * f * pred["epistemic_var"]).astype(np.float32)
+    if "member_mean" in pred:
+        mm = pred["member_mean"].astype(np.float64)
+        out["member_mean"] = (f * mm).astype(np.float32)
+        out["member_aleatoric_var"] = (f * mm + f * f * (pred["member_aleatoric_var"] - mm)).astype(np.float32)
+    out["depth_factor"] = f
+    return out
+
+
 class Ensemble:
     """N members predicting the same genes and cell types from tiles of the same size.
 
@@ -135,10 +161,20 @@ class Ensemble:
     domain
         The :class:`~stimage_nb.domain.DomainModel` of member 0's training features (``None``: no
         domain-shift score).
+    background
+        How tiles' masked black background is handled before anything else (:func:`stimage_nb.stain.
+        whiten_background`: ``"white"`` turns it into glass; ``"keep"``, the behaviour before it existed).
+    reference_depth
+        The sequencing depth (mean counts per spot over the genes) the predicted means refer to when no
+        depth is given: the median of the training sections' depths (the offset origin when trained with
+        depth offsets, ``TrainConfig.depth="section"``). A section's own depth given at prediction
+        (``predict_tiles(depth=...)``) rescales the negative binomials to it; ``None``: not recorded
+        (older ensembles).
     """
 
     def __init__(self, members: list[STModel], *, genes: list[str], celltypes: list[str], tile_um: float, out_px: int,
-                 stain: MacenkoNormalizer | None = None, meta: dict | None = None, domain: DomainModel | None = None):
+                 stain: MacenkoNormalizer | None = None, meta: dict | None = None, domain: DomainModel | None = None,
+                 background: str = "keep", reference_depth: float | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         for m in members:
@@ -150,6 +186,10 @@ class Ensemble:
         self.tile_um, self.out_px = float(tile_um), int(out_px)
         self.stain = stain
         self.domain = domain
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
+        self.background = background
+        self.reference_depth = None if reference_depth is None else float(reference_depth)
         self.meta = dict(meta or {})
         self.meta.setdefault("run_id", uuid.uuid4().hex[:12])
         self._digests: list[str] | None = self.meta.get("_digests")
@@ -201,9 +241,14 @@ class Ensemble:
         return list(keys.values())
 
     # ------------------------------------------------------------------ prediction
+    def prepare_tiles(self, tiles):
+        """Tiles as the members' input pipeline starts from: the masked background handled
+        (:attr:`background`); numpy or torch uint8 ``(n, h, w, 3)``, same type back."""
+        return whiten_background(tiles, self.background)
+
     def stain_source(self, tiles):
         """The stain estimate of a set of tiles (one section), or ``None`` without normalisation."""
-        return None if self.stain is None else self.stain.estimate(tiles)
+        return None if self.stain is None else self.stain.estimate(self.prepare_tiles(tiles))
 
     def _stain_map(self, x, stain_source):
         """The per-pixel OD map to the reference stain for tiles ``x`` (``None``: leave them as they are).
@@ -215,7 +260,7 @@ class Ensemble:
 
     @torch.no_grad()
     def predict_tiles(self, tiles, *, batch_size: int = 256, stain_source="auto", progress: bool = False,
-                      amp: bool = True) -> dict[str, np.ndarray]:
+                      amp: bool = True, depth: float | None = None, member: int | None = None) -> dict[str, np.ndarray]:
         """Predict uint8 tiles (n, out_px, out_px, 3) of one section.
 
         Parameters
@@ -227,6 +272,15 @@ class Ensemble:
             ``None`` skips stain normalisation.
         amp
             bf16 autocast where the device's fast paths are on (CUDA; see :mod:`stimage_nb.devices`).
+        depth
+            The section's sequencing depth (mean counts per spot over the model's genes), when known: the
+            members' NB means are scaled by one factor so that the predicted mean depth over these tiles
+            equals it (:func:`rescale_to_depth`; the spots' relative depths and compositions come from the
+            image). Give the tiles of a whole section. ``None``: the training depth.
+        member
+            Also return that member's own prediction, from the same features (``member_mean``,
+            ``member_aleatoric_var``, ``member_celltype_mean``): a single network beside the ensemble at no
+            extra cost (the validation harness scores both).
 
         Returns
         -------
@@ -244,6 +298,7 @@ class Ensemble:
             raise StimageInputError(f"tiles are {x.shape[1]}x{x.shape[2]} px but the model was trained on "
                                     f"{self.out_px} px tiles of {self.tile_um:g} µm; extract tiles with these sizes.")
         dev = self.device
+        x = self.prepare_tiles(x)
         M = self._stain_map(x, stain_source)
         n, G, C = x.shape[0], len(self.genes), len(self.celltypes)
         out = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
@@ -251,6 +306,11 @@ class Ensemble:
                "celltype_std": np.empty((n, C), np.float32)}
         if self.domain is not None:
             out["domain_distance"] = np.empty(n, np.float32)
+        if member is not None:
+            if not 0 <= int(member) < self.n_members:
+                raise StimageInputError(f"member {member} of an ensemble of {self.n_members}")
+            out.update({"member_mean": np.empty((n, G), np.float32), "member_aleatoric_var": np.empty((n, G), np.float32),
+                        "member_celltype_mean": np.empty((n, C), np.float32)})
         groups = self._groups()
         bar = None
         if progress:
@@ -259,15 +319,15 @@ class Ensemble:
             bar = tqdm(total=n, desc="predict", leave=False, unit="tile")
 
         def run(i, j):
-            for k, v in self._predict_batch(x[i:j], M, groups, amp).items():
+            for k, v in self._predict_batch(x[i:j], M, groups, amp, member).items():
                 out[k][i:j] = v
 
         for_batches(run, n, batch_size, dev, "prediction", bar)
         if bar is not None:
             bar.close()
-        return out
+        return rescale_to_depth(out, depth) if depth is not None else out
 
-    def _predict_batch(self, xb, M, groups, amp: bool) -> dict[str, np.ndarray]:
+    def _predict_batch(self, xb, M, groups, amp: bool, member: int | None = None) -> dict[str, np.ndarray]:
         """One batch of :meth:`predict_tiles` (uint8 tiles on any device) -> host arrays."""
         from .augment import to_float
 
@@ -306,6 +366,11 @@ class Ensemble:
             p = torch.stack(probs)
             res["celltype_mean"] = p.mean(0).cpu().numpy()
             res["celltype_std"] = p.std(0, correction=0).cpu().numpy()
+        if member is not None:
+            res["member_mean"] = mus[member].cpu().numpy()
+            res["member_aleatoric_var"] = vars_[member].cpu().numpy()
+            if C:
+                res["member_celltype_mean"] = probs[member].cpu().numpy()
         return res
 
     @torch.no_grad()
@@ -315,6 +380,7 @@ class Ensemble:
         from .augment import to_float
 
         x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
+        x = self.prepare_tiles(x)
         M = self._stain_map(x, stain_source)
         out = np.empty((x.shape[0], self.members[0].feat_dim), np.float32)
 
@@ -336,6 +402,7 @@ class Ensemble:
                 "tile_um": self.tile_um, "out_px": self.out_px, "model_um_per_px": self.tile_um / self.out_px,
                 "um_per_px_handling": UM_PER_PX_HANDLING,
                 "stain_normalization": self.stain.to_dict() if self.stain is not None else {"method": "none"},
+                "background": self.background, "reference_depth": self.reference_depth,
                 "versions": versions(), **meta}
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -446,10 +513,12 @@ class Ensemble:
             domain = DomainModel.from_tensors(load_file(str(df)), {k: v for k, v in cfg["domain"].items()
                                                                    if k not in ("file", "sha256")})
         meta = {k: v for k, v in cfg.items() if k not in ("genes", "celltypes", "tile_um", "out_px", "domain",
-                                                         "stain_normalization", "format", "format_version")}
+                                                         "stain_normalization", "format", "format_version",
+                                                         "background", "reference_depth")}
         meta["_digests"] = [e.get("backbone_sha256") for e in cfg["members"]] if all(
             e.get("backbone_sha256") for e in cfg["members"]) else None
         ens = cls(members, genes=cfg["genes"], celltypes=cfg["celltypes"], tile_um=cfg["tile_um"], out_px=cfg["out_px"],
-                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta, domain=domain)
+                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta, domain=domain,
+                  background=cfg.get("background", "keep"), reference_depth=cfg.get("reference_depth"))
         ens.path = d
         return ens.to(device)

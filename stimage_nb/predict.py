@@ -65,7 +65,8 @@ def _read_chunks(section: Section, ens: Ensemble, order: np.ndarray, chunk: int,
 
 
 def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 256, progress: bool = True,
-                    cache_tiles: bool | None = None, chunk: int = CHUNK, workers: int | None = None):
+                    cache_tiles: bool | None = None, chunk: int = CHUNK, workers: int | None = None,
+                    depth: float | str | None = None, tiles=None):
     """Predict every spot or cell of a section.
 
     Parameters
@@ -81,6 +82,14 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
         ``chunk`` points); otherwise tiles are streamed in chunks without caching.
     chunk, workers
         Chunk size and tile-reading threads for streaming.
+    depth
+        The section's sequencing depth (mean counts per spot over the model's genes): a number,
+        ``"observed"`` (from the section's own counts, when it has them) or ``None`` (the training depth).
+        The predictions are rescaled so that their mean depth over the section equals it
+        (:func:`stimage_nb.ensemble.rescale_to_depth`).
+    tiles
+        The section's tiles at the model's geometry (``(n, out_px, out_px, 3)`` uint8, in the order of the
+        section's points inside the image), when already read; else they are read here.
 
     Returns
     -------
@@ -99,9 +108,14 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
            "celltype_std": np.empty((n, C), np.float32)}
     if ensemble.domain is not None:
         res["domain_distance"] = np.empty(n, np.float32)
+    dval = _section_depth(sec, ensemble, depth)
     if cache_tiles is None:
         cache_tiles = n <= chunk
-    if cache_tiles:
+    if tiles is not None:
+        if len(tiles) != n:
+            raise StimageInputError(f"{sec.name}: {len(tiles)} tiles given for {n} points inside the image.")
+        res = ensemble.predict_tiles(tiles, batch_size=batch_size, progress=progress)
+    elif cache_tiles:
         from .tiles import extract_tiles
 
         tiles = extract_tiles(sec.image, sec.xy, ensemble.tile_um, ensemble.out_px, cache=True, progress=progress,
@@ -124,6 +138,10 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
             for k in res:
                 res[k][idx] = r[k]
 
+    if dval is not None:  # one factor for the whole section (the chunks too)
+        from .ensemble import rescale_to_depth
+
+        res = rescale_to_depth(res, dval)
     obs = pd.DataFrame(index=pd.Index(sec.adata.obs_names.astype(str), name=None))
     xy = sec.xy
     obs[K.PIXEL_X] = xy[:, 0]
@@ -141,6 +159,8 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
     a.obsm[K.CELLTYPE_STD] = pd.DataFrame(res["celltype_std"], index=obs.index, columns=ensemble.celltypes)
     a.obsm[K.SPATIAL] = xy.astype(np.float64)
     a.uns[K.UNS] = _provenance(ensemble, sec, n_out)
+    a.uns[K.UNS]["depth"] = {"given": dval if dval is not None else "", "reference": ensemble.reference_depth or "",
+                             "factor": float(res.get("depth_factor", 1.0))}
     if ensemble.domain is not None:
         d = res["domain_distance"]
         a.obs[K.DOMAIN_DISTANCE] = d
@@ -154,6 +174,24 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
                         "measured spots (docs/robustness.md).", sec.name, 100 * summ["median_percentile"],
                         summ["reference"])
     return a
+
+
+def _section_depth(sec: Section, ens: Ensemble, depth) -> float | None:
+    """The depth to predict at: a number, the section's observed mean counts per spot over the model's genes
+    (``"observed"``), or ``None``."""
+    if depth is None or depth == "reference":
+        return None
+    if depth == "observed":
+        from .io.section import section_depth
+
+        have = [g for g in ens.genes if g in set(sec.adata.var_names)]
+        if not sec.has_counts or not have:
+            raise StimageInputError(f"{sec.name}: depth='observed' needs the section's counts of the model's genes.")
+        return section_depth(sec, have)
+    try:
+        return float(depth)
+    except (TypeError, ValueError) as e:
+        raise StimageInputError(f"depth must be a number, 'observed' or 'reference', not {depth!r}") from e
 
 
 def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:

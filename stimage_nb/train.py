@@ -51,7 +51,7 @@ from .devices import OUT_OF_MEMORY, autocast, channels_last, for_batches, resolv
 from .domain import DomainModel
 from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, versions, write_json
 from .errors import StimageInputError
-from .io.section import Section, select_genes
+from .io.section import Section, section_depth, select_genes
 from .models.features import DEFAULT_EXTRACTOR
 from .models.heads import labels_to_targets, soft_cross_entropy
 from .models.model import STModel, build_model
@@ -168,6 +168,28 @@ class TrainConfig:
         Weight of the cell-type loss relative to the gene NLL.
     dropout
         Dropout on the features before the heads.
+    background
+        ``"white"``: a black, masked background (an exported crop) is turned into white glass in every
+        tile before stain normalisation and features, at training and prediction
+        (:func:`stimage_nb.stain.whiten_background`); ``"keep"``: tiles as read.
+    depth
+        ``"section"``: the NB mean of a spot is its section's sequencing depth times a rate the heads
+        predict from the image (``log mu = log(D_section / D_ref) + heads(x)``, ``D`` = mean counts per
+        spot over the genes, ``D_ref`` = the training sections' median), so sections sequenced at other
+        depths train together and a prediction can be given the depth of the section it is for
+        (``predict_section(..., depth=...)``); ``"none"``: the heads predict counts at whatever depth the
+        training sections had.
+    composition
+        The NB head's mean factorised as the spot's depth (a scalar head on the image features) times a
+        composition over the genes (a softmax), :class:`stimage_nb.models.heads.NBHead`; with
+        ``depth="section"`` the section's sequencing depth multiplies both: ``mu = D_section / D_ref x
+        depth(x) x composition(x)``.
+    member_data
+        ``"all"``: every member trains on all training spots (or a bootstrap sample with ``bagging``).
+        ``"groups"``: member ``i`` leaves out one group of training spots, the training sections in turn
+        (a spatial quarter of the section when there is only one), so members differ in what they learned
+        from and disagree more where the data they lacked matters (a larger epistemic variance off the
+        training data).
     """
 
     frozen: bool | None = None
@@ -201,6 +223,10 @@ class TrainConfig:
     celltype_weight: float = 1.0
     dropout: float | None = None
     eval_batch_size: int = 256
+    background: str = "keep"
+    depth: str = "none"
+    member_data: str = "all"
+    composition: bool = False
 
     def __post_init__(self):
         named = self.backbone is not None
@@ -230,6 +256,12 @@ class TrainConfig:
             raise StimageInputError(f"rank must be >= 0 (0: full NB head), not {self.rank}")
         if self.stain not in ("macenko", "none"):
             raise StimageInputError(f"stain must be 'macenko' or 'none', not {self.stain!r}")
+        if self.background not in ("keep", "white"):
+            raise StimageInputError(f"background must be 'keep' or 'white', not {self.background!r}")
+        if self.depth not in ("none", "section"):
+            raise StimageInputError(f"depth must be 'none' or 'section', not {self.depth!r}")
+        if self.member_data not in ("all", "groups"):
+            raise StimageInputError(f"member_data must be 'all' or 'groups', not {self.member_data!r}")
         if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
             raise StimageInputError(f"invalid training config: members={self.members}, epochs={self.epochs}, "
                                     f"batch_size={self.batch_size}, out_px={self.out_px}")
@@ -312,6 +344,11 @@ class TrainConfig:
             d["bagging"] = True
         if getattr(args, "member_features", None):
             d["member_features"] = args.member_features
+        for name in ("background", "depth", "member_data"):
+            if getattr(args, name, None):
+                d[name] = getattr(args, name)
+        if getattr(args, "composition", None) in ("on", "off"):
+            d["composition"] = args.composition == "on"
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
@@ -425,6 +462,8 @@ class _Data:
     counts: torch.Tensor         # float32 (n, genes) on the device
     targets: torch.Tensor | None  # float32 (n, types) with NaN rows, on the device
     section: np.ndarray          # section index per row
+    offset: torch.Tensor | None = None  # float32 (n,) log(section depth / reference depth), on the device
+    group: np.ndarray | None = None     # the group a member may leave out (member_data="groups")
 
     def __len__(self):
         return self.tiles.shape[0]
@@ -471,19 +510,31 @@ def _section_tiles(section: Section, tile_um: float, out_px: int, progress: bool
     return extract_tiles(section.image, section.xy, tile_um, out_px, cache=True, progress=progress)
 
 
-def _build_data(sections, genes, celltypes, tile_um, out_px, normalizer, device, progress) -> _Data:
-    tiles, counts, targets, idx = [], [], [], []
+def _spatial_groups(xy: np.ndarray) -> np.ndarray:
+    """Quarters of a section (split at the median x and y): the groups of one training section."""
+    return (xy[:, 0] > np.median(xy[:, 0])).astype(int) * 2 + (xy[:, 1] > np.median(xy[:, 1])).astype(int)
+
+
+def _build_data(sections, genes, celltypes, tile_um, out_px, normalizer, device, progress, *, background="keep",
+                ref_depth: float | None = None) -> _Data:
+    from .stain import whiten_background
+
+    tiles, counts, targets, idx, offs = [], [], [], [], []
     for i, s in enumerate(sections):
-        t = _section_tiles(s, tile_um, out_px, progress)
+        t = whiten_background(_section_tiles(s, tile_um, out_px, progress), background)
         t = torch.from_numpy(np.ascontiguousarray(t))
+        offs.append(np.full(len(t), 0.0 if ref_depth is None else np.log(section_depth(s) / ref_depth), np.float32))
         if normalizer is not None:
             t = normalizer.transform(t, device=device)
         tiles.append(t.to(device))
         counts.append(torch.from_numpy(_counts(s)))
         targets.append(_celltype_targets(s, celltypes))
         idx.append(np.full(len(t), i))
+    section = np.concatenate(idx)
+    group = section if len(sections) > 1 else _spatial_groups(sections[0].xy)
     return _Data(torch.cat(tiles), torch.cat(counts).to(device),
-                 torch.cat(targets).to(device) if celltypes else None, np.concatenate(idx))
+                 torch.cat(targets).to(device) if celltypes else None, section,
+                 torch.from_numpy(np.concatenate(offs)).to(device), group)
 
 
 def _load_sections(manifest, sections, val_sections, genes, drop_missing_genes) -> tuple[list[Section], list[Section]]:
@@ -630,7 +681,15 @@ def _make_model(cfg: TrainConfig, backbone: str, n_genes: int, n_types: int, see
     torch.manual_seed(seed)
     bb = create_backbone(backbone, cfg.weights_for(backbone), **cfg.backbone_kwargs)
     return STModel(bb, n_genes, n_types, backbone_name=backbone,
-                   backbone_kwargs=getattr(bb, "build_kwargs", cfg.backbone_kwargs), dropout=cfg.dropout, rank=cfg.rank)
+                   backbone_kwargs=getattr(bb, "build_kwargs", cfg.backbone_kwargs), dropout=cfg.dropout, rank=cfg.rank,
+                   composition=cfg.composition)
+
+
+def _offset(out, offset):
+    """The heads' output with the spots' log depth offsets added to the NB log-means."""
+    if offset is None:
+        return out
+    return dataclasses.replace(out, log_mu=out.log_mu + offset[:, None].to(out.log_mu.dtype))
 
 
 def _loss(out, counts, targets, w_ct: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -663,6 +722,7 @@ def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torc
             with autocast(device, cfg.amp):
                 f = model.features(to_float(data.tiles[i:j], channels_last(device, cfg.channels_last)))
             out = model.heads(f.float())
+        out = _offset(out, data.offset[i:j] if data.offset is not None else None)
         loss, _, _ = _loss(out, data.counts[i:j], data.targets[i:j] if data.targets is not None else None,
                            cfg.celltype_weight)
         losses.append(float(loss) * (j - i))
@@ -761,12 +821,18 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
     return cache[ident]
 
 
-def _bag(cfg: TrainConfig, i: int, n: int) -> torch.Tensor:
-    """Training rows of member ``i``: all of them, or a bootstrap sample (``cfg.bagging``)."""
+def _bag(cfg: TrainConfig, i: int, n: int, group: np.ndarray | None = None) -> torch.Tensor:
+    """Training rows of member ``i``: all of them, all but one group (``member_data="groups"``), or a
+    bootstrap sample of those (``cfg.bagging``)."""
+    base = torch.arange(n)
+    if cfg.member_data == "groups" and group is not None:
+        groups = np.unique(group)
+        if len(groups) > 1:
+            base = torch.from_numpy(np.flatnonzero(group != groups[i % len(groups)]))
     if not cfg.bagging:
-        return torch.arange(n)
+        return base
     g = torch.Generator().manual_seed(_seed(cfg.seed, i, "bag"))
-    return torch.randint(0, n, (n,), generator=g)
+    return base[torch.randint(0, len(base), (len(base),), generator=g)]
 
 
 def _member_state(model: STModel, frozen: bool) -> dict:
@@ -810,19 +876,23 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     backbone = cfg.backbones[i % len(cfg.backbones)]
     n_genes = train_d.counts.shape[1]
     n_types = 0 if train_d.targets is None else train_d.targets.shape[1]
-    rows = _bag(cfg, i, len(train_d))
+    rows = _bag(cfg, i, len(train_d), train_d.group)
     feats_tr = feats_va = None
     if cfg.frozen:
         # Members share one fitted extractor and its features (computed once) unless member_features="per_member".
         stack, feats_tr, feats_va = _frozen_stack(cfg, backbone, train_d, val_d, out, device, feature_cache,
                                                   member=i)
         model = STModel(stack, n_genes, n_types, backbone_name=stack.name, backbone_kwargs=cfg.backbone_kwargs,
-                        dropout=cfg.dropout, rank=cfg.rank)
+                        dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
     else:
         model = _make_model(cfg, backbone, n_genes, n_types, _seed(cfg.seed, i, "init"))
     torch.manual_seed(_seed(cfg.seed, i, "heads"))
     model.nb.reset_parameters()  # re-drawn per member (the extractor may be shared)
-    model.nb.init_from_counts(train_d.counts[rows.to(train_d.counts.device)])
+    rows_d = rows.to(train_d.counts.device)
+    c0 = train_d.counts[rows_d]
+    if train_d.offset is not None:
+        c0 = c0 * torch.exp(-train_d.offset[rows_d])[:, None]
+    model.nb.init_from_counts(c0)
     if model.celltype is not None:
         model.celltype.reset_parameters()
         model.celltype.init_from_targets(train_d.targets)
@@ -893,6 +963,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                         with autocast(device, cfg.amp):
                             f = model.features(x)
                         out_ = model.heads(f.float())
+                    out_ = _offset(out_, train_d.offset[idx_d] if train_d.offset is not None else None)
                     loss, nll, ce = _loss(out_, train_d.counts[idx_d],
                                           train_d.targets[idx_d] if train_d.targets is not None else None,
                                           cfg.celltype_weight)
@@ -1045,9 +1116,13 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     t0 = time.perf_counter()
     normalizer = None
     if cfg.stain == "macenko":
-        normalizer = _fit_normalizer(train_s, tile_um, cfg.out_px, progress)
-    train_d = _build_data(train_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress)
-    val_d = _build_data(val_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress) if val_s else None
+        normalizer = _fit_normalizer(train_s, tile_um, cfg.out_px, progress, cfg.background)
+    depths = {s.name: section_depth(s) for s in train_s + val_s}
+    ref_depth = float(np.median([depths[s.name] for s in train_s]))
+    kw = {"background": cfg.background, "ref_depth": ref_depth if cfg.depth == "section" else None}
+    train_d = _build_data(train_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress, **kw)
+    val_d = (_build_data(val_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress, **kw)
+             if val_s else None)
     log.info("data: %d training tiles (%s), %d validation tiles (%s), %d genes, %d cell types, %.1fs",
              len(train_d), [s.name for s in train_s], len(val_d) if val_d else 0, [s.name for s in val_s],
              len(genes_used), len(celltypes), time.perf_counter() - t0)
@@ -1071,7 +1146,7 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     for i in range(cfg.members):  # members trained on the cluster are found done here
         mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
     ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s, feature_cache,
-                    train_d, val_d, device)
+                    train_d, val_d, device, depths=depths, ref_depth=ref_depth)
     for cb in cbs:
         cb.on_train_end(state)
     log.info("trained %r in %s", ens, out)
@@ -1188,18 +1263,22 @@ def _fit_domain(cfg: TrainConfig, ens: Ensemble, stacks: dict, mstates: list[dic
         return None
 
 
-def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progress: bool) -> MacenkoNormalizer:
+def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progress: bool,
+                    background: str = "keep") -> MacenkoNormalizer:
     """Fit the Macenko reference on a spread sample of the training tiles (up to 256 per section)."""
+    from .stain import whiten_background
+
     ref = []
     for s in train_s:
-        t = _section_tiles(s, tile_um, out_px, progress)
+        t = whiten_background(_section_tiles(s, tile_um, out_px, progress), background)
         step = max(1, len(t) // 256)
         ref.append(t[::step])
     return MacenkoNormalizer().fit(np.concatenate(ref))
 
 
 def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes, tile_um, normalizer, run,
-              train_s, val_s, stacks: dict, train_d: _Data, val_d: _Data | None, device) -> Ensemble:
+              train_s, val_s, stacks: dict, train_d: _Data, val_d: _Data | None, device, *, depths: dict | None = None,
+              ref_depth: float | None = None) -> Ensemble:
     from safetensors.torch import load_file
 
     members, info = [], []
@@ -1210,7 +1289,7 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
         if cfg.frozen:  # heads on the shared fitted extractor
             stack = stacks[_stack_id(cfg, st["backbone"], i)][0].cpu()
             m = STModel(stack, len(genes), len(celltypes), backbone_name=stack.name,
-                        backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank)
+                        backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
             _load_member_state(m, sd, True)
         else:
             m = build_model(st["model_config"], "none")
@@ -1227,12 +1306,13 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
             "train_platforms": {s.name: s.platform for s in train_s + val_s},
             "train_diameter_um": float(np.median([s.diameter_um for s in train_s])),
             "n_train_spots": int(sum(s.adata.n_obs for s in train_s)), "train_config": cfg.to_dict(),
+            "section_depths": dict(depths or {}),
             "members": info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     encs = _encoder_provenance(cfg, tile_um, stacks)
     if encs:
         meta["encoders"] = encs
     ens = Ensemble(members, genes=genes, celltypes=celltypes, tile_um=tile_um, out_px=cfg.out_px, stain=normalizer,
-                   meta=meta)
+                   meta=meta, background=cfg.background, reference_depth=ref_depth)
     ens.domain = _fit_domain(cfg, ens, stacks, mstates, train_d, val_d, val_s, device)
     ens.save(out)
     # keep the per-member histories, drop the bulky checkpoints

@@ -127,8 +127,12 @@ def downsample(a: np.ndarray, factor: int) -> np.ndarray:
     h, w = a.shape[0] // f * f, a.shape[1] // f * f
     if h == 0 or w == 0:
         return a[:1, :1]
-    b = a[:h, :w].astype(np.uint32).reshape(h // f, f, w // f, f, a.shape[2])
-    return ((b.sum(axis=(1, 3)) + f * f // 2) // (f * f)).astype(np.uint8)
+    # the f x f strided views summed one by one: the same numbers as a reshape-and-sum, several times faster
+    acc = np.zeros((h // f, w // f, a.shape[2]), dtype=np.uint16 if f * f * 255 + f * f < 65536 else np.uint32)
+    for dy in range(f):
+        for dx in range(f):
+            acc += a[dy:h:f, dx:w:f]
+    return ((acc + f * f // 2) // (f * f)).astype(np.uint8)
 
 
 def downsample2(a: np.ndarray) -> np.ndarray:

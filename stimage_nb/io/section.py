@@ -244,3 +244,14 @@ def select_genes(section: Section, genes: list[str] | None, *, drop_missing: boo
     a = section.adata[:, keep].copy()
     a.uns = section.adata.uns
     return replace(section, adata=a), missing
+
+
+def section_depth(section: Section, genes: list[str] | None = None) -> float:
+    """A section's sequencing depth: the mean over its spots of the counts summed over ``genes`` (default: all
+    its genes), at least 1. The mean, not the median, because the predicted means scale with it (on a shallow
+    section most spots hold a handful of counts and the median is a coarse integer)."""
+    import scipy.sparse as sp
+
+    X = section.adata.X if genes is None else section.adata[:, list(genes)].X
+    tot = np.asarray(X.sum(axis=1)).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).sum(1)
+    return max(float(np.mean(tot)) if len(tot) else 0.0, 1.0)

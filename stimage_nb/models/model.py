@@ -56,11 +56,13 @@ class STModel(nn.Module):
         per gene, e.g. an imported Path2Space member; no count distribution, no cell types).
     hidden
         Hidden width of the ``"mlp"`` head (default: the feature width).
+    composition
+        The NB head's mean as a depth head times a composition over the genes (:class:`NBHead`).
     """
 
     def __init__(self, backbone: nn.Module, n_genes: int, n_celltypes: int = 0, *, backbone_name: str,
                  backbone_kwargs: dict | None = None, dropout: float = 0.1, mean=None, std=None, rank: int = 0,
-                 head: str = "nb", hidden: int | None = None, init: bool = True):
+                 head: str = "nb", hidden: int | None = None, init: bool = True, composition: bool = False):
         super().__init__()
         if head not in ("nb", "mlp"):
             raise ValueError(f"head must be 'nb' or 'mlp', not {head!r}")
@@ -72,6 +74,7 @@ class STModel(nn.Module):
         self.feat_dim = int(backbone.num_features)
         self.n_genes, self.n_celltypes, self.dropout = int(n_genes), int(n_celltypes), float(dropout)
         self.rank = int(rank)
+        self.composition = bool(composition)
         if isinstance(backbone, FeatureStack):
             m, s = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         else:
@@ -85,7 +88,7 @@ class STModel(nn.Module):
             if head == "mlp":
                 self.mlp = MLPHead(self.feat_dim, self.hidden, self.n_genes, dropout)
             else:
-                self.nb = NBHead(self.feat_dim, self.n_genes, dropout, rank=self.rank)
+                self.nb = NBHead(self.feat_dim, self.n_genes, dropout, rank=self.rank, composition=self.composition)
             self.celltype = CellTypeHead(self.feat_dim, self.n_celltypes, dropout) if self.n_celltypes else None
         if not init:
             for name in ("mlp", "nb", "celltype"):
@@ -125,6 +128,8 @@ class STModel(nn.Module):
                "n_genes": self.n_genes, "n_celltypes": self.n_celltypes, "feat_dim": self.feat_dim,
                "dropout": self.dropout, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
                "rank": self.rank}
+        if self.composition:
+            out["composition"] = True
         if self.head_kind != "nb":
             out.update({"head": self.head_kind, "hidden": self.hidden})
         if self.is_stack:
@@ -171,4 +176,5 @@ def build_model(config: dict, weights: str | None = "none", *, backbone: nn.Modu
         bb = create_backbone(name, weights, **kwargs, **create_kw)
     return STModel(bb, config["n_genes"], config.get("n_celltypes", 0), backbone_name=name, backbone_kwargs=kwargs,
                    dropout=config.get("dropout", 0.1), mean=config.get("mean"), std=config.get("std"),
-                   rank=config.get("rank", 0), head=config.get("head", "nb"), hidden=config.get("hidden"), init=init)
+                   rank=config.get("rank", 0), head=config.get("head", "nb"), hidden=config.get("hidden"), init=init,
+                   composition=bool(config.get("composition", False)))
