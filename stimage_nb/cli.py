@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
+    from .io import cache as io_cache
+    from .io import convert as io_convert
+
+    io_cache.add_cli(sub)
+    io_convert.add_cli(sub)
     return parser
 
 
