@@ -340,10 +340,17 @@ def open_levels(path: Path) -> LevelReader:
                                  "damaged or not a TIFF. Copy or download it again.", source=str(path)) from e
         if tif.is_ome or vendor in _TIFFFILE_VENDORS:
             try:
+                if not tif.series or not tif.pages:
+                    raise SlideReadError(f"{path}: not a readable TIFF (it holds no image); the file is truncated, "
+                                         "damaged or not a slide. Copy or download it again.", source=str(path))
                 return TiffLevels(path, tif)
-            except BaseException:
+            except StimageInputError:
                 tif.close()
                 raise
+            except Exception as e:  # noqa: BLE001 - tifffile on a damaged structure
+                tif.close()
+                raise SlideReadError(f"{path}: not a readable TIFF ({type(e).__name__}: {e}); the file is truncated, "
+                                     "damaged or not a slide. Copy or download it again.", source=str(path)) from e
         tif.close()
     if vendor is not None:
         return OpenSlideLevels(path, vendor)
