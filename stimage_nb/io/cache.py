@@ -163,13 +163,15 @@ def _remove(p: Path) -> None:
         trash.unlink(missing_ok=True)
 
 
-def enforce_limit(keep: Iterable[str | os.PathLike] = (), *, limit: int | None = None, grace_s: float = GRACE_S,
+def enforce_limit(keep: Iterable[str | os.PathLike] = (), *, limit: int | None = None, grace_s: float | None = None,
                   root: Path | None = None) -> list[CacheEntry]:
     """Remove least-recently-used entries until the cache is within ``limit`` bytes; returns what was removed.
 
-    ``keep`` (the entry just written) and entries used in the last ``grace_s`` seconds are never removed.
+    ``keep`` (the entry just written) and entries used in the last ``grace_s`` seconds (default
+    :data:`GRACE_S`) are never removed.
     """
     limit = limit_bytes() if limit is None else int(limit)
+    grace_s = GRACE_S if grace_s is None else float(grace_s)
     if limit <= 0:
         return []
     es = entries(root)

@@ -320,13 +320,16 @@ def open_image(path: str | os.PathLike, um_per_px: float | None = None, *, cache
 
         with img:
             out = convert_to_ome_zarr(img, cache_dir() / "images" / _cache_key(p, um_per_px), reuse=cache)
-        return SlideImage(out, um_per_px=um_per_px, source=str(p))
+            place = img.um_per_px_source
+        copy = SlideImage(out, um_per_px=um_per_px, source=str(p))
+        copy.um_per_px_source = place
+        return copy
     from . import cache as _cache
 
     out = cache_dir() / "images" / _cache_key(p, um_per_px)
     if cache and out.exists():
         _cache.touch(out)
-        return SlideImage(out, um_per_px=um_per_px, source=str(p))
+        return _converted(out, um_per_px, p)
     rgb, res = _read_raster(p)
     um = check_um_per_px(um_per_px if um_per_px is not None else res.um_per_px, p, missing=R.missing(p, res))
     log.info("converting %s to OME-Zarr at %s", p, out)
@@ -337,8 +340,22 @@ def open_image(path: str | os.PathLike, um_per_px: float | None = None, *, cache
         if not is_ome_zarr(out):
             raise
     try:
-        (out / "source.json").write_text(json.dumps({"source": str(p.resolve()), "um_per_px": um}))
+        (out / "source.json").write_text(json.dumps({"source": str(p.resolve()), "um_per_px": um,
+                                                     "um_per_px_source": "given" if um_per_px is not None
+                                                     else res.place}))
     except OSError:  # read-only or concurrently replaced cache: the provenance note is optional
         pass
     _cache.enforce_limit(keep=[out])
-    return SlideImage(out, um_per_px=um_per_px, source=str(p))
+    return _converted(out, um_per_px, p)
+
+
+def _converted(store: Path, um_per_px: float | None, src: Path) -> SlideImage:
+    """The converted copy of ``src``, saying where its µm/px came from (recorded at conversion)."""
+    img = SlideImage(store, um_per_px=um_per_px, source=str(src))
+    if um_per_px is None:
+        try:
+            img.um_per_px_source = json.loads((store / "source.json").read_text()).get("um_per_px_source",
+                                                                                      img.um_per_px_source)
+        except (OSError, ValueError):
+            pass
+    return img
