@@ -11,6 +11,7 @@ ome-zarr-py and returns its axes, per-level scales and units.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -254,12 +255,18 @@ def read_ngff_metadata(path: str | os.PathLike, *, series: int = 0) -> NgffMetad
         raise StimageInputError(f"{where}: not a readable OME-Zarr image (no NGFF 'multiscales' image in the store, "
                                 f"nor a bioformats2raw or plate layout; root attributes: {sorted(attrs)[:8]}).")
     img_path = Path(found[min(series, len(found) - 1)][0])
+    quiet = logging.getLogger("ome_zarr")  # it logs every dataset at INFO: keep a CLI run's log readable
+    level = quiet.level
+    if not logging.getLogger(__name__).isEnabledFor(logging.DEBUG):
+        quiet.setLevel(logging.WARNING)
     try:
         loc = parse_url(str(img_path))
         node = next(iter(Reader(loc)()), None) if loc is not None else None
         ms = node.load(Multiscales) if node is not None else None
     except Exception as e:  # noqa: BLE001 - ome-zarr-py's own validation (axes, versions)
         raise StimageInputError(f"{where}: not a readable OME-Zarr image ({type(e).__name__}: {e}).") from e
+    finally:
+        quiet.setLevel(level)
     if ms is None:
         raise StimageInputError(f"{where}: not a readable OME-Zarr image (no 'multiscales' at {img_path}).")
     md = node.metadata
