@@ -5,7 +5,7 @@
    bundle's six her2st H&E sections, each resampled from 0.69 to the level's µm/px, levels 1, 2, 4, ... 128.
 2. Trains the default model (``TrainConfig()``: the offline default, 5 members) on C2-C5, unless ``--model``.
 3. Runs ``stimage-nb predict --image SLIDE`` (the default batch size) in a subprocess: wall time, tiles/s
-   (grid points predicted / wall time) and peak resident memory (``ru_maxrss`` of the child).
+   (grid points predicted / wall time) and peak resident memory (the child's ``VmHWM``).
 4. Copies the slide into an OME-Zarr (:func:`stimage_nb.io.convert.convert_to_ome_zarr`, streamed; timed) and
    runs the same command on the copy: the ceiling the lazy reader is measured against (target: >= 0.8 of its
    tiles/s) — the copy keeps the slide's own levels, so both runs read the same tiles and must give the same
@@ -127,9 +127,10 @@ def predict_run(model: Path, image: Path, out: Path, env: dict) -> dict:
     import anndata as ad
 
     args = ["predict", "--model", str(model), "--image", str(image), "--out", str(out), "--device", "cpu"]
-    wrapper = ("import resource, sys\nfrom stimage_nb.cli import main\ntry:\n    rc = main(sys.argv[1:])\nfinally:\n"
-               "    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-               "sys.exit(rc)")
+    # VmHWM: the peak resident set of this process image (ru_maxrss would include the parent's at fork)
+    wrapper = ("import re, sys\nfrom stimage_nb.cli import main\ntry:\n    rc = main(sys.argv[1:])\nfinally:\n"
+               "    print('MAXRSS_KB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), "
+               "file=sys.stderr)\nsys.exit(rc)")
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", wrapper, *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -71,7 +71,7 @@ CHILD = textwrap.dedent("""
     (p,) = predict_slides(run, [slide], out, device="cpu", progress=False)
     a = anndata.read_h5ad(p)
     print(json.dumps({"limit": limit, "n_obs": a.n_obs, "finite": bool(np.isfinite(a.X).all()), "whole_fits": whole,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024}))
 """)
 
 
