@@ -93,8 +93,12 @@ class SlideImage:
             self.um_per_px_source = "given"
         else:
             self.um_per_px_source = rec.place
-        self.um_per_px = check_um_per_px(um_per_px if um_per_px is not None else rec.um_per_px, self.source,
-                                         missing=R.missing(self.source, rec))
+        try:
+            self.um_per_px = check_um_per_px(um_per_px if um_per_px is not None else rec.um_per_px, self.source,
+                                             missing=R.missing(self.source, rec))
+        except StimageInputError:
+            levels.close()  # a refused slide leaves no open file behind (cohorts open thousands)
+            raise
         self.omero = levels.omero
         self.read_stats: Counter = Counter()
         self._lock = threading.Lock()
