@@ -192,6 +192,8 @@ def main(argv=None) -> dict:
     p.add_argument("--um-per-px", type=float, default=0.25)
     p.add_argument("--model", type=Path, default=None, help="a trained run (default: train the default model)")
     p.add_argument("--clean", action="store_true", help="remove the OME-Zarr copy at the end")
+    p.add_argument("--reading-only", action="store_true",
+                   help="only the reading comparison (and model-only), on the slide and copy of an earlier run")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -209,13 +211,24 @@ def main(argv=None) -> dict:
         res["slide"] = json.loads(slide.with_suffix(".json").read_text())
     logging.info("slide: %s", res["slide"])
     model = a.model or default_model(work)
+    store = work / "copy.ome.zarr"
+    if a.reading_only:
+        from stimage_nb.ensemble import Ensemble
+
+        ens = Ensemble.load(model, device="cpu")
+        res["read_only_tiles_per_s"] = read_only({"lazy": slide, "ome_zarr": store}, ens.tile_um, ens.out_px)
+        res["read_only_ratio"] = round(res["read_only_tiles_per_s"]["lazy"] / res["read_only_tiles_per_s"]["ome_zarr"],
+                                       3)
+        res["model_only_tiles_per_s"] = round(model_only(model, slide), 1)
+        res["load_after"] = os.getloadavg()
+        print(json.dumps(res, indent=1))
+        return res
 
     res["lazy"] = predict_run(model, slide, work / "pred_lazy", env)
     logging.info("lazy: %s", res["lazy"])
 
     from stimage_nb.io.convert import convert_to_ome_zarr
 
-    store = work / "copy.ome.zarr"
     reused = (store / "source.json").is_file()
     t0 = time.perf_counter()
     convert_to_ome_zarr(slide, store, progress=False)
