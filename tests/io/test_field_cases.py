@@ -198,8 +198,11 @@ def _write_ngff(path, levels_cyx, fmt, axes, scales, *, root_attrs=None, sub=Non
     if root_attrs:
         g.attrs.update(root_attrs)
     target = g.require_group(sub) if sub else g
-    write_multiscale(levels_cyx, target, axes=axes, fmt=fmt,
-                     coordinate_transformations=[[{"type": "scale", "scale": s}] for s in scales])
+    names = [a["name"] for a in axes]
+    write_multiscale(levels_cyx, target, axes=axes, fmt=fmt, scale=dict(zip(names, scales[0])))
+    written = [d["coordinateTransformations"][0]["scale"] for d in (target.attrs.get("ome") or dict(target.attrs))
+               ["multiscales"][0]["datasets"]]
+    assert np.allclose(written, scales)  # ome-zarr-py derived each level's scale from the pyramid
     return path
 
 
