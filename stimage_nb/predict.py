@@ -34,6 +34,7 @@ import numpy as np
 from . import _keys as K
 from .ensemble import Ensemble, versions
 from .errors import StimageInputError
+from .io.prediction import write_h5ad  # noqa: F401 - part of this module's API (notebook 02 imports it from here)
 from .io.section import Section
 
 log = logging.getLogger(__name__)
