@@ -212,7 +212,8 @@ def predict_section_to_h5ad(ensemble: Ensemble, section: Section, path: str | os
     sec = section.drop_outside_image()
     n_out = n_all - sec.adata.n_obs
     with PredictionWriter(path, obs=_obs(sec), genes=ensemble.genes, celltypes=ensemble.celltypes,
-                          spatial=sec.xy, domain=ensemble.domain is not None) as w:
+                          spatial=sec.xy, domain=ensemble.domain is not None,
+                          aleatoric=getattr(ensemble, "has_distribution", True)) as w:
         _predict_rows(ensemble, sec, w, batch_size=batch_size, progress=progress, cache_tiles=cache_tiles,
                       chunk=chunk, workers=workers)
         uns = _provenance(ensemble, sec, n_out)

@@ -106,9 +106,12 @@ class PredictionWriter:
         (n, 2) centres in level-0 pixels (``obsm["spatial"]``).
     domain
         Whether results carry ``domain_distance``.
+    aleatoric
+        Whether to write ``layers["aleatoric_var"]`` (a model of point predictions has none).
     """
 
-    def __init__(self, path: str | os.PathLike, *, obs, genes, celltypes, spatial, domain: bool = False):
+    def __init__(self, path: str | os.PathLike, *, obs, genes, celltypes, spatial, domain: bool = False,
+                 aleatoric: bool = True):
         import h5py
         import numpy as np
 
@@ -125,6 +128,8 @@ class PredictionWriter:
         lay.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         self._d = {}
         for key, where in _MATRICES.items():
+            if key == "aleatoric_var" and not aleatoric:
+                continue
             ds = self._f.create_dataset(where, shape=(n, G), dtype="float32")
             ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
             self._d[key] = ds
