@@ -122,6 +122,19 @@ class SlideImage:
         return self._levels.kind
 
     @property
+    def datasets(self) -> list[str] | None:
+        """The NGFF dataset paths (level 0 first) of an OME-Zarr image, relative to its multiscale group; None
+        for other backends."""
+        meta = getattr(self._levels, "meta", None)
+        return list(meta.datasets) if meta is not None else None
+
+    @property
+    def axes(self) -> list[str] | None:
+        """The NGFF axis names in array order of an OME-Zarr image; None for other backends."""
+        meta = getattr(self._levels, "meta", None)
+        return list(meta.axes) if meta is not None else None
+
+    @property
     def fingerprint(self) -> str:
         """Path, size and mtime of what is read: changes when the file does (tile cache keys)."""
         return self._levels.fingerprint()
