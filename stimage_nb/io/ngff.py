@@ -260,7 +260,7 @@ def read_ngff_metadata(path: str | os.PathLike, *, series: int = 0) -> NgffMetad
     if not logging.getLogger(__name__).isEnabledFor(logging.DEBUG):
         quiet.setLevel(logging.WARNING)
     try:
-        loc = parse_url(str(img_path))
+        loc = parse_url(str(img_path), fmt=_declared_format(img_path))
         node = next(iter(Reader(loc)()), None) if loc is not None else None
         ms = node.load(Multiscales) if node is not None else None
     except Exception as e:  # noqa: BLE001 - ome-zarr-py's own validation (axes, versions)
@@ -282,6 +282,19 @@ def read_ngff_metadata(path: str | os.PathLike, *, series: int = 0) -> NgffMetad
     omero = loc.root_attrs.get("omero") if loc is not None else None
     return NgffMetadata(img_path, str(loc.version), axes, units, tuple(ms.datasets), tuple(scales),
                         md.get("name"), omero, layout, ome_xml)
+
+
+def _declared_format(img_path: Path):
+    """The ome-zarr-py Format of the version the image declares (so it reads it without a mismatch warning)."""
+    from ome_zarr.format import CurrentFormat, format_from_version
+
+    attrs = _root_attrs(img_path)
+    ms = attrs.get("multiscales") or [{}]
+    version = attrs.get("version") or (ms[0].get("version") if isinstance(ms[0], dict) else None)
+    try:
+        return format_from_version(str(version)) if version else CurrentFormat()
+    except ValueError:
+        return CurrentFormat()
 
 
 def _root_attrs(root: Path) -> dict:
