@@ -116,7 +116,7 @@ def test_the_tissue_mask_never_reads_level_0(tmp_path):
     """Tissue detection reads a low level (counted at the backend's own arrays), tiles the model's level."""
     from stimage_nb.io.tissue import grid_points
 
-    big = tissue(8192, 8192, y=0, x=0)
+    big = tissue(6144, 6144, y=0, x=0)
     img = open_image(write_slide(tmp_path / "big.tif", [big, shrink(big, 2), shrink(big, 4), shrink(big, 8)], 0.5))
     calls = []
     arrays = img._levels._arrays
@@ -131,8 +131,8 @@ def test_the_tissue_mask_never_reads_level_0(tmp_path):
 
     img._levels._arrays = [Counting(a, i) for i, a in enumerate(arrays)]
     xy = grid_points(img, 150.0)
-    assert 100 < len(xy) < (8192 * 0.5 / 150) ** 2
-    assert set(calls) == {1} and img.read_stats["pixels", 0] == 0  # the 4096-px level, never the 8192-px level 0
+    assert 100 < len(xy) < (6144 * 0.5 / 150) ** 2
+    assert set(calls) == {1} and img.read_stats["pixels", 0] == 0  # the 3072-px level, never the 6144-px level 0
     from stimage_nb.tiles import extract_tiles
 
     extract_tiles(img, xy[:200], 150.0, 112, cache=False)
