@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from . import export, shifts, smoothing, validation
     from .cohort import _cli as cohort_cli
+    from .io import cache as io_cache
+    from .io import convert as io_convert
     from .io import summary as io_summary
     from .models.encoders import cli as encoders_cli
     from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
@@ -205,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     path2space_cli.add_cli(sub)
     smoothing.add_cli(sub)
     validation.add_cli(sub)
+    io_cache.add_cli(sub)
+    io_convert.add_cli(sub)
     return parser
 
 

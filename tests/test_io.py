@@ -328,14 +328,18 @@ def test_grouped_tile_reads_equal_single_reads(sections, data_dir):
                                   np.stack([w.image.read_physical(x, y, 80.0, 32) for x, y in w.xy[:80]]))
 
 
-def test_read_groups_rows_for_dense_grids_singles_for_sparse_points():
+def test_read_groups_bands_for_dense_grids_singles_for_sparse_points():
     from stimage_nb.tiles import _read_groups
 
     n = 100
     grid = np.array([(x, y) for y in range(0, 600, 130) for x in range(0, 1300, 130)])
     groups = _read_groups(grid, n)
-    assert sorted(len(g) for g in groups) == [10] * 5  # one read per row of the spot grid
-    assert sorted(np.concatenate(groups).tolist()) == list(range(len(grid)))
+    assert [len(g) for g in groups] == [50]  # the dense grid fits one 1024-px band: one read
+    assert sorted(len(g) for g in _read_groups(grid, n, max_height=n)) == [10] * 5  # bands of one row: per row
+    tall = np.array([(x, y) for y in range(0, 4000, 130) for x in range(0, 1300, 130)])
+    for g in _read_groups(tall, n):  # regions stay within max_height x max_width
+        assert np.ptp(tall[g][:, 1]) + n <= 1024 and np.ptp(tall[g][:, 0]) + n <= 8192
+    assert sorted(np.concatenate(_read_groups(tall, n)).tolist()) == list(range(len(tall)))
     sparse = np.array([[0, 0], [5000, 10], [9000, 20]])
     assert [len(g) for g in _read_groups(sparse, n)] == [1, 1, 1]
     wide = np.array([(x, 0) for x in range(0, 20000, 130)])
