@@ -130,7 +130,7 @@ def _obs(sec: Section):
     obs[K.PIXEL_X] = xy[:, 0]
     obs[K.PIXEL_Y] = xy[:, 1]
     obs[K.DIAMETER_UM] = sec.adata.obs[K.DIAMETER_UM].to_numpy(dtype=np.float64)
-    for col in ("array_x", "array_y", "array_row", "array_col"):
+    for col in ("array_x", "array_y", "array_row", "array_col", K.REGION):
         if col in sec.adata.obs:
             obs[col] = sec.adata.obs[col].to_numpy()
     return obs
@@ -216,13 +216,18 @@ def predict_section(ensemble: Ensemble, section: Section, *, batch_size: int = 2
     a.obsm[K.CELLTYPE_STD] = pd.DataFrame(res["celltype_std"], index=obs.index, columns=ensemble.celltypes)
     a.obsm[K.SPATIAL] = sec.xy.astype(np.float64)
     a.uns[K.UNS] = _provenance(ensemble, sec, n_out)
-    a.uns[K.UNS]["depth"] = {"given": dval if dval is not None else "", "reference": ensemble.reference_depth or "",
-                             "factor": float(res.get("depth_factor", 1.0))}
+    a.uns[K.UNS]["depth"] = _depth_record(ensemble, dval, float(res.get("depth_factor", 1.0)))
     if ensemble.domain is not None:
         d = res["domain_distance"]
         a.obs[K.DOMAIN_DISTANCE] = d
         a.obs[K.DOMAIN_PERCENTILE], a.uns[K.UNS]["domain"] = _domain(ensemble, sec, d)
     return a
+
+
+def _depth_record(ens: Ensemble, dval: float | None, factor: float) -> dict:
+    """``uns["stimage_nb"]["depth"]``: the depth asked for ("" = the training depth), the model's reference
+    depth and the factor the predictions were scaled by."""
+    return {"given": dval if dval is not None else "", "reference": ens.reference_depth or "", "factor": float(factor)}
 
 
 def _section_depth(sec: Section, ens: Ensemble, depth) -> float | None:
@@ -245,29 +250,35 @@ def _section_depth(sec: Section, ens: Ensemble, depth) -> float | None:
 
 def predict_section_to_h5ad(ensemble: Ensemble, section: Section, path: str | os.PathLike, *, batch_size: int = 256,
                             progress: bool = True, cache_tiles: bool | None = None, chunk: int = CHUNK,
-                            workers: int | None = None) -> Path:
+                            workers: int | None = None, depth: float | str | None = None,
+                            uns: dict | None = None) -> Path:
     """Predict a section straight into ``path`` (an ``.h5ad``), writing each chunk's rows as they come.
 
     The same file as ``write_h5ad(predict_section(...), path)`` (same values, keys and provenance), but the
     (n, genes) matrices never sit in memory: peak memory depends on ``chunk``, ``batch_size`` and the
     model, not on the number of observations (:class:`~stimage_nb.io.prediction.PredictionWriter`; the
-    file appears atomically when complete). Parameters as :func:`predict_section`.
+    file appears atomically when complete). Parameters as :func:`predict_section`; ``uns``: entries added to
+    ``uns["stimage_nb"]`` (e.g. a cohort's patient id).
     """
     from .io.prediction import PredictionWriter
 
     n_all = section.adata.n_obs
     sec = section.drop_outside_image()
     n_out = n_all - sec.adata.n_obs
+    dval = _section_depth(sec, ensemble, depth)
     with PredictionWriter(path, obs=_obs(sec), genes=ensemble.genes, celltypes=ensemble.celltypes,
                           spatial=sec.xy, domain=ensemble.domain is not None,
                           aleatoric=getattr(ensemble, "has_distribution", True)) as w:
         _predict_rows(ensemble, sec, w, batch_size=batch_size, progress=progress, cache_tiles=cache_tiles,
                       chunk=chunk, workers=workers)
-        uns = _provenance(ensemble, sec, n_out)
+        f = w.rescale_to_depth(dval) if dval is not None else 1.0  # one factor for the whole section
+        prov = _provenance(ensemble, sec, n_out)
+        prov["depth"] = _depth_record(ensemble, dval, f)
+        prov.update(uns or {})
         extra = {}
         if ensemble.domain is not None:
-            extra[K.DOMAIN_PERCENTILE], uns["domain"] = _domain(ensemble, sec, w.small["domain_distance"])
-        return w.close(uns, extra)
+            extra[K.DOMAIN_PERCENTILE], prov["domain"] = _domain(ensemble, sec, w.small["domain_distance"])
+        return w.close(prov, extra)
 
 
 def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:

@@ -141,6 +141,25 @@ def test_streaming_into_the_h5ad_equals_the_in_memory_prediction(ens, tmp_path, 
     assert ua.get("domain") == ub.get("domain")
 
 
+def test_streaming_at_a_given_depth_equals_the_in_memory_rescaling(ens, tmp_path):
+    """A depth given to the streaming writer rescales the written rows in place by the same whole-section factor
+    as predict_section (mean x f, epistemic x f^2, aleatoric f mean + f^2 (aleatoric - mean)); both record it."""
+    from stimage_nb.io.prediction import read_prediction, write_h5ad
+    from stimage_nb.predict import predict_section_to_h5ad
+
+    s = kit.sections(("C4",))[0]
+    kw = dict(progress=False, cache_tiles=False, chunk=16, depth=500.0)
+    a = read_prediction(write_h5ad(predict_section(ens, s, **kw), tmp_path / "mem" / "C4.h5ad"))
+    b = read_prediction(predict_section_to_h5ad(ens, s, tmp_path / "stream" / "C4.h5ad", **kw))
+    assert np.isclose(b.X.sum(1).mean(), 500.0, rtol=1e-4)  # the asked-for mean counts per spot
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-5)
+    for key in (K.ALEATORIC, K.EPISTEMIC):
+        np.testing.assert_allclose(a.layers[key], b.layers[key], rtol=1e-4, atol=1e-6)
+    da, db = a.uns[K.UNS]["depth"], b.uns[K.UNS]["depth"]
+    assert float(db["given"]) == 500.0 and np.isclose(float(da["factor"]), float(db["factor"]), rtol=1e-6)
+    assert float(db["factor"]) != 1.0
+
+
 def _manifest_without_counts(tmp_path, sections=("C4",)):
     from stimage_nb._settings import her2st_manifest
 

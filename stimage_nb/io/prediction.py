@@ -138,6 +138,7 @@ class PredictionWriter:
         if domain:
             self.small["domain_distance"] = np.full(n, np.nan, np.float32)
         self.written = np.zeros(n, dtype=bool)
+        self._depth_sum = 0.0  # sum over rows of the predicted counts per row (sum over genes of the mean)
 
     def write(self, idx, values: dict) -> None:
         """Rows ``idx`` (any order) of each result (``mean``, ``aleatoric_var``, ``epistemic_var``: (k, genes);
@@ -148,6 +149,7 @@ class PredictionWriter:
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
         runs = np.split(np.arange(len(sidx)), np.flatnonzero(np.diff(sidx) != 1) + 1) if len(sidx) else []
+        self._depth_sum += float(np.asarray(values["mean"], dtype=np.float64).sum())
         for key, ds in self._d.items():
             v = np.asarray(values[key], dtype=np.float32)[order]
             for r in runs:  # contiguous runs as slices: HDF5 writes them in one go
@@ -155,6 +157,29 @@ class PredictionWriter:
         for key, arr in self.small.items():
             arr[idx] = values[key]
         self.written[idx] = True
+
+    def rescale_to_depth(self, depth: float, block: int = 4096) -> float:
+        """Rescale the rows written so far to a mean of ``depth`` predicted counts per row, in place, block by
+        block (:func:`stimage_nb.ensemble.rescale_to_depth`'s formulas: mean x f, epistemic x f^2, aleatoric
+        f mean + f^2 (aleatoric - mean)); returns the factor ``f``. Call once, after every row is written."""
+        import numpy as np
+
+        from ..errors import StimageInputError
+
+        if not depth > 0:
+            raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
+        now = self._depth_sum / self.n if self.n else 0.0
+        f = float(depth) / now if now > 0 else 1.0
+        for a in range(0, self.n, block):
+            b = min(self.n, a + block)
+            mean = self._d["mean"][a:b].astype(np.float64)
+            self._d["mean"][a:b] = (f * mean).astype(np.float32)
+            self._d["epistemic_var"][a:b] = (f * f * self._d["epistemic_var"][a:b].astype(np.float64)).astype(np.float32)
+            if "aleatoric_var" in self._d:
+                ale = self._d["aleatoric_var"][a:b].astype(np.float64)
+                self._d["aleatoric_var"][a:b] = (f * mean + f * f * (ale - mean)).astype(np.float32)
+        self._depth_sum *= f
+        return f
 
     def close(self, uns: dict, obs_extra: dict | None = None) -> Path:
         """Write the remaining elements and move the file into place; returns the path."""
