@@ -111,13 +111,16 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: the prediction directory")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--train-manifest", type=Path, default=None,
+                   help="manifest holding the model's training sections, for the baseline (default: the one the "
+                        "model recorded, else --manifest when it holds the same files)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(a) -> int:
     from .evaluate import evaluate
 
-    evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline)
+    evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline, train_manifest=a.train_manifest)
     return 0
 
 

@@ -416,6 +416,18 @@ def _cpu_seconds() -> float:
     return float(t.user + t.system)
 
 
+def _her2st_manifest(progress: bool) -> Path:
+    """The bundle's her2st manifest, or the six public sections fetched into the data directory."""
+    from .datasets import fetch_her2st
+    from .errors import DataUnavailableError
+
+    try:
+        return fetch_her2st(progress=progress)
+    except DataUnavailableError as e:
+        raise DataUnavailableError(f"the demo needs the public her2st data (about 25 MB), which is not on this machine "
+                                   f"and cannot be downloaded now: {e}") from e
+
+
 def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: str = "auto", *,
              manifest: str | os.PathLike | None = None, plan: DemoPlan | None = None,
              progress: bool = True) -> Path:
@@ -440,7 +452,6 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     -------
     The path of ``report.md``.
     """
-    from ._settings import her2st_manifest
     from .devices import resolve_device
     from .evaluate import evaluate
     from .io.readers import read_gene_list
@@ -449,18 +460,25 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     cpu_start = _cpu_seconds()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Path(manifest) if manifest is not None else her2st_manifest()
+    manifest = Path(manifest) if manifest is not None else _her2st_manifest(progress)
     plan = plan or (QUICK if quick else FULL)
     sfx = "-quick" if quick else ""
     run_dir, pred_dir, eval_dir, fig_dir = (out / f"{n}{sfx}" for n in ("run", "pred", "eval", "figures"))
     timings: dict[str, float] = {}
 
-    genes_all = read_gene_list(manifest.parent / GENE_LIST)
+    if (manifest.parent / GENE_LIST).is_file():
+        genes_all, list_name = read_gene_list(manifest.parent / GENE_LIST), f"the STimage her2st list `{GENE_LIST}`"
+    else:  # fetched data: the STimage list is not part of the public her2st repository
+        from .datasets import her2st_gene_list
+
+        genes_all = her2st_gene_list(manifest, train_sections=plan.train_sections)
+        list_name = (f"the {len(genes_all)} most variable genes of the training sections (`{GENE_LIST}` of the "
+                     "offline bundle is not part of the public her2st data)")
     if plan.n_genes is None:
-        genes, genes_source = genes_all, f"the STimage her2st list `{GENE_LIST}`"
+        genes, genes_source = genes_all, list_name
     else:
         genes = _top_genes(manifest, plan.train_sections, genes_all, plan.n_genes)
-        genes_source = f"the {plan.n_genes} genes of `{GENE_LIST}` with the highest mean count in training"
+        genes_source = f"the {plan.n_genes} genes of {list_name} with the highest mean count in training"
     log.info("demo: training on %s with %d genes -> %s", plan.train_sections, len(genes), run_dir)
 
     t = time.perf_counter()

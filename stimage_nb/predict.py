@@ -19,6 +19,7 @@ sections are read in chunks on a background thread while the previous chunk is p
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +171,8 @@ def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:
         "model_dir": str(getattr(ens, "path", "")), "stain_normalization": "macenko" if ens.stain is not None else "none",
         "n_outside_image": int(n_out), "n_spots": int(sec.adata.n_obs),
         "counts": str(uns_in.get("counts") or ""),
+        # the model's training files (stimage_nb.io.provenance), as JSON: evaluate finds its training sections with it
+        "training_data": json.dumps(m.get("training_data") or {}),
         "package_version": str(versions().get("stimage_nb")), "versions": {k: str(v) for k, v in versions().items()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

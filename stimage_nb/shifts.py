@@ -44,12 +44,18 @@ from . import _keys as K
 from .errors import StimageInputError
 from .io.ngff import check_um_per_px, downsample, write_ome_zarr
 from .io.section import Section, make_section_adata
-from .stain import RUIFROK_HED
 
 log = logging.getLogger(__name__)
 
-_HED_INV = np.linalg.inv(RUIFROK_HED).astype(np.float32)
-_HED = RUIFROK_HED.astype(np.float32)
+
+def _hed() -> tuple[np.ndarray, np.ndarray]:
+    """The Ruifrok-Johnston matrix and its inverse (imported on use: :mod:`stimage_nb.stain` imports torch,
+    which would make every ``stimage-nb`` command start seconds slower)."""
+    from .stain import RUIFROK_HED
+
+    return RUIFROK_HED.astype(np.float32), np.linalg.inv(RUIFROK_HED).astype(np.float32)
+
+
 STRIP_ROWS = 1024
 
 
@@ -102,13 +108,14 @@ def restain(rgb: np.ndarray, hematoxylin: float = 1.0, eosin: float = 1.0) -> np
     """Scale the hematoxylin and eosin concentrations of an (h, w, 3) uint8 image (Ruifrok-Johnston)."""
     if hematoxylin == 1 and eosin == 1:
         return rgb
+    hed, hed_inv = _hed()
     od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-    conc = od @ _HED_INV
+    conc = od @ hed_inv
     # scale the dye actually present: negative concentrations (the fixed vectors do not fit this slide's
     # dyes exactly) are left alone, otherwise scaling them shifts the hue (e.g. green nuclei)
     conc[..., 0] += (hematoxylin - 1.0) * np.maximum(conc[..., 0], 0)
     conc[..., 1] += (eosin - 1.0) * np.maximum(conc[..., 1], 0)
-    out = 256.0 * np.exp(-(conc @ _HED)) - 1.0
+    out = 256.0 * np.exp(-(conc @ hed)) - 1.0
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -233,16 +233,15 @@ def _cmd_rm(a) -> int:
 def _guard(fn):
     """OMERO failures end the command with a one-line message (no traceback) and exit status 2."""
     def run(a) -> int:
+        from ..errors import describe_error
         from .connection import OmeroError
 
         try:
             return fn(a)
-        except OmeroError as e:
-            print(f"stimage-nb omero {a.omero_command}: error: {e}", file=sys.stderr)
-            return 2
-        except ImportError as e:
-            print(f"stimage-nb omero {a.omero_command}: error: {e}", file=sys.stderr)
-            return 2
+        except (OmeroError, ImportError) as e:
+            msg, code = describe_error(e)  # one line, like every other command (stimage_nb.cli.main)
+            print(f"stimage-nb omero {a.omero_command}: error: {msg}", file=sys.stderr)
+            return code
     run.__name__ = fn.__name__
     return run
 

@@ -146,7 +146,7 @@ def test_visium_dataset_is_extracted_into_an_outs_folder(data_dir, tmp_path, mon
                         DataFile("outs/spatial.tar.gz", "s.tar.gz", hashlib.sha256(tgz).hexdigest(), extract=".")),
                  manifest=("section,patient,visium,spot_diameter_um", "heart,P1,outs,55"))
     monkeypatch.setitem(_fetch.DATASETS, "visium-test", ds)
-    from .conftest import _serve
+    from _fetch_server import _serve
 
     httpd, state = _serve({"/m.h5": h5, "/s.tar.gz": tgz})
     try:
