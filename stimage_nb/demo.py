@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from . import _keys as K
+from .names import file_stem
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _predict(run_dir: Path, manifest: Path, pred_dir: Path, sections: list[str],
 
     todo = []
     for s in sections:
-        p = pred_dir / f"{s}.h5ad"
+        p = pred_dir / f"{file_stem(s)}.h5ad"
         if p.is_file():
             try:
                 prov = ad.read_h5ad(p, backed="r").uns.get(K.UNS, {})
@@ -148,7 +149,7 @@ def _predict(run_dir: Path, manifest: Path, pred_dir: Path, sections: list[str],
         todo.append(s)
     if todo:
         predict_manifest(run_dir, manifest, out=pred_dir, sections=todo, device=device, progress=progress)
-    return [pred_dir / f"{s}.h5ad" for s in sections]
+    return [pred_dir / f"{file_stem(s)}.h5ad" for s in sections]
 
 
 def _savefig(fig, path: Path, dpi: int = 100) -> Path:
@@ -171,15 +172,15 @@ def _best_genes(per_gene: pd.DataFrame, section: str, n: int) -> list[tuple[str,
 
 def _maps(pred_paths: list[Path], manifest: Path, per_gene: pd.DataFrame, fig_dir: Path, n_best: int) -> dict:
     """Best-gene and cell-type maps per held-out section."""
-    import anndata as ad
     import matplotlib.pyplot as plt
 
     from . import plotting as P
+    from .io.prediction import read_prediction
     from .io.readers import read_manifest
 
     out: dict = {}
     for path in pred_paths:
-        pred = ad.read_h5ad(path)
+        pred = read_prediction(path)
         name = str(pred.uns.get(K.UNS, {}).get("section", path.stem))
         (sec,) = read_manifest(manifest, [name], genes=list(pred.var_names), drop_missing_genes=True)
         entry: dict = {"genes": []}
@@ -187,7 +188,7 @@ def _maps(pred_paths: list[Path], manifest: Path, per_gene: pd.DataFrame, fig_di
             fig = P.spatial_gene(pred, gene, section=sec)
             fig.suptitle(f"{name}: {gene} (Pearson r = {r:.2f} vs log1p counts)", fontsize=10)
             entry["genes"].append({"gene": gene, "pearson": float(r),
-                                   "png": _savefig(fig, fig_dir / f"{name}_{gene}.png")})
+                                   "png": _savefig(fig, fig_dir / f"{file_stem(name)}_{file_stem(gene)}.png")})
         if K.CELLTYPE_MEAN in pred.obsm:
             fig, axs = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"wspace": 0.45})
             P.celltype_map(pred, section=sec, ax=axs[0])
@@ -195,7 +196,7 @@ def _maps(pred_paths: list[Path], manifest: Path, per_gene: pd.DataFrame, fig_di
                 P.celltype_map(sec, ax=axs[1])
             else:
                 axs[1].set_axis_off()
-            entry["celltypes_png"] = _savefig(fig, fig_dir / f"{name}_celltypes.png")
+            entry["celltypes_png"] = _savefig(fig, fig_dir / f"{file_stem(name)}_celltypes.png")
         out[name] = entry
     return out
 

@@ -78,6 +78,7 @@ import pandas as pd
 
 from . import _keys as K
 from .errors import StimageInputError
+from .names import name_of_file
 
 log = logging.getLogger(__name__)
 
@@ -514,8 +515,8 @@ def _pred_files(pred_dir: Path, sections: Iterable[str] | None) -> list[Path]:
     files = sorted(p for p in pred_dir.glob("*.h5ad") if not p.name.startswith("."))
     if sections is not None:
         want = list(sections)
-        files = [p for p in files if p.stem in want]
-        missing = sorted(set(want) - {p.stem for p in files})
+        files = [p for p in files if name_of_file(p, ".h5ad") in want]
+        missing = sorted(set(want) - {name_of_file(p, ".h5ad") for p in files})
         if missing:
             raise StimageInputError(f"{pred_dir}: no predictions for sections {missing}.")
     if not files:
@@ -638,7 +639,7 @@ def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str 
     for path in it:
         pred = read_prediction(path)  # one clear error for a file that is not a prediction
         prov = _check_pred(pred, path)
-        name = str(prov.get("section") or path.stem)
+        name = str(prov.get("section") or name_of_file(path, ".h5ad"))
         genes = [str(g) for g in pred.var_names]
         try:
             (sec,) = read_manifest(manifest, [name], genes=genes, drop_missing_genes=True)

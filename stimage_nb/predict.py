@@ -33,6 +33,7 @@ from .ensemble import Ensemble, versions
 from .errors import StimageInputError
 from .io.prediction import write_h5ad
 from .io.section import Section
+from .names import file_stem
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def predict_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike, 
     paths = []
     for s in secs:
         a = predict_section(ens, s, batch_size=batch_size, progress=progress)
-        p = write_h5ad(a, out / f"{s.name}.h5ad")
+        p = write_h5ad(a, out / f"{file_stem(s.name)}.h5ad")
         log.info("%s: %d spots predicted -> %s", s.name, a.n_obs, p)
         paths.append(p)
     return paths
@@ -227,7 +228,7 @@ def predict_slides(model_dir: str | os.PathLike, images: Sequence[str | os.PathL
             raise StimageInputError(f"{img}: no tissue found on the slide (stimage_nb.io.tissue.tissue_mask); "
                                     "is it a blank or fluorescence image?")
         a = predict_section(ens, s, batch_size=batch_size, progress=progress)
-        p = write_h5ad(a, out / f"{s.name}.h5ad")
+        p = write_h5ad(a, out / f"{file_stem(s.name)}.h5ad")
         log.info("%s: %d grid points over tissue (%g µm apart) predicted -> %s", s.name, a.n_obs, step, p)
         paths.append(p)
     return paths

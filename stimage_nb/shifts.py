@@ -44,6 +44,7 @@ from . import _keys as K
 from .errors import StimageInputError
 from .io.ngff import check_um_per_px, downsample, write_ome_zarr
 from .io.section import Section, make_section_adata
+from .names import file_stem
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def shift_section(section: Section, shift: Shift, out_dir: str | os.PathLike, *,
         return Section(name, section.adata.copy(), section.image_path, section.um_per_px, section.patient, meta,
                        section._image)
     img = section.image
-    path = _write_shifted(img, shift, Path(out_dir) / f"{name}.ome.zarr", name, overwrite)
+    path = _write_shifted(img, shift, Path(out_dir) / f"{file_stem(name)}.ome.zarr", name, overwrite)
     a = section.adata
     obs = a.obs.drop(columns=[c for c in (K.PIXEL_X, K.PIXEL_Y, K.DIAMETER_UM) if c in a.obs.columns])
     ct = a.obsm.get(K.CELLTYPE_PROPORTIONS)
@@ -264,12 +265,12 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
                 if img is None:
                     (sec,) = read_manifest(manifest, [s])
                     img = sec.image
-                r["image"] = str(_write_shifted(img, sh, out / f"{name}.ome.zarr", name, overwrite))
+                r["image"] = str(_write_shifted(img, sh, out / f"{file_stem(name)}.ome.zarr", name, overwrite))
                 spots = pd.read_csv(row["spots"], sep="\t")
                 spots["pixel_x"] = spots["pixel_x"].astype(float) / sh.scale
                 spots["pixel_y"] = spots["pixel_y"].astype(float) / sh.scale
-                r["spots"] = str(_write_text_atomic(out / f"{name}_spots.tsv",
-                                                    spots.to_csv(sep="\t", index=False)))
+                r["spots"] = str(_write_text_atomic(out / f"{file_stem(name)}_spots.tsv",
+                                                                spots.to_csv(sep="\t", index=False)))
                 r["um_per_px"] = repr(float(row["um_per_px"]) * sh.scale)
             rows.append(r)
     full = pd.concat([m, pd.DataFrame(rows)], ignore_index=True)
