@@ -162,6 +162,11 @@ def _cmd_fetch(a) -> int:
             print(f"{d.name}\n  {d.title}\n  {d.description}\n  size: {d.size}\n  licence: {d.licence}\n"
                   f"  cite: {d.citation}\n  source: {d.page} ({d.base_url})\n  checksums: {d.checksums}\n")
         return 0
+    if a.dataset == "her2st":  # the offline bundle, when there is one and no --dest asks for a download
+        from .datasets import fetch_her2st
+
+        print(fetch_her2st(a.dest, _csv(a.sections), base_url=a.base_url, progress=not a.quiet))
+        return 0
     root = fetch(a.dataset, a.dest, sections=_csv(a.sections), base_url=a.base_url, progress=not a.quiet)
     manifest = root / "sections.csv"
     print(manifest if manifest.is_file() else root)

@@ -443,7 +443,9 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     manifest
-        The her2st manifest (default: the bundled ``her2st/sections.csv`` of the data directory).
+        The her2st manifest (default: the bundled ``her2st/sections.csv`` of the data directory; without
+        a bundle the six public sections are fetched first, :func:`stimage_nb.datasets.fetch_her2st`,
+        and the STimage gene list is replaced by the most variable genes, which the report says).
     plan
         Override the sections, genes or training settings.
     progress
@@ -452,6 +454,11 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     Returns
     -------
     The path of ``report.md``.
+
+    Raises
+    ------
+    DataUnavailableError
+        No bundle and no way to download the data (offline): one line that says how to get it.
     """
     from .devices import resolve_device
     from .evaluate import evaluate
@@ -459,9 +466,9 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
 
     t_start = time.perf_counter()
     cpu_start = _cpu_seconds()
+    manifest = Path(manifest) if manifest is not None else _her2st_manifest(progress)  # before writing anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Path(manifest) if manifest is not None else _her2st_manifest(progress)
     plan = plan or (QUICK if quick else FULL)
     sfx = "-quick" if quick else ""
     run_dir, pred_dir, eval_dir, fig_dir = (out / f"{n}{sfx}" for n in ("run", "pred", "eval", "figures"))

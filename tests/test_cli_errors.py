@@ -158,7 +158,8 @@ def test_every_cli_error_is_one_line(bad, data_dir, tmp_path):
             failures.append(f"{name}: exit {r.returncode}, stderr:\n{r.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
     assert not any(p.name.startswith("tmp") for p in (bad / "fetched").rglob("*")), "partial download left"
-    assert not (bad / "empty" / "her2st" / "sections.csv").exists()
+    assert list((bad / "empty").iterdir()) == [] and not (bad / "demo_out").exists()  # nothing written
+    assert not (bad / "nope_dir").exists()
 
 
 def _have_omero() -> bool:

@@ -140,6 +140,21 @@ def _remove_partials(folder: Path) -> None:
                 t.unlink(missing_ok=True)
 
 
+def _prune_empty(root: Path, created: list[Path]) -> None:
+    """Remove the empty folders under ``root`` (and those of ``created`` that stayed empty)."""
+    if root.is_dir():
+        for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: it holds what was fetched
+    for d in created:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def _write_atomic(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -193,10 +208,15 @@ def fetch(name: str = "her2st", dest: str | os.PathLike | None = None, *, sectio
         files = [f for f in files if f.section in set(sections)]
     env_url = os.environ.get(ds.url_env) if ds.url_env else None
     bases = [base_url] if base_url else [env_url] if env_url else [ds.base_url, *ds.mirrors]
+    new_dirs = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
     log.info("fetching %s (%s) into %s", ds.name, ds.size, root)
-    for f in files:
-        _fetch_file(ds, f, root, bases, progress=progress, retries=retries)
+    try:
+        for f in files:
+            _fetch_file(ds, f, root, bases, progress=progress, retries=retries)
+    except BaseException:
+        _prune_empty(root, new_dirs)  # a failed first fetch leaves no empty folders behind
+        raise
     if ds.name == "her2st":
         secs = list(sections) if sections is not None else list(HER2ST_SECTIONS)
         rows = ["section,patient,image,counts,spots,um_per_px"]

@@ -119,7 +119,11 @@ def test_offline_is_one_clear_error(closed_port_url, tmp_path):
         fetch("her2st", tmp_path, sections=["C3"], base_url=closed_port_url, progress=False, retries=0)
     msg = str(e.value)
     assert "no connection" in msg and "STIMAGE_NB_DATA" in msg and "fetch-data" in msg and "\n" not in msg
-    assert _files(tmp_path) == set()
+    assert list(tmp_path.iterdir()) == []  # no files, no empty folders
+    with pytest.raises(DataUnavailableError):
+        fetch("her2st", tmp_path / "new" / "data", sections=["C3"], base_url=closed_port_url, retries=0,
+              progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_unknown_names_are_refused():
@@ -159,3 +163,12 @@ def test_visium_dataset_is_extracted_into_an_outs_folder(data_dir, tmp_path, mon
     ref = read_visium(fx)
     assert sec.adata.n_obs == ref.adata.n_obs > 0 and list(sec.adata.obs_names) == list(ref.adata.obs_names)
 
+
+
+def test_fetch_data_uses_the_bundle_when_it_is_here(capsys, her2st_manifest, closed_port_url, monkeypatch):
+    """`stimage-nb fetch-data` without --dest downloads nothing when the offline bundle is here."""
+    from stimage_nb.cli import main
+
+    monkeypatch.setenv("STIMAGE_NB_HER2ST_URL", closed_port_url)  # a download would fail
+    assert main(["fetch-data", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(her2st_manifest)
