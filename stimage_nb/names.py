@@ -16,8 +16,8 @@ target             refuses                                                      
 =================  ====================================================================  ========================
 
 The rule is percent-encoding (RFC 3986 style, UTF-8 bytes as ``%XX``) of exactly the characters a
-target refuses, and of ``%`` itself, so it is injective and :func:`original_name` (``unquote``)
-maps every safe name back: ``NK/T cells`` → ``NK%2FT cells`` as an OMERO.table column and a zarr key,
+target refuses, and then of every ``%`` too, so it is injective and :func:`original_name` (``unquote``)
+maps every safe name back (a name that needs no change keeps its ``%``, e.g. ``B 50%``): ``NK/T cells`` → ``NK%2FT cells`` as an OMERO.table column and a zarr key,
 unchanged as a QuPath class; ``T cells: CD8`` → ``T cells%3A CD8`` as a QuPath class. Names that need
 no change stay as they are. :func:`name_mapping` does a whole list at once and returns a typed
 result that says what changes, so a push shows it in its dry run before anything is written.
@@ -37,6 +37,7 @@ from .errors import StimageInputError
 log = logging.getLogger(__name__)
 
 _CONTROL = "".join(chr(i) for i in range(32)) + "\x7f"
+_ENCODED = re.compile(r"%[0-9A-Fa-f]{2}")  # what urllib.parse.unquote decodes
 #: Characters each target refuses (``%`` is always encoded too, so that decoding is exact).
 REFUSED = {
     "omero_column": "/\x00",
@@ -66,7 +67,17 @@ def safe_name(name: object, target: str) -> str:
     s = str(name)
     if s == "" or (target == "qupath_class" and not s.strip()):
         raise StimageInputError(f"an empty name cannot be a {target.replace('_', ' ')}")
-    bad = REFUSED[target] + "%"
+    # A '%' is left alone in a name that needs no change and holds no '%XX' (so decoding leaves it as it is);
+    # once anything is encoded, every '%' is too, which keeps decoding exact.
+    plain = not _ENCODED.search(s)
+    out = _encode(s, target, pct=not plain)
+    if plain and out != s:
+        out = _encode(s, target, pct=True)
+    return out
+
+
+def _encode(s: str, target: str, *, pct: bool) -> str:
+    bad = REFUSED[target] + ("%" if pct else "")
     out = "".join(_enc(c) if c in bad else c for c in s)
     if target in ("zarr_key", "file_name", "h5_key", "omero_column") and set(out) == {"."}:
         out = _enc(".") + out[1:]                                  # "." and ".." are path steps, not names
@@ -144,9 +155,6 @@ def check_names(names: Iterable[object], target: str, *, what: str = "names") ->
     if m.renamed:
         log.warning("%s", m.describe(what))
     return m
-
-
-_ENCODED = re.compile(r"%[0-9A-F]{2}")
 
 
 def looks_encoded(name: str) -> bool:

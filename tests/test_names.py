@@ -28,6 +28,22 @@ def test_round_trip_and_injective(target):
     assert [original_name(s) for s in safe] == TRICKY
     assert len(set(safe)) == len(TRICKY)
     assert safe_name("plain", target) == "plain" and safe_name("ERBB2", target) == "ERBB2"
+    assert safe_name("B 50%", target) == "B 50%"  # a '%' alone needs no escape
+    assert safe_name("50%2F", target) == "50%252F"  # ... but one that reads as an escape does
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_round_trip_and_injective_on_random_names(target):
+    """3,000 random names over an alphabet of the troublesome characters (fixed seed)."""
+    rng = np.random.default_rng(7)
+    alphabet = list("aB2F%/:. _\\\n") + ["µ", "ß"]
+    names = {"".join(rng.choice(alphabet, size=int(rng.integers(1, 7)))) for _ in range(3000)}
+    names = [n for n in names if n.strip() or target != "qupath_class"]
+    safe = {n: safe_name(n, target) for n in names}
+    assert all(original_name(v) == k for k, v in safe.items())
+    assert len(set(safe.values())) == len(safe)
+    refused = {"omero_column": "/", "zarr_key": "/\\", "h5_key": "/", "file_name": "/\\:", "qupath_class": ":\n"}
+    assert all(not set(v) & set(refused[target]) for v in safe.values())
 
 
 def test_each_target_refuses_what_its_system_refuses():

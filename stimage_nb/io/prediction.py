@@ -75,7 +75,7 @@ def write_h5ad(adata, path: str | os.PathLike) -> Path:
     try:
         if encode:
             def enc(c):
-                return safe_name(c, "h5_key") if _unsafe(c) or (isinstance(c, str) and "%" in c) else c
+                return safe_name(c, "h5_key") if isinstance(c, str) and c else c
             for f in frames:
                 f.columns = [enc(c) for c in f.columns]
             adata.uns = {**_recode(dict(uns), enc), H5_NAMES: "percent-encoded"}
