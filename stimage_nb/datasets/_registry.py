@@ -177,7 +177,7 @@ def _visium_ffpe_breast() -> Dataset:
         ),
         size="not measured here (the full-resolution TIFF is most of it)",
         checksums="sha256 as recorded by squidpy 1.8.0 (squidpy/datasets/datasets.yaml) for the same files",
-        manifest=("section,patient,visium,image,spot_diameter_um", f"{stem},FFPE_breast,outs,image.tif,55"),
+        manifest=("section,patient,visium,image", f"{stem},FFPE_breast,outs,image.tif"),
     )
 
 
@@ -201,7 +201,7 @@ def _visium_cytassist_breast() -> Dataset:
         ),
         size="not measured here (the full-resolution 16-bit TIFF is most of it)",
         checksums="none: 10x publishes md5 sums only on its dataset pages, which could not be read from here",
-        manifest=("section,patient,visium,image,spot_diameter_um", f"{stem},Janesick2023,outs,image.tif,55"),
+        manifest=("section,patient,visium,image", f"{stem},Janesick2023,outs,image.tif"),
     )
 
 

@@ -148,7 +148,7 @@ def test_visium_dataset_is_extracted_into_an_outs_folder(data_dir, tmp_path, mon
                  page="https://example.org", base_url="https://example.org", size="1 MB", checksums="test",
                  files=(DataFile("outs/filtered_feature_bc_matrix.h5", "m.h5", hashlib.sha256(h5).hexdigest()),
                         DataFile("outs/spatial.tar.gz", "s.tar.gz", hashlib.sha256(tgz).hexdigest(), extract=".")),
-                 manifest=("section,patient,visium,spot_diameter_um", "heart,P1,outs,55"))
+                 manifest=("section,patient,visium", "heart,P1,outs"))
     monkeypatch.setitem(_fetch.DATASETS, "visium-test", ds)
     from _fetch_server import _serve
 
