@@ -10,13 +10,43 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import socket
 import tarfile
 from pathlib import Path
 
 import pytest
+from _fetch_server import _her2st_routes, _serve
 
 from stimage_nb.datasets import DATASETS, DataFile, Dataset, fetch, fetch_her2st
 from stimage_nb.errors import DataUnavailableError, StimageInputError
+
+# (the fixtures live here, not in a conftest.py: a second tests/*/conftest.py would shadow the
+# `from conftest import ...` of tests/omero under pytest's prepend import mode)
+
+
+@pytest.fixture(scope="module")
+def _routes(data_dir):
+    return _her2st_routes(data_dir)
+
+
+@pytest.fixture
+def her2st_server(_routes):
+    """A fresh server (no faults, empty request log) over the bundle's her2st files."""
+    httpd, state = _serve(dict(_routes))
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def closed_port_url():
+    """A URL on 127.0.0.1 where nothing listens (connection refused: what 'offline' looks like)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
 
 C3_IMAGE = "/data/ST-imgs/C/C3/5714_HE_BT_D1.jpg"
 C3_COUNTS = "/data/ST-cnts/C3.tsv.gz"
@@ -150,8 +180,6 @@ def test_visium_dataset_is_extracted_into_an_outs_folder(data_dir, tmp_path, mon
                         DataFile("outs/spatial.tar.gz", "s.tar.gz", hashlib.sha256(tgz).hexdigest(), extract=".")),
                  manifest=("section,patient,visium", "heart,P1,outs"))
     monkeypatch.setitem(_fetch.DATASETS, "visium-test", ds)
-    from _fetch_server import _serve
-
     httpd, state = _serve({"/m.h5": h5, "/s.tar.gz": tgz})
     try:
         root = fetch("visium-test", tmp_path, base_url=state.url, progress=False)
