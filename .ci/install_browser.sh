@@ -18,6 +18,10 @@ case "$PY" in
   */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;;
   *) PY=$(command -v "$PY") || { echo "no python named $1 on PATH" >&2; exit 1; } ;;
 esac
+if [ "${2:-}" = "--print-paths" ]; then  # where it would work (tests run it from other directories)
+  printf 'root=%s\npython=%s\n' "$ROOT" "$PY"
+  exit 0
+fi
 cd "$ROOT"
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 

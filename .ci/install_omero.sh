@@ -22,6 +22,10 @@ case "$PY" in
   */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;;
   *) PY=$(command -v "$PY") || { echo "no python named $1 on PATH" >&2; exit 1; } ;;
 esac
+if [ "${2:-}" = "--print-paths" ]; then  # where it would work (tests run it from other directories)
+  printf 'root=%s\npython=%s\n' "$ROOT" "$PY"
+  exit 0
+fi
 cd "$ROOT"
 ICE_VERSION=3.6.5
 PKGS=("omero-py>=5.19,<6" "ezomero>=3.0" "omero-rois>=0.3" "omero-marshal>=0.9")
@@ -39,8 +43,13 @@ sys.exit(0 if Ice.stringVersion() == sys.argv[1] else 1)
 EOF
 }
 
+status() {  # how zeroc-ice came, for the set-up's record (STIMAGE_NB_OMERO_STATUS, set by .ci/setup.sh)
+  if [ -n "${STIMAGE_NB_OMERO_STATUS:-}" ]; then echo "$1" > "$STIMAGE_NB_OMERO_STATUS"; fi
+}
+
 if have_stack; then
   echo "[omero] client stack already installed in $PY"
+  status "already installed"
   exit 0
 fi
 
@@ -55,7 +64,9 @@ if [ -z "$wheel" ]; then
   wheel=$(ls "$WHEELS"/zeroc_ice-"$ICE_VERSION"-"$tag".whl 2>/dev/null | head -n1 || true)
 fi
 
+how="cached wheel"
 if [ -z "$wheel" ]; then
+  how="built from source"
   echo "[omero] building zeroc-ice $ICE_VERSION for $tag (once; about 8 min on 2 cores)"
   for tool in g++ make; do
     command -v "$tool" >/dev/null || { echo "[omero] $tool is missing (Debian: apt-get install g++ make libssl-dev libbz2-dev)" >&2; exit 1; }
@@ -91,4 +102,5 @@ if ! have_stack; then
   "$PY" -c 'import Ice, omero.gateway, ezomero, omero_rois' >&2 || true
   exit 1
 fi
+status "$how"
 echo "[omero] OMERO client stack ready in $PY"

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import StimageInputError, WeightsUnavailableError
+from .errors import describe_error
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -143,6 +143,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--baseline-sections", default=None,
                    help="comma-separated sections to train the baseline on (default: the model's training sections; "
                         "needed for a model trained elsewhere, e.g. an imported Path2Space model)")
+    p.add_argument("--train-manifest", type=Path, default=None,
+                   help="manifest holding the model's training sections, for the baseline (default: the one the "
+                        "model recorded, else --manifest when it holds the same files)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -150,7 +153,7 @@ def _cmd_evaluate(a) -> int:
     from .evaluate import evaluate
 
     evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline,
-             baseline_sections=_csv(getattr(a, "baseline_sections", None)))
+             baseline_sections=_csv(getattr(a, "baseline_sections", None)), train_manifest=a.train_manifest)
     return 0
 
 
@@ -171,22 +174,49 @@ def _cmd_demo(a) -> int:
 
 
 def _add_fetch(sub) -> None:
-    p = sub.add_parser("fetch-data", help="download the public her2st data into the cache")
-    p.add_argument("--dest", type=Path, default=None)
+    p = sub.add_parser("fetch-data", help="download public datasets (her2st by default) with checksums",
+                       description="Download a public dataset into the data directory (sha256-checked, retried, "
+                                   "resumable). `--list` says what each dataset is, its licence and its source.")
+    p.add_argument("--dataset", default="her2st", help="dataset name (default her2st; see --list)")
+    p.add_argument("--list", action="store_true", help="describe the datasets (source, licence, size, checksums)")
+    p.add_argument("--dest", type=Path, default=None,
+                   help="parent folder (default: $STIMAGE_NB_DATA, else ~/.cache/stimage_nb/data)")
+    p.add_argument("--sections", default=None, help="her2st: comma-separated sections (default: all six)")
+    p.add_argument("--base-url", default=None, help="fetch from this mirror instead of the dataset's source")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_fetch)
 
 
 def _cmd_fetch(a) -> int:
-    from .datasets import fetch_her2st
+    from .datasets import DATASETS, fetch
 
-    print(fetch_her2st(a.dest))
+    if a.list:
+        for d in DATASETS.values():
+            print(f"{d.name}\n  {d.title}\n  {d.description}\n  size: {d.size}\n  licence: {d.licence}\n"
+                  f"  cite: {d.citation}\n  source: {d.page} ({d.base_url})\n  checksums: {d.checksums}\n")
+        return 0
+    if a.dataset == "her2st":  # the offline bundle, when there is one and no --dest asks for a download
+        from .datasets import fetch_her2st
+
+        print(fetch_her2st(a.dest, _csv(a.sections), base_url=a.base_url, progress=not a.quiet))
+        return 0
+    root = fetch(a.dataset, a.dest, sections=_csv(a.sections), base_url=a.base_url, progress=not a.quiet)
+    manifest = root / "sections.csv"
+    print(manifest if manifest.is_file() else root)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2), like every other error of the command line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stimage-nb", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="stimage-nb", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
     from . import export, shifts, smoothing, validation
@@ -213,15 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    """Run the command line; every error ends in one line on stderr, never a traceback.
+
+    Exit status: 0 done, 2 bad input / missing data / unreachable service (see
+    :func:`stimage_nb.errors.describe_error`), 130 interrupted (Ctrl-C), 1 an internal error (a bug).
+    """
+    command, verbose = "", False
     try:
+        parser = build_parser()
+        a = parser.parse_args(argv)
+        command, verbose = a.command, bool(a.verbose)
+        if a.command == "omero" and getattr(a, "omero_command", None):
+            command = f"omero {a.omero_command}"
+        logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
         return int(a.func(a) or 0)
-    except (StimageInputError, WeightsUnavailableError, FileNotFoundError) as e:
-        print(f"stimage-nb {a.command}: error: {e}", file=sys.stderr)
-        return 2
+    except BaseException as e:  # noqa: BLE001 - the one place every failure becomes one line
+        if isinstance(e, SystemExit):  # argparse (--help, usage errors) and sys.exit in commands
+            raise
+        if isinstance(e, BrokenPipeError):  # `stimage-nb ... | head`: the reader left, nothing to report
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 1
+        msg, code = describe_error(e)
+        if verbose:
+            logging.getLogger("stimage_nb").error("traceback of the error below", exc_info=e)
+        print(f"stimage-nb{' ' + command if command else ''}: error: {msg}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from . import _keys as K
+from .names import file_stem
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _predict(run_dir: Path, manifest: Path, pred_dir: Path, sections: list[str],
 
     todo = []
     for s in sections:
-        p = pred_dir / f"{s}.h5ad"
+        p = pred_dir / f"{file_stem(s)}.h5ad"
         if p.is_file():
             try:
                 prov = ad.read_h5ad(p, backed="r").uns.get(K.UNS, {})
@@ -148,7 +149,7 @@ def _predict(run_dir: Path, manifest: Path, pred_dir: Path, sections: list[str],
         todo.append(s)
     if todo:
         predict_manifest(run_dir, manifest, out=pred_dir, sections=todo, device=device, progress=progress)
-    return [pred_dir / f"{s}.h5ad" for s in sections]
+    return [pred_dir / f"{file_stem(s)}.h5ad" for s in sections]
 
 
 def _savefig(fig, path: Path, dpi: int = 100) -> Path:
@@ -171,15 +172,15 @@ def _best_genes(per_gene: pd.DataFrame, section: str, n: int) -> list[tuple[str,
 
 def _maps(pred_paths: list[Path], manifest: Path, per_gene: pd.DataFrame, fig_dir: Path, n_best: int) -> dict:
     """Best-gene and cell-type maps per held-out section."""
-    import anndata as ad
     import matplotlib.pyplot as plt
 
     from . import plotting as P
+    from .io.prediction import read_prediction
     from .io.readers import read_manifest
 
     out: dict = {}
     for path in pred_paths:
-        pred = ad.read_h5ad(path)
+        pred = read_prediction(path)
         name = str(pred.uns.get(K.UNS, {}).get("section", path.stem))
         (sec,) = read_manifest(manifest, [name], genes=list(pred.var_names), drop_missing_genes=True)
         entry: dict = {"genes": []}
@@ -187,7 +188,7 @@ def _maps(pred_paths: list[Path], manifest: Path, per_gene: pd.DataFrame, fig_di
             fig = P.spatial_gene(pred, gene, section=sec)
             fig.suptitle(f"{name}: {gene} (Pearson r = {r:.2f} vs log1p counts)", fontsize=10)
             entry["genes"].append({"gene": gene, "pearson": float(r),
-                                   "png": _savefig(fig, fig_dir / f"{name}_{gene}.png")})
+                                   "png": _savefig(fig, fig_dir / f"{file_stem(name)}_{file_stem(gene)}.png")})
         if K.CELLTYPE_MEAN in pred.obsm:
             fig, axs = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"wspace": 0.45})
             P.celltype_map(pred, section=sec, ax=axs[0])
@@ -195,7 +196,7 @@ def _maps(pred_paths: list[Path], manifest: Path, per_gene: pd.DataFrame, fig_di
                 P.celltype_map(sec, ax=axs[1])
             else:
                 axs[1].set_axis_off()
-            entry["celltypes_png"] = _savefig(fig, fig_dir / f"{name}_celltypes.png")
+            entry["celltypes_png"] = _savefig(fig, fig_dir / f"{file_stem(name)}_celltypes.png")
         out[name] = entry
     return out
 
@@ -416,6 +417,18 @@ def _cpu_seconds() -> float:
     return float(t.user + t.system)
 
 
+def _her2st_manifest(progress: bool) -> Path:
+    """The bundle's her2st manifest, or the six public sections fetched into the data directory."""
+    from .datasets import fetch_her2st
+    from .errors import DataUnavailableError
+
+    try:
+        return fetch_her2st(progress=progress)
+    except DataUnavailableError as e:
+        raise DataUnavailableError(f"the demo needs the public her2st data (about 25 MB), which is not on this machine "
+                                   f"and cannot be downloaded now: {e}") from e
+
+
 def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: str = "auto", *,
              manifest: str | os.PathLike | None = None, plan: DemoPlan | None = None,
              progress: bool = True) -> Path:
@@ -430,7 +443,9 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     manifest
-        The her2st manifest (default: the bundled ``her2st/sections.csv`` of the data directory).
+        The her2st manifest (default: the bundled ``her2st/sections.csv`` of the data directory; without
+        a bundle the six public sections are fetched first, :func:`stimage_nb.datasets.fetch_her2st`,
+        and the STimage gene list is replaced by the most variable genes, which the report says).
     plan
         Override the sections, genes or training settings.
     progress
@@ -439,28 +454,39 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     Returns
     -------
     The path of ``report.md``.
+
+    Raises
+    ------
+    DataUnavailableError
+        No bundle and no way to download the data (offline): one line that says how to get it.
     """
-    from ._settings import her2st_manifest
     from .devices import resolve_device
     from .evaluate import evaluate
     from .io.readers import read_gene_list
 
     t_start = time.perf_counter()
     cpu_start = _cpu_seconds()
+    manifest = Path(manifest) if manifest is not None else _her2st_manifest(progress)  # before writing anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Path(manifest) if manifest is not None else her2st_manifest()
     plan = plan or (QUICK if quick else FULL)
     sfx = "-quick" if quick else ""
     run_dir, pred_dir, eval_dir, fig_dir = (out / f"{n}{sfx}" for n in ("run", "pred", "eval", "figures"))
     timings: dict[str, float] = {}
 
-    genes_all = read_gene_list(manifest.parent / GENE_LIST)
+    if (manifest.parent / GENE_LIST).is_file():
+        genes_all, list_name = read_gene_list(manifest.parent / GENE_LIST), f"the STimage her2st list `{GENE_LIST}`"
+    else:  # fetched data: the STimage list is not part of the public her2st repository
+        from .datasets import her2st_gene_list
+
+        genes_all = her2st_gene_list(manifest, train_sections=plan.train_sections)
+        list_name = (f"the {len(genes_all)} most variable genes of the training sections (`{GENE_LIST}` of the "
+                     "offline bundle is not part of the public her2st data)")
     if plan.n_genes is None:
-        genes, genes_source = genes_all, f"the STimage her2st list `{GENE_LIST}`"
+        genes, genes_source = genes_all, list_name
     else:
         genes = _top_genes(manifest, plan.train_sections, genes_all, plan.n_genes)
-        genes_source = f"the {plan.n_genes} genes of `{GENE_LIST}` with the highest mean count in training"
+        genes_source = f"the {plan.n_genes} genes of {list_name} with the highest mean count in training"
     log.info("demo: training on %s with %d genes -> %s", plan.train_sections, len(genes), run_dir)
 
     t = time.perf_counter()

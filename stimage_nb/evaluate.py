@@ -78,6 +78,7 @@ import pandas as pd
 
 from . import _keys as K
 from .errors import StimageInputError
+from .names import name_of_file
 
 log = logging.getLogger(__name__)
 
@@ -541,8 +542,8 @@ def _pred_files(pred_dir: Path, sections: Iterable[str] | None) -> list[Path]:
     files = sorted(p for p in pred_dir.glob("*.h5ad") if not p.name.startswith("."))
     if sections is not None:
         want = list(sections)
-        files = [p for p in files if p.stem in want]
-        missing = sorted(set(want) - {p.stem for p in files})
+        files = [p for p in files if name_of_file(p, ".h5ad") in want]
+        missing = sorted(set(want) - {name_of_file(p, ".h5ad") for p in files})
         if missing:
             raise StimageInputError(f"{pred_dir}: no predictions for sections {missing}.")
     if not files:
@@ -564,21 +565,43 @@ def _check_pred(adata, path: Path) -> dict:
 class _BaselineCache:
     """Fit the ridge baseline once per (training sections, genes, tile geometry) within a run."""
 
-    def __init__(self, manifest: Path, progress: bool):
+    def __init__(self, manifest: Path, progress: bool, train_manifest: str | os.PathLike | None = None):
         self.manifest = manifest
+        self.train_manifest = train_manifest
         self.progress = progress
         self._fitted: dict = {}
+        self._located: dict = {}
 
-    def predict(self, train_sections: Sequence[str], genes: Sequence[str], tile_um: float, out_px: int, section):
-        """The fitted baseline's :class:`~stimage_nb.baseline.BaselinePrediction` for ``section``."""
+    def locate(self, prov: dict, train_sections: Sequence[str]):
+        """Where the model's training sections are (:func:`stimage_nb.io.provenance.locate_training_data`)."""
+        from .io.provenance import TrainingData, locate_training_data, record_from_json
+
+        raw = prov.get("training_data")
+        key = (str(raw), tuple(train_sections))
+        if key not in self._located and prov.get("baseline_sections"):  # named by the user: not the model's own
+            self._located[key] = TrainingData(Path(self.train_manifest or self.manifest), "--baseline-sections", False,
+                                              "sections named by the user, read by name")
+        if key not in self._located:
+            self._located[key] = locate_training_data(record_from_json(raw), train_sections,
+                                                      evaluation_manifest=self.manifest,
+                                                      train_manifest=self.train_manifest)
+            td = self._located[key]
+            log.info("baseline training sections %s from the %s %s%s", list(train_sections), td.source, td.manifest,
+                     "" if td.verified else f" ({td.note})" if td.note else " (files not checked)")
+        return self._located[key]
+
+    def predict(self, train_sections: Sequence[str], genes: Sequence[str], tile_um: float, out_px: int, section,
+                prov: dict | None = None):
+        """The fitted baseline and its :class:`~stimage_nb.baseline.BaselinePrediction` for ``section``."""
         from .baseline import RidgeBaseline
         from .io.readers import read_manifest
 
-        key = (tuple(train_sections), tuple(genes), float(tile_um), int(out_px))
+        td = self.locate(prov or {}, train_sections)
+        key = (str(td.manifest), tuple(train_sections), tuple(genes), float(tile_um), int(out_px))
         if key not in self._fitted:
             log.info("fitting the ridge baseline on %s (%d genes, %g µm tiles at %d px)",
                      list(train_sections), len(genes), tile_um, out_px)
-            train = read_manifest(self.manifest, list(train_sections), genes=list(genes))
+            train = read_manifest(td.manifest, list(train_sections), genes=list(genes))
             self._fitted[key] = RidgeBaseline(tile_um=tile_um, out_px=out_px).fit(train, progress=self.progress)
         rb = self._fitted[key]
         return rb, rb.predict_sections([section], progress=self.progress)[section.name]
@@ -587,7 +610,8 @@ class _BaselineCache:
 # ----------------------------------------------------------------------------- main entry point
 def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None,
              baseline: bool = True, *, sections: Sequence[str] | None = None, figures: bool = True,
-             progress: bool = True, baseline_sections: Sequence[str] | None = None) -> dict:
+             progress: bool = True, baseline_sections: Sequence[str] | None = None,
+             train_manifest: str | os.PathLike | None = None) -> dict:
     """Score the predictions in ``pred_dir`` against the observed data of ``manifest``.
 
     Parameters
@@ -610,13 +634,17 @@ def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str 
     baseline_sections
         Train the baseline on these manifest sections instead of the prediction's training sections (a
         model trained elsewhere, e.g. an imported Path2Space model, records none).
+    train_manifest
+        Where the model's training sections are, for the baseline (default: found from the record
+        the model keeps of its training files, :mod:`stimage_nb.io.provenance`: the recorded manifest,
+        else this ``manifest`` when it holds the same files). Needed only when neither holds them.
 
     Returns
     -------
-    The content of ``metrics.json`` (a JSON-compatible dict).
+    The content of ``metrics.json`` (a JSON-compatible dict). When the baseline cannot be trained
+    (its training sections cannot be found), each section's ``baseline`` says why in ``skipped``.
     """
-    import anndata as ad
-
+    from .io.prediction import read_prediction
     from .io.readers import read_manifest
 
     pred_dir = Path(pred_dir)
@@ -624,7 +652,7 @@ def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str 
     files = _pred_files(pred_dir, sections)
     out = Path(out) if out is not None else pred_dir
     out.mkdir(parents=True, exist_ok=True)
-    bl = _BaselineCache(manifest, progress) if baseline else None
+    bl = _BaselineCache(manifest, progress, train_manifest) if baseline else None
     patients = _manifest_patients(manifest)
 
     result: dict = {
@@ -643,9 +671,9 @@ def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str 
 
         it = tqdm(files, desc="evaluate", leave=False)
     for path in it:
-        pred = ad.read_h5ad(path)
+        pred = read_prediction(path)  # one clear error for a file that is not a prediction
         prov = _check_pred(pred, path)
-        name = str(prov.get("section") or path.stem)
+        name = str(prov.get("section") or name_of_file(path, ".h5ad"))
         genes = [str(g) for g in pred.var_names]
         try:
             (sec,) = read_manifest(manifest, [name], genes=genes, drop_missing_genes=True)
@@ -720,6 +748,28 @@ def _as_list(v) -> list[str]:
     return [str(x) for x in np.asarray(v).ravel().tolist()]
 
 
+def _is_training_section(sec, prov: dict, train_sections: Sequence[str]) -> bool:
+    """Was ``sec`` trained on? By its image's sha256 when the model records its files (a section of another lab
+    may share a training section's name), else by name."""
+    from .io.provenance import record_from_json, sha256_file
+
+    rec = record_from_json(prov.get("training_data"))
+    if rec is None or sec.image_path is None or not Path(sec.image_path).is_file():
+        return sec.name in train_sections
+    sha = sha256_file(sec.image_path)
+    return any(f.get("role") == "image" and f.get("sha256") == sha
+               for r in rec.get("sections", []) if r.get("section") in set(train_sections) for f in r.get("files", []))
+
+
+def _recorded_patients(prov: dict) -> set[str]:
+    """Patients of the training sections as the model recorded them (another lab's manifest lacks them)."""
+    from .io.provenance import record_from_json
+
+    rec = record_from_json(prov.get("training_data")) or {}
+    train = set(_as_list(prov.get("train_sections")))
+    return {str(r["patient"]) for r in rec.get("sections", []) if r.get("patient") and r.get("section") in train}
+
+
 def _manifest_patients(manifest: Path) -> dict:
     try:
         m = pd.read_csv(manifest, dtype=str)
@@ -754,7 +804,8 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
     has_dist = K.ALEATORIC in p.layers
     alea = _dense(p.layers[K.ALEATORIC]) if has_dist else np.zeros_like(epi)
     train_sections = _as_list(prov.get("train_sections"))
-    train_patients = sorted({patients[t] for t in train_sections if patients.get(t)})
+    recorded = _recorded_patients(prov)  # by the model's record when it has one: another lab reuses names
+    train_patients = sorted(recorded if recorded else {patients[t] for t in train_sections if patients.get(t)})
     entry: dict = {
         "n_spots": int(len(ids)),
         "n_spots_pred": int(pred.n_obs),
@@ -769,7 +820,7 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
     }
     if prov.get("domain"):  # how unlike the training data the section looks (stimage_nb.domain)
         entry["domain"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(prov["domain"]).items()}
-    if name in train_sections:
+    if _is_training_section(sec, prov, train_sections):
         entry["warning"] = f"{name} is one of the training sections: these are not held-out metrics"
         log.warning("%s: section was used for training; its metrics are not held-out", name)
     obs_depth, pred_depth = float(np.median(Y.sum(1))), float(np.median(mu.sum(1)))
@@ -822,8 +873,10 @@ def _score_baseline(bl: _BaselineCache, sec, prov: dict, ids, genes, Y, ct_obs,
     held = sec if len(ids) == sec.adata.n_obs else sec.subset(sec.adata.obs_names.isin(ids))
     held, _ = _restrict_genes(held, genes)
     try:
-        rb, bp = bl.predict(train_sections, genes, float(tile_um), int(out_px), held)
+        rb, bp = bl.predict(train_sections, genes, float(tile_um), int(out_px), held, prov)
     except StimageInputError as e:
+        if bl.train_manifest is not None:  # the user named the training manifest: a wrong one is an error
+            raise
         log.warning("%s: baseline skipped: %s", sec.name, e)
         return {"skipped": f"the baseline could not be trained: {e}"}, None
     order = pd.Index(bp.genes).get_indexer(genes)
@@ -832,7 +885,8 @@ def _score_baseline(bl: _BaselineCache, sec, prov: dict, ids, genes, Y, ct_obs,
     df, summ = score_genes(counts, Y, genes, pred_on_scale={"log1p_counts": L})
     df["model"] = "baseline"
     res = {"genes": summ, "train_sections": train_sections, "tile_um": float(tile_um), "out_px": int(out_px),
-           "alpha": float(getattr(rb, "alpha_", float("nan")))}
+           "alpha": float(getattr(rb, "alpha_", float("nan"))),
+           "training_data": bl.locate(prov, train_sections).to_dict()}
     if bp.celltypes is not None and ct_obs is not None:
         res["celltypes"] = celltype_metrics(bp.celltypes.loc[list(ids)], ct_obs)
     return res, df

@@ -19,7 +19,8 @@ from typing import Sequence
 
 from . import _keys as K
 from .errors import StimageInputError
-from .io.prediction import read_prediction
+from .io.prediction import read_prediction, write_h5ad
+from .names import file_stem, name_of_file
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ def prediction_files(pred: str | os.PathLike, sections: Sequence[str] | None = N
         raise StimageInputError(f"{p}: holds no <section>.h5ad prediction files. Run `stimage-nb predict` first.")
     if sections is not None:
         want = set(sections)
-        files = [f for f in files if f.name[:-len(".h5ad")] in want]
-        missing = want - {f.name[:-len(".h5ad")] for f in files}
+        files = [f for f in files if name_of_file(f, ".h5ad") in want]
+        missing = want - {name_of_file(f, ".h5ad") for f in files}
         if missing:
             raise StimageInputError(f"{p}: no predictions for sections {sorted(missing)}.")
     return files
@@ -128,11 +129,11 @@ def export_predictions(pred_dir: str | os.PathLike, format: str, out: str | os.P
     written = []
     for f in tqdm(prediction_files(pred_dir, sections), desc=f"export {fmt}", disable=not progress):
         a = read_prediction(f)
-        name = str(a.uns[K.UNS].get("section") or f.name[:-len(".h5ad")])
+        name = str(a.uns[K.UNS].get("section") or name_of_file(f, ".h5ad"))
         if fmt == "qupath":
             from .qupath import export_qupath
 
-            target = out / f"{name}.geojson{'.gz' if gzip else ''}"
+            target = out / f"{file_stem(name)}.geojson{'.gz' if gzip else ''}"
             written.append(export_qupath(a, target, genes=gene_list, max_mb=max_mb))
         else:
             from .io.image import open_image
@@ -144,7 +145,7 @@ def export_predictions(pred_dir: str | os.PathLike, format: str, out: str | os.P
                 image = open_image(img_path, um_per_px=um)
             elif manifest is not None:
                 raise StimageInputError(f"{manifest}: has no row for section {name!r} (prediction {f}).")
-            written.append(write_prediction_ome_zarr(a, out / f"{name}.ome.zarr", image, base_level=base_level,
+            written.append(write_prediction_ome_zarr(a, out / f"{file_stem(name)}.ome.zarr", image, base_level=base_level,
                                                      heatmap_level=heatmap_level, genes=gene_list,
                                                      progress=progress))
         log.info("%s -> %s", f, written[-1])
@@ -162,10 +163,7 @@ def import_qupath_files(paths: Sequence[str | os.PathLike], *, image: str | os.P
         if out is not None:
             o = Path(out).expanduser()
             o.mkdir(parents=True, exist_ok=True)
-            target = o / f"{s.name}.h5ad"
-            tmp = target.with_name(target.name + f".tmp-{os.getpid()}.h5ad")
-            s.adata.write_h5ad(tmp)
-            os.replace(tmp, target)
+            target = write_h5ad(s.adata, o / f"{file_stem(s.name)}.h5ad")
             s.meta["h5ad"] = str(target)
         secs.append(s)
     return secs

@@ -24,6 +24,7 @@ the batch and the model, not by the slide (the slide itself is read lazily, leve
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from .ensemble import Ensemble, versions
 from .errors import StimageInputError
 from .io.prediction import write_h5ad  # noqa: F401 - part of this module's API (notebook 02 imports it from here)
 from .io.section import Section
+from .names import file_stem
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +305,8 @@ def _provenance(ens: Ensemble, sec: Section, n_out: int) -> dict:
         "platform": str(sec.platform), "obs_unit": str(uns_in.get(K.OBS_UNIT) or "spot"),
         "pseudospot_um": float((uns_in.get(K.PSEUDOSPOT) or {}).get("diameter_um", 0.0)),
         "train_platforms": sorted(set((m.get("train_platforms") or {}).values())),
+        # the model's training files (stimage_nb.io.provenance), as JSON: evaluate finds its training sections with it
+        "training_data": json.dumps(m.get("training_data") or {}),
         "package_version": str(versions().get("stimage_nb")), "versions": {k: str(v) for k, v in versions().items()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -326,7 +330,8 @@ def predict_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike, 
             log.warning("%s: predicting %d %s bins one by one (a %g µm tile each); to predict at the model's spot size "
                         "give the manifest row pseudospot_um=%g", s.name, s.adata.n_obs, s.platform, ens.tile_um,
                         float(ens.meta.get("train_diameter_um") or ens.tile_um / 1.5))
-        p = predict_section_to_h5ad(ens, s, out / f"{s.name}.h5ad", batch_size=batch_size, progress=progress)
+        p = predict_section_to_h5ad(ens, s, out / f"{file_stem(s.name)}.h5ad", batch_size=batch_size,
+                                    progress=progress)
         log.info("%s: %d spots predicted -> %s", s.name, s.adata.n_obs, p)
         paths.append(p)
     return paths
@@ -360,8 +365,8 @@ def predict_slides(model_dir: str | os.PathLike, images: Sequence[str | os.PathL
             if s.adata.n_obs == 0:
                 raise StimageInputError(f"{img}: no tissue found on the slide (stimage_nb.io.tissue.tissue_mask); "
                                         "is it a blank or fluorescence image?")
-            p = predict_section_to_h5ad(ens, s, out / f"{s.name}.h5ad", batch_size=batch_size, progress=progress,
-                                        cache_tiles=False)  # a slide's tiles are read once: no tile cache
+            p = predict_section_to_h5ad(ens, s, out / f"{file_stem(s.name)}.h5ad", batch_size=batch_size,
+                                        progress=progress, cache_tiles=False)  # a slide's tiles are read once
         finally:
             s.image.close()
         log.info("%s: %d grid points over tissue (%g µm apart) predicted -> %s", s.name, s.adata.n_obs, step, p)

@@ -11,7 +11,9 @@ QuPath 0.3 through 0.8 all import (see ``shared/data/fixtures/qupath/README.md``
 - the stable observation id (spot id, barcode, cell id) is the object's ``name`` (QuPath replaces a
   non-UUID ``id``); ``id`` is a UUID derived from section and observation id, so re-imports keep it;
 - the predicted cell type (argmax of ``obsm["celltype_mean"]``) is the classification, always with a
-  ``color`` (QuPath 0.4+ refuses the whole file when one class lacks it);
+  ``color`` (QuPath 0.4+ refuses the whole file when one class lacks it); a ``:`` in a cell type
+  (QuPath's separator of derived classes) is percent-encoded (:mod:`stimage_nb.names`), and decoded
+  again on import;
 - per gene three measurements, ``"<gene>: mean"``, ``"<gene>: aleatoric SD"`` and
   ``"<gene>: epistemic SD"`` (square roots of ``layers["aleatoric_var"]``/``["epistemic_var"]``, in
   the same count units as the mean), plus ``"P(<cell type>)"`` and ``"P(<cell type>) SD"``, so
@@ -55,6 +57,7 @@ import pandas as pd
 from . import _keys as K
 from ._colours import class_colours, qupath_int_to_rgb
 from .errors import StimageInputError
+from .names import looks_encoded, original_name, safe_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -226,6 +229,8 @@ def _iter_features(pred, cols: list[_Col], *, object_type: str = "auto", image_s
         r_full = diam / 2.0 / um_full
     names, cls = _classification(pred)
     colours = class_colours(names or sorted({c for c in cls if c}), uns.get(K.CLASS_COLOURS))
+    # QuPath splits a class name on ':' into derived classes and strips blanks (stimage_nb.names)
+    qclass = {c: safe_name(c, "qupath_class") for c in {*(names or []), *(c for c in cls if c)}}
     types = _object_types(pred, object_type)
     name_frag = [json.dumps(c.name) for c in cols]
     ids = [str(o) for o in pred.obs_names]
@@ -244,7 +249,7 @@ def _iter_features(pred, cols: list[_Col], *, object_type: str = "auto", image_s
                         "isEllipse": True}
             props: dict = {"objectType": types[i], "object_type": types[i], "name": oid}
             if cls[i]:
-                props["classification"] = {"name": cls[i], "color": list(colours[cls[i]])}
+                props["classification"] = {"name": qclass[cls[i]], "color": list(colours[cls[i]])}
             head = {"type": "Feature", "id": str(uuid.uuid5(_NS, f"{section}/{oid}")), "geometry": geom}
             if nuc is not None and types[i] == "cell":
                 head["nucleusGeometry"] = nuc
@@ -502,6 +507,14 @@ def _features(obj, path: Path) -> list:
                             f"got {type(obj).__name__}{' of type ' + repr(obj.get('type')) if isinstance(obj, dict) else ''}.")
 
 
+def _class_name_back(cname: str) -> str:
+    """A class name this module exported with :func:`stimage_nb.names.safe_name` back to the original
+    (``T cells%3A CD8`` -> ``T cells: CD8``); QuPath's own derived classes (``Tumor: Positive``) stay as they are."""
+    if cname and looks_encoded(cname) and safe_name(original_name(cname), "qupath_class") == cname:
+        return original_name(cname)
+    return cname
+
+
 def _parse_colour(cl: dict, path: Path, i: int, cname: str) -> tuple[int, int, int]:
     if "color" in cl and cl["color"] is not None:
         c = cl["color"]
@@ -627,6 +640,7 @@ def read_qupath(path: str | os.PathLike) -> QuPathObjects:
             colour = _parse_colour(cl, path, i, cname)
         elif cl is not None:
             raise StimageInputError(f"{path}: feature {i}: classification must be an object or a string, not {cl!r}.")
+        cname = _class_name_back(cname)
         if cname and colour is not None:
             colours.setdefault(cname, colour)
         m = _parse_measurements(props.get("measurements"), path, i)

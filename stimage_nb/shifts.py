@@ -52,12 +52,19 @@ from . import _keys as K
 from .errors import StimageInputError
 from .io.ngff import check_um_per_px, downsample, write_ome_zarr
 from .io.section import Section, make_section_adata
-from .stain import RUIFROK_HED
+from .names import file_stem
 
 log = logging.getLogger(__name__)
 
-_HED_INV = np.linalg.inv(RUIFROK_HED).astype(np.float32)
-_HED = RUIFROK_HED.astype(np.float32)
+
+def _hed() -> tuple[np.ndarray, np.ndarray]:
+    """The Ruifrok-Johnston matrix and its inverse (imported on use: :mod:`stimage_nb.stain` imports torch,
+    which would make every ``stimage-nb`` command start seconds slower)."""
+    from .stain import RUIFROK_HED
+
+    return RUIFROK_HED.astype(np.float32), np.linalg.inv(RUIFROK_HED).astype(np.float32)
+
+
 STRIP_ROWS = 1024
 
 
@@ -143,13 +150,14 @@ def restain(rgb: np.ndarray, hematoxylin: float = 1.0, eosin: float = 1.0) -> np
     """Scale the hematoxylin and eosin concentrations of an (h, w, 3) uint8 image (Ruifrok-Johnston)."""
     if hematoxylin == 1 and eosin == 1:
         return rgb
+    hed, hed_inv = _hed()
     od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-    conc = od @ _HED_INV
+    conc = od @ hed_inv
     # scale the dye actually present: negative concentrations (the fixed vectors do not fit this slide's
     # dyes exactly) are left alone, otherwise scaling them shifts the hue (e.g. green nuclei)
     conc[..., 0] += (hematoxylin - 1.0) * np.maximum(conc[..., 0], 0)
     conc[..., 1] += (eosin - 1.0) * np.maximum(conc[..., 1], 0)
-    out = 256.0 * np.exp(-(conc @ _HED)) - 1.0
+    out = 256.0 * np.exp(-(conc @ hed)) - 1.0
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -306,14 +314,14 @@ def shift_section(section: Section, shift: Shift, out_dir: str | os.PathLike, *,
                        section._image)
     img = section.image
     f = shift.factor(img.um_per_px)
-    region, origin, fname = None, np.zeros(2), f"{name}.ome.zarr"
+    region, origin, fname = None, np.zeros(2), f"{file_stem(name)}.ome.zarr"
     if crop_margin_um is not None and section.adata.n_obs:
         m = float(crop_margin_um) / img.um_per_px
         lo = np.floor(section.xy.min(0) - m).clip(0).astype(int)
         hi = np.ceil(section.xy.max(0) + m).astype(int)
         hi = np.minimum(hi, [img.width, img.height])
         region, origin = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])), lo.astype(float)
-        fname = f"{name}.crop{float(crop_margin_um):g}.ome.zarr"
+        fname = f"{file_stem(name)}.crop{float(crop_margin_um):g}.ome.zarr"
         meta["crop"] = {"origin_px": [int(lo[0]), int(lo[1])], "margin_um": float(crop_margin_um)}
     path = _write_shifted(img, shift, Path(out_dir) / fname, name, overwrite, region)
     a = section.adata
@@ -391,12 +399,12 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
                 if img is None:
                     (sec,) = read_manifest(manifest, [s])
                     img = sec.image
-                r["image"] = str(_write_shifted(img, sh, out / f"{name}.ome.zarr", name, overwrite))
+                r["image"] = str(_write_shifted(img, sh, out / f"{file_stem(name)}.ome.zarr", name, overwrite))
                 f = sh.factor(float(row["um_per_px"]))
                 spots = pd.read_csv(row["spots"], sep="\t")
                 spots["pixel_x"] = spots["pixel_x"].astype(float) / f
                 spots["pixel_y"] = spots["pixel_y"].astype(float) / f
-                r["spots"] = str(_write_text_atomic(out / f"{name}_spots.tsv",
+                r["spots"] = str(_write_text_atomic(out / f"{file_stem(name)}_spots.tsv",
                                                     spots.to_csv(sep="\t", index=False)))
                 r["um_per_px"] = repr(float(row["um_per_px"]) * f)
             rows.append(r)

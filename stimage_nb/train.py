@@ -644,6 +644,15 @@ def _fingerprint(cfg: TrainConfig, genes, celltypes, train_names, val_names, til
             "val_sections": list(val_names)}
 
 
+def _training_data(manifest, sections: list[Section]) -> dict | None:
+    """:func:`stimage_nb.io.provenance.record_training_data` of the manifest, or of in-memory Sections."""
+    from .io.provenance import record_sections, record_training_data
+
+    if isinstance(manifest, (str, os.PathLike)):
+        return record_training_data(manifest, [s.name for s in sections])
+    return record_sections(sections)
+
+
 def _check_or_write_run(out: Path, fp: dict) -> dict:
     p = out / RUN_NAME
     if p.is_file():
@@ -1145,6 +1154,9 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     mstates = []
     for i in range(cfg.members):  # members trained on the cluster are found done here
         mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
+    # where the training sections came from (absolute manifest path, sha256 of every file read), so that
+    # `evaluate` can train the baseline on them even against another lab's manifest (stimage_nb.io.provenance)
+    run = {**run, "training_data": _training_data(manifest, train_s + val_s)}
     ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s, feature_cache,
                     train_d, val_d, device, depths=depths, ref_depth=ref_depth)
     for cb in cbs:
@@ -1299,7 +1311,7 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
                      "best_epoch": st["best_epoch"], "early_stop": cfg.early_stop,
                      **_val_summary(cfg, st),
                      "epochs_run": len(st["history"]), "stopped_early": st.get("stopped_early", False)})
-    meta = {"run_id": run["run_id"], "train_sections": [s.name for s in train_s],
+    meta = {"run_id": run["run_id"], "training_data": run.get("training_data"), "train_sections": [s.name for s in train_s],
             "val_sections": [s.name for s in val_s],
             "train_patients": sorted({str(s.patient) for s in train_s if s.patient}),
             "train_um_per_px": {s.name: s.um_per_px for s in train_s},

@@ -44,6 +44,7 @@ import numpy as np
 from .. import _keys as K
 from .._colours import class_colours
 from ..errors import StimageInputError
+from ..names import safe_name
 from .ngff import (  # noqa: F401
     CHUNK,
     NGFF_VERSION,
@@ -204,7 +205,8 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
     vals = np.arange(1, len(shapes) + 1) if values is None else np.asarray(values, dtype=np.int64)
     dtype = _label_dtype(int(vals.max()) if len(vals) else 1)
     labels_grp = group.require_group("labels")
-    g = labels_grp.require_group(name)
+    key = safe_name(name, "zarr_key")  # the group's key; the multiscales name keeps ``name`` (stimage_nb.names)
+    g = labels_grp.require_group(key)
     for li, (h, w) in enumerate(level_shapes):
         arr = create_array(g, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)
         ds = float(downsamples[li]) if downsamples is not None else 2.0 ** li
@@ -220,8 +222,8 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
         for k, v in extra.items():
             g.attrs[k] = v
     names = list(labels_grp.attrs.get("labels", []))
-    if name not in names:
-        names.append(name)
+    if key not in names:
+        names.append(key)
     labels_grp.attrs["labels"] = names
 
 
@@ -229,6 +231,10 @@ def add_label_array(path: str | os.PathLike, name: str, labels: np.ndarray, *,
                     colors: dict[int, Sequence[int]] | None = None, properties: dict[int, dict] | None = None,
                     chunk: int = CHUNK) -> Path:
     """Add a label image given as an integer array to an existing OME-Zarr image (``labels/<name>``).
+
+    ``name`` is data (e.g. a segmentation's or a cell type's name); its Zarr key is
+    ``stimage_nb.names.safe_name(name, "zarr_key")`` (a ``/`` would nest groups), and the label image's
+    ``multiscales`` name (what :func:`read_labels` returns it under) is ``name`` itself.
 
     ``labels`` has the shape of the image's level 0 (y, x); coarser levels are made by nearest
     (strided) sampling to match every image level, as NGFF 0.4 requires. ``colors`` and
@@ -249,9 +255,10 @@ def add_label_array(path: str | os.PathLike, name: str, labels: np.ndarray, *,
         raise StimageInputError(f"{path}: labels must be non-negative integers (got {labels.dtype}).")
     g = zarr.open_group(str(path), mode="a", zarr_format=2)
     lg = g.require_group("labels")
-    if name in lg:
-        del lg[name]
-    sub = lg.require_group(name)
+    key = safe_name(name, "zarr_key")  # 'NK/T cells' would be a nested group (stimage_nb.names)
+    if key in lg:
+        del lg[key]
+    sub = lg.require_group(key)
     dtype = _label_dtype(int(labels.max()) if labels.size else 1)
     for li, (h, w) in enumerate(img.level_shapes):
         s = max(1, int(round(img.downsamples[li])))
@@ -264,8 +271,8 @@ def add_label_array(path: str | os.PathLike, name: str, labels: np.ndarray, *,
                                                      downsamples=img.downsamples)]
     sub.attrs["image-label"] = _image_label(colors, properties)
     names = list(lg.attrs.get("labels", []))
-    if name not in names:
-        names.append(name)
+    if key not in names:
+        names.append(key)
     lg.attrs["labels"] = names
     return path
 

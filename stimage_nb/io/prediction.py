@@ -15,19 +15,89 @@ from pathlib import Path
 
 from .. import _keys as K
 from ..errors import StimageInputError
+from ..names import name_of_file
+
+#: ``uns`` flag of a file whose HDF5 keys were percent-encoded by :func:`write_h5ad` (see :mod:`stimage_nb.names`).
+H5_NAMES = "stimage_nb_h5_names"
+
+
+def _recode(d, fn):
+    """A copy of a (nested) mapping with ``fn`` applied to every key."""
+    if isinstance(d, dict):
+        return {fn(k): _recode(v, fn) for k, v in d.items()}
+    return d
+
+
+def _frames(adata):
+    """The DataFrames whose column names become HDF5 keys: obs, var and the DataFrames in obsm/varm."""
+    import pandas as pd
+
+    yield adata.obs
+    yield adata.var
+    for m in (adata.obsm, adata.varm):
+        for k in list(m.keys()):
+            if isinstance(m[k], pd.DataFrame):
+                yield m[k]
+
+
+def _unsafe(name) -> bool:
+    from ..names import is_safe
+
+    return isinstance(name, str) and name != "" and not is_safe(name, "h5_key")
 
 
 def write_h5ad(adata, path: str | os.PathLike) -> Path:
-    """Write an AnnData atomically (temporary file beside it + rename); returns the path."""
+    """Write an AnnData atomically (temporary file beside it + rename); returns the path.
+
+    Column names and ``uns`` keys are data (cell types like ``NK/T cells``, genes like ``HLA-DRB1/3``) but
+    HDF5 makes them link names, where ``/`` nests groups (anndata warns that it will refuse them). Such
+    names are written percent-encoded (:func:`stimage_nb.names.safe_name`, ``"h5_key"``), the file is
+    flagged (``uns["stimage_nb_h5_names"]``) and :func:`read_prediction` restores them; ``adata`` itself
+    is left as it was.
+    """
+    from ..names import safe_name
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5ad")
+    frames = list(_frames(adata))
+    flat_uns = []
+
+    def keys(d):
+        if isinstance(d, dict):
+            for k, v in d.items():
+                flat_uns.append(k)
+                keys(v)
+    keys(dict(adata.uns))
+    encode = any(_unsafe(c) for f in frames for c in f.columns) or any(_unsafe(k) for k in flat_uns)
+    saved = [(f, f.columns) for f in frames]
+    uns = adata.uns
     try:
+        if encode:
+            def enc(c):
+                return safe_name(c, "h5_key") if isinstance(c, str) and c else c
+            for f in frames:
+                f.columns = [enc(c) for c in f.columns]
+            adata.uns = {**_recode(dict(uns), enc), H5_NAMES: "percent-encoded"}
         adata.write_h5ad(tmp)
         os.replace(tmp, path)
     finally:
+        for f, cols in saved:
+            f.columns = cols
+        adata.uns = uns
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _decode_names(adata) -> None:
+    """Undo :func:`write_h5ad`'s key encoding in place (files it flagged only)."""
+    from ..names import original_name
+
+    if adata.uns.pop(H5_NAMES, None) is None:
+        return
+    for f in _frames(adata):
+        f.columns = [original_name(c) if isinstance(c, str) else c for c in f.columns]
+    adata.uns = _recode(dict(adata.uns), lambda k: original_name(k) if isinstance(k, str) else k)
 
 
 def read_prediction(pred, *, strict: bool = False):
@@ -57,6 +127,7 @@ def read_prediction(pred, *, strict: bool = False):
             pred = ad.read_h5ad(src)
         except Exception as e:  # noqa: BLE001
             raise StimageInputError(f"{src}: not a readable .h5ad prediction ({type(e).__name__}: {e}).") from e
+        _decode_names(pred)
     if not isinstance(pred, ad.AnnData):
         raise StimageInputError(f"expected a prediction AnnData or an .h5ad path, got {type(pred).__name__}.")
     where = str(src) if src is not None else "prediction AnnData"
@@ -76,7 +147,7 @@ def read_prediction(pred, *, strict: bool = False):
     if src is not None:
         if not isinstance(pred.uns.get(K.UNS), dict):
             pred.uns[K.UNS] = {}
-        pred.uns[K.UNS].setdefault("section", src.name[: -len(".h5ad")] if src.name.endswith(".h5ad") else src.stem)
+        pred.uns[K.UNS].setdefault("section", name_of_file(src, ".h5ad") if src.name.endswith(".h5ad") else src.stem)
     return pred
 
 

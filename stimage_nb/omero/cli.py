@@ -23,6 +23,9 @@ import re
 import sys
 from pathlib import Path
 
+from ..io.prediction import write_h5ad
+from ..names import file_stem, name_of_file
+
 log = logging.getLogger(__name__)
 
 
@@ -109,15 +112,16 @@ def write_training_files(section, out: Path) -> Path:
     ids = [f"{x}x{y}" for x, y in zip(ax, ay)]
     spots = pd.DataFrame({"x": ax, "y": ay, K.PIXEL_X: a.obs[K.PIXEL_X].to_numpy(),
                           K.PIXEL_Y: a.obs[K.PIXEL_Y].to_numpy(), "selected": 1, "obs_id": list(a.obs_names)})
-    spath = out / f"{name}.spots.tsv"
+    stem = file_stem(name)  # a section name may hold '/' (stimage_nb.names)
+    spath = out / f"{stem}.spots.tsv"
     tmp = spath.with_name(spath.name + ".tmp")
     spots.to_csv(tmp, sep="\t", index=False)
     tmp.replace(spath)
     cpath = None
     if a.n_vars:
         X = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
-        cpath = out / f"{name}.counts.tsv.gz"
-        tmp = out / f"{name}.counts.tmp.tsv.gz"
+        cpath = out / f"{stem}.counts.tsv.gz"
+        tmp = out / f"{stem}.counts.tmp.tsv.gz"
         pd.DataFrame(X, index=ids, columns=list(a.var_names)).to_csv(tmp, sep="\t", compression="gzip")
         tmp.replace(cpath)
     row = {"section": name, "patient": section.patient or "", "image": str(section.image_path),
@@ -130,10 +134,7 @@ def write_training_files(section, out: Path) -> Path:
     tmp = man.with_name(man.name + ".tmp")
     df.to_csv(tmp, index=False)
     tmp.replace(man)
-    h5 = out / f"{name}.h5ad"
-    tmp = out / f"{name}.tmp.h5ad"
-    a.write_h5ad(tmp)
-    tmp.replace(h5)
+    write_h5ad(a, out / f"{stem}.h5ad")
     return man
 
 
@@ -183,10 +184,10 @@ def _targets(a) -> list[tuple[Path, int]]:
         return [(files[0], single)]
     out = []
     for f in files:
-        sec = f.name[:-len(".h5ad")]
+        sec = name_of_file(f, ".h5ad")
         if sec in mapping:
             out.append((f, mapping[sec]))
-    missing = set(mapping) - {f.name[:-len('.h5ad')] for f, _ in out}
+    missing = set(mapping) - {name_of_file(f, ".h5ad") for f, _ in out}
     if missing:
         raise StimageInputError(f"{pred}: no prediction for sections {sorted(missing)}.")
     if not out:
@@ -233,16 +234,15 @@ def _cmd_rm(a) -> int:
 def _guard(fn):
     """OMERO failures end the command with a one-line message (no traceback) and exit status 2."""
     def run(a) -> int:
+        from ..errors import describe_error
         from .connection import OmeroError
 
         try:
             return fn(a)
-        except OmeroError as e:
-            print(f"stimage-nb omero {a.omero_command}: error: {e}", file=sys.stderr)
-            return 2
-        except ImportError as e:
-            print(f"stimage-nb omero {a.omero_command}: error: {e}", file=sys.stderr)
-            return 2
+        except (OmeroError, ImportError) as e:
+            msg, code = describe_error(e)  # one line, like every other command (stimage_nb.cli.main)
+            print(f"stimage-nb omero {a.omero_command}: error: {msg}", file=sys.stderr)
+            return code
     run.__name__ = fn.__name__
     return run
 

@@ -601,7 +601,12 @@ def download_file(conn, attachment: Attachment, dest: str | os.PathLike, *, chun
 
 # ----------------------------------------------------------------------------- counts sources
 def read_omero_table(conn, attachment: Attachment, *, rows_per_read: int = 10000, ctx=None) -> pd.DataFrame:
-    """An OMERO.table as a DataFrame (RoiColumn/ImageColumn values are ids; array columns as lists)."""
+    """An OMERO.table as a DataFrame (RoiColumn/ImageColumn values are ids; array columns as lists).
+
+    Column names that a push had to make safe (``HLA-DRB1%2F3``: OMERO.tables refuse ``/``,
+    :mod:`stimage_nb.names`) come back as the original names (``HLA-DRB1/3``); ``attrs["column_kinds"]``
+    is keyed by the returned names.
+    """
     import omero.model
 
     sess = as_session(conn)
@@ -621,8 +626,12 @@ def read_omero_table(conn, attachment: Attachment, *, rows_per_read: int = 10000
                 cols[col.name].extend(list(col.values))
     finally:
         _close(table)
-    df = pd.DataFrame(cols)
-    df.attrs["column_kinds"] = kinds
+    from ..names import looks_encoded, original_name, safe_name
+
+    back = {c: original_name(c) for c in cols
+            if looks_encoded(c) and safe_name(original_name(c), "omero_column") == c and original_name(c) not in cols}
+    df = pd.DataFrame(cols).rename(columns=back)
+    df.attrs["column_kinds"] = {back.get(c, c): k for c, k in kinds.items()}
     return df
 
 

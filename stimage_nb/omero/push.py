@@ -43,6 +43,7 @@ import pandas as pd
 from .. import _keys as K
 from ..errors import StimageInputError
 from ..io.prediction import read_prediction, write_h5ad
+from ..names import safe_name
 from . import model as M
 from . import tables as T
 from .connection import OmeroConnectionError, OmeroError, as_session, is_connection_loss, require_omero, translate_error
@@ -322,6 +323,7 @@ class PushPlan:
     tables: list = field(default_factory=list)  # [(name, rows, columns, "write"|"keep")]
     files: list = field(default_factory=list)   # [(name, "write"|"keep")]
     colour_legend: str = ""
+    renamed: dict = field(default_factory=dict)  # {gene or P(<cell type>): OMERO.table column name} (stimage_nb.names)
 
     def __str__(self) -> str:
         lines = [f"push run {self.run_id!r} of section {self.section!r} onto OMERO image {self.image_id}: "
@@ -334,7 +336,16 @@ class PushPlan:
             lines.append(f"  file {name!r} ({what})")
         if self.colour_legend:
             lines.append(f"  colours: {self.colour_legend}")
+        if self.renamed:
+            lines.append(f"  {_renamed_line(self.renamed)}")
         return "\n".join(lines)
+
+
+def _renamed_line(renamed: dict) -> str:
+    shown = ", ".join(f"{o!r} -> {c!r}" for o, c in list(renamed.items())[:6])
+    more = f" (+{len(renamed) - 6} more)" if len(renamed) > 6 else ""
+    return (f"renamed columns (OMERO.tables refuse '/' in column names; the description keeps the name, "
+            f"stimage_nb.names.original_name maps it back): {shown}{more}")
 
 
 @dataclass
@@ -492,7 +503,7 @@ def _plan(state: RunState, pred, image_id, run_id, fp, opts, specs, file_names, 
             and (rec_same["state"] == "complete").any():
         mode = "up-to-date"
     return PushPlan(int(image_id), run_id, str(_prov(pred).get("section") or ""), fp, mode, pred.n_obs, n_write,
-                    len(kept_rois), delete, tables, files, legend)
+                    len(kept_rois), delete, tables, files, legend, T.renamed_columns(specs))
 
 
 def _obj(name: str) -> str:
@@ -501,7 +512,7 @@ def _obj(name: str) -> str:
 
 
 def _file_names(pred, opts) -> list[str]:
-    sec = _obj(str(_prov(pred).get("section") or "prediction"))
+    sec = safe_name(str(_prov(pred).get("section") or "prediction"), "file_name")
     out = []
     if opts["h5ad"]:
         out.append(f"{sec}.h5ad")
@@ -540,6 +551,8 @@ def _push_once(sess, image_id, pred, src, run_id, fp, opts, *, batch_size, check
         ctx.setOmeroGroup(int(info.group_id))
     specs = T.plan_tables(pred, run_id=run_id, max_columns=opts["max_columns"], with_roi=opts["rois"],
                           image_id=image_id) if opts["tables"] else []
+    if T.renamed_columns(specs):  # checked before anything is written (the server refuses '/' mid-push)
+        log.warning("%s", _renamed_line(T.renamed_columns(specs)))
     texts_legend = roi_styles(pred, opts["colour_by"])[2] if opts["rois"] else ""
     state = run_state(gw, image_id, run_id, ctx)
     plan = _plan(state, pred, image_id, run_id, fp, opts, specs, _file_names(pred, opts), force, texts_legend)
@@ -755,6 +768,8 @@ def _record_pairs(pred, src, run_id, fp, opts, plan, *, state, n_rois=None, tabl
     if opts.get("label") and ct:
         pairs.append(("label image values", "; ".join(f"{i + 1}={c}" for i, c in enumerate(ct))
                       + f" (0 = none; {opts['label_um']:g} µm/px)"))
+    if plan.renamed:  # the names as they are on the server, and what they stand for (stimage_nb.names)
+        pairs.append(("renamed columns", "; ".join(f"{c} = {o}" for o, c in plan.renamed.items())))
     if n_rois is not None:
         pairs.append(("ROIs", n_rois))
     if tables is not None:
@@ -780,10 +795,7 @@ def _make_file(pred, src, name: str, tmp: Path, info, opts) -> Path | None:
     if name.endswith(".h5ad"):
         if src is not None:
             return Path(src)
-        p2 = tmp / (name + ".tmp")
-        pred.write_h5ad(p2)
-        os.replace(p2, path)
-        return path
+        return write_h5ad(pred, path)  # atomic; names that HDF5 refuses encoded (stimage_nb.names)
     if name.endswith(".geojson.gz"):
         try:
             from ..qupath import export_qupath
@@ -868,11 +880,14 @@ def offline_push_plan(pred, *, image_id: int | None = None, out=None, colour_by:
            "section": str(prov.get("section") or ""), "n_obs": int(pred.n_obs),
            "n_rois": int(pred.n_obs) if do_rois else 0, "example_roi_text": texts[0] if texts else "",
            "colour_legend": legend, "tables": [(s.name, s.n_rows, s.n_columns) for s in specs],
-           "max_table_columns": max((s.n_columns for s in specs), default=0), "files": []}
+           "max_table_columns": max((s.n_columns for s in specs), default=0), "files": [],
+           "renamed_columns": T.renamed_columns(specs)}
+    if res["renamed_columns"]:
+        log.warning("%s", _renamed_line(res["renamed_columns"]))
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        name = res["section"] or "prediction"
+        name = safe_name(res["section"] or "prediction", "file_name")
         files = [write_h5ad(pred, out / f"{name}.h5ad"), export_qupath(pred, out / f"{name}.geojson.gz")]
         res["files"] = [str(f) for f in files]
     return res
@@ -885,7 +900,8 @@ def push_summary(result) -> dict:
         p = result
         return {"dry_run": True, "image_id": p.image_id, "run_id": p.run_id, "mode": p.mode,
                 "n_rois": p.rois_to_write, "rois_kept": p.rois_kept, "tables": len(p.tables),
-                "delete": {k: len(v) for k, v in p.delete.items()}, "plan": str(p)}
+                "delete": {k: len(v) for k, v in p.delete.items()}, "renamed_columns": dict(p.renamed),
+                "plan": str(p)}
     return {"dry_run": False, "image_id": plan.image_id, "run_id": plan.run_id, "mode": plan.mode,
             "n_rois": len(result.roi_ids), "rois_written": result.rois_written,
             "tables": len(result.table_file_ids), "files": len(result.file_annotation_ids),

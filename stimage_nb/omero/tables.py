@@ -7,7 +7,11 @@ same key columns so the tables join row for row:
 
 ``Image`` (ImageColumn), ``Roi`` (RoiColumn, when ROIs were pushed: OMERO.web links rows to shapes),
 ``spot`` (StringColumn: the observation id), ``x``, ``y`` (DoubleColumn, full-resolution px),
-then one DoubleColumn per gene (named by the gene). Cell-type probabilities and their standard
+then one DoubleColumn per gene (named by the gene). Gene and cell-type names are data, and the server
+rejects a ``/`` in a column name half-way through a push (``HLA-DRB1/3``, ``NK/T cells``), so every value
+column is named by :func:`stimage_nb.names.safe_name` (``"omero_column"``: percent-encoded, mapped back
+by :func:`stimage_nb.names.original_name`), its description keeps the original name, and
+:func:`plan_tables` — which the dry run shows — lists what was renamed before anything is written. Cell-type probabilities and their standard
 deviations go in one more table (``P(<type>)``, ``SD(<type>)``), and the domain-shift score
 (:mod:`stimage_nb.domain`) in another (``domain_distance``, ``domain_percentile``). Rows are sent in batches of at most
 ``max_bytes`` per ``addData`` call (Ice messages are limited in size).
@@ -22,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import _keys as K
+from ..names import name_mapping
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +41,32 @@ class TableSpec:
 
     name: str
     quantity: str
-    columns: list[str]                 # value columns (genes or P()/SD() names), key columns excluded
+    columns: list[str]                 # value columns as the server gets them (safe names), key columns excluded
     n_rows: int
     values: Callable[[int, int], np.ndarray] = field(repr=False)  # (start, stop) -> (rows, len(columns)) float64
     with_roi: bool = False
+    originals: list[str] | None = None  # the names the columns stand for (genes, P(<cell type>)), when any differ
 
     @property
     def n_columns(self) -> int:
         return len(self.columns) + len(KEY_COLUMNS) - (0 if self.with_roi else 1)
+
+    @property
+    def renamed(self) -> dict[str, str]:
+        """``{original: column name}`` of the columns whose name had to change (see :mod:`stimage_nb.names`)."""
+        return {} if self.originals is None else {o: c for o, c in zip(self.originals, self.columns) if o != c}
+
+    def description(self, j: int) -> str:
+        """Column ``j``'s description: the quantity, and the original name when the column name differs."""
+        o = None if self.originals is None else self.originals[j]
+        return self.quantity if o is None or o == self.columns[j] else f"{self.quantity}: {o}"
+
+
+def _spec(name: str, quantity: str, columns: list[str], n_rows: int, values, with_roi: bool) -> TableSpec:
+    """A TableSpec whose value columns are safe OMERO.table column names (originals kept beside)."""
+    m = name_mapping(columns, "omero_column")
+    return TableSpec(name, quantity, list(m.safe), n_rows, values, with_roi,
+                     list(m.original) if m.renamed else None)
 
 
 def _dense_cols(M, cols: np.ndarray):
@@ -65,6 +88,9 @@ def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: 
                 celltypes: bool = True, image_id: int | None = None) -> list[TableSpec]:
     """The tables a prediction becomes (no server needed); each has at most ``max_columns`` columns.
 
+    Value columns carry safe names (``TableSpec.renamed`` lists the ones that differ from the gene or
+    cell type they stand for); :func:`renamed_columns` gathers them for a dry run.
+
     Table names are ``"stimage_nb <run> [image<id> ]<quantity> <k>of<n>"``: the run and the image
     make a table findable by its file name alone, even before it is linked to the image.
     """
@@ -85,8 +111,8 @@ def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: 
             idx = np.arange(p * per, min(len(genes), (p + 1) * per))
             if idx.size == 0:
                 continue
-            specs.append(TableSpec(f"{prefix}{qname} {p + 1}of{n_parts}", qname,
-                                   [genes[i] for i in idx], pred.n_obs, _dense_cols(M, idx), with_roi))
+            specs.append(_spec(f"{prefix}{qname} {p + 1}of{n_parts}", qname,
+                               [genes[i] for i in idx], pred.n_obs, _dense_cols(M, idx), with_roi))
     if celltypes and K.CELLTYPE_MEAN in pred.obsm and pred.obsm[K.CELLTYPE_MEAN].shape[1]:  # none: no empty table
         mean = pred.obsm[K.CELLTYPE_MEAN]
         names = [str(c) for c in mean.columns]
@@ -98,13 +124,13 @@ def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: 
             cols += [f"SD({c})" for c in names]
         if len(cols) + n_key > max_columns:
             raise ValueError(f"{len(names)} cell types need {len(cols) + n_key} columns > max_columns={max_columns}")
-        specs.append(TableSpec(f"{prefix}celltype 1of1", "celltype", cols, pred.n_obs,
-                               lambda a, b, arr=arr: arr[a:b], with_roi))
+        specs.append(_spec(f"{prefix}celltype 1of1", "celltype", cols, pred.n_obs,
+                           lambda a, b, arr=arr: arr[a:b], with_roi))
     dcols = [c for c in (K.DOMAIN_DISTANCE, K.DOMAIN_PERCENTILE) if c in pred.obs]
     if dcols:
         darr = pred.obs[dcols].to_numpy(np.float64)
-        specs.append(TableSpec(f"{prefix}domain 1of1", "domain", dcols, pred.n_obs,
-                               lambda a, b, arr=darr: arr[a:b], with_roi))
+        specs.append(_spec(f"{prefix}domain 1of1", "domain", dcols, pred.n_obs,
+                           lambda a, b, arr=darr: arr[a:b], with_roi))
     return specs
 
 
@@ -133,7 +159,7 @@ def build_columns(spec: TableSpec, *, image_id: int, spot_ids: Sequence[str], xy
     block = None if empty else spec.values(start, stop)
     for j, name in enumerate(spec.columns):
         v = [] if empty else block[:, j].astype(float).tolist()
-        cols.append(DoubleColumn(name, spec.quantity, v))
+        cols.append(DoubleColumn(name, spec.description(j), v))
     return cols
 
 
@@ -172,3 +198,11 @@ def write_table(gateway, spec: TableSpec, *, image_id: int, spot_ids, xy_full, r
         except Exception:  # noqa: BLE001
             pass
     return fid
+
+
+def renamed_columns(specs: Sequence[TableSpec]) -> dict[str, str]:
+    """``{original name: column name}`` over all tables: what a push renames (shown by its dry run)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        out.update(spec.renamed)
+    return out

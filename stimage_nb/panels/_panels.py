@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -199,4 +200,7 @@ def resolve_genes(spec, sections=None) -> GenePanel:
         from ..io.readers import read_gene_list
 
         return GenePanel(str(p), tuple(read_gene_list(p)), f"gene-list file {p}")
+    if p.suffix or "/" in s or os.sep in s:  # meant as a file
+        raise StimageInputError(f"{p}: gene list not found (--genes takes a file with one symbol per line, or "
+                                f"{SPEC_HELP}).")
     raise StimageInputError(f"--genes {s!r}: neither a gene panel nor a file. Use {SPEC_HELP}.")

@@ -716,6 +716,13 @@ class _Table(omero.grid.Table):
         names = [c.name for c in cols]
         if len(set(names)) != len(names):
             raise omero.ApiUsageException(message=f"duplicate column names {names}")
+        for n in names:  # the server's HdfStorage builds a PyTables Description, whose check_name_validity refuses
+            # these (tables/path.py); its @remoted decorator returns the ValueError as an InternalException
+            if n == "" or n == "." or "/" in n:
+                why = ("the empty string is not allowed as an object name" if n == "" else
+                       "``.`` is not allowed as an object name" if n == "." else
+                       f"the ``/`` character is not allowed in object names: {n!r}")
+                raise omero.InternalException(serverExceptionClass="ValueError", message=why)
         with self.s.lock:
             self.d.headers = [(c.name, type(c).__name__, c.description, getattr(c, "size", None)) for c in cols]
             self.d.values = {c.name: [] for c in cols}
