@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
+    from .gdc import cli as gdc_cli
+
+    gdc_cli.add_cli(sub)
     return parser
 
 
