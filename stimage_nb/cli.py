@@ -163,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
     from .gdc import cli as gdc_cli
+    from .outcomes import cli as outcomes_cli
 
     gdc_cli.add_cli(sub)
+    outcomes_cli.add_cli(sub)
     return parser
 
 

@@ -14,12 +14,27 @@ adds a live test against the real API when it can be reached.
 
 from __future__ import annotations
 
-from ._client import GDC_API, GDCChecksumError, GDCClient, GDCError, filter_in, filters_and
-from ._clinical import CLINICAL_COLUMNS, fetch_clinical
-from ._download import DownloadReport, DownloadResult, download, downloaded_paths, md5_file
-from ._slides import MANIFEST_COLUMNS, SLIDE_COLUMNS, find_slides, read_manifest, slides_filter, write_manifest
+import importlib
 
-__all__ = ["GDC_API", "GDCClient", "GDCError", "GDCChecksumError", "filters_and", "filter_in", "find_slides",
-           "slides_filter", "write_manifest", "read_manifest", "download", "DownloadReport", "DownloadResult",
-           "downloaded_paths", "md5_file", "fetch_clinical", "SLIDE_COLUMNS", "MANIFEST_COLUMNS",
-           "CLINICAL_COLUMNS"]
+# name -> private module, imported on first use (PEP 562): the CLI's parser does not load pandas
+_EXPORTS = {
+    "GDC_API": "_client", "GDCClient": "_client", "GDCError": "_client", "GDCChecksumError": "_client",
+    "filters_and": "_client", "filter_in": "_client", "find_slides": "_slides", "slides_filter": "_slides",
+    "write_manifest": "_slides", "read_manifest": "_slides", "SLIDE_COLUMNS": "_slides", "MANIFEST_COLUMNS": "_slides",
+    "download": "_download", "DownloadReport": "_download", "DownloadResult": "_download",
+    "downloaded_paths": "_download", "md5_file": "_download", "fetch_clinical": "_clinical",
+    "CLINICAL_COLUMNS": "_clinical",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -19,33 +19,31 @@ bulk), :mod:`~._tcga` (the bundle's TCGA tables), :mod:`~._tables` (input tables
 
 from __future__ import annotations
 
-from ._agreement import AgreementResult, pseudobulk_agreement
-from ._classify import nested_cv_classifier
-from ._compare import compare
-from ._cv import CVParams
-from ._estimators import ElasticNetCox, classifier_pipeline, concordance_scores, survival_pipeline
-from ._results import ClassificationResult, Comparison, Estimate, SurvivalResult
-from ._simulate import degrade_to_accuracy
-from ._survival import as_surv, default_times, nested_cv_survival, risk_group_logrank
-from ._tables import align, class_target, patient_features, read_table, survival_outcome
-from ._tcga import (
-    ENDPOINTS,
-    SurvPathBrca,
-    TcgaBulk,
-    clinical_covariates,
-    her2_amplification,
-    stage_group,
-    tcga_brca_bulk,
-    tcga_brca_survpath,
-    tcga_cdr,
-    tcga_outcome,
-)
+import importlib
 
-__all__ = [
-    "CVParams", "nested_cv_survival", "nested_cv_classifier", "compare", "pseudobulk_agreement",
-    "degrade_to_accuracy", "SurvivalResult", "ClassificationResult", "Comparison", "AgreementResult", "Estimate",
-    "ElasticNetCox", "survival_pipeline", "classifier_pipeline", "concordance_scores", "as_surv", "default_times",
-    "risk_group_logrank", "read_table", "patient_features", "survival_outcome", "class_target", "align",
-    "tcga_cdr", "tcga_outcome", "clinical_covariates", "tcga_brca_bulk", "her2_amplification", "tcga_brca_survpath",
-    "TcgaBulk", "SurvPathBrca", "stage_group", "ENDPOINTS",
-]
+# name -> private module; imported on first use (PEP 562), so `stimage-nb --help` does not load scikit-learn
+_EXPORTS = {
+    "CVParams": "_cv", "nested_cv_survival": "_survival", "nested_cv_classifier": "_classify", "compare": "_compare",
+    "pseudobulk_agreement": "_agreement", "degrade_to_accuracy": "_simulate", "SurvivalResult": "_results",
+    "ClassificationResult": "_results", "Comparison": "_results", "AgreementResult": "_agreement",
+    "Estimate": "_results", "ElasticNetCox": "_estimators", "survival_pipeline": "_estimators",
+    "classifier_pipeline": "_estimators", "concordance_scores": "_estimators", "as_surv": "_survival",
+    "default_times": "_survival", "risk_group_logrank": "_survival", "read_table": "_tables",
+    "patient_features": "_tables", "survival_outcome": "_tables", "class_target": "_tables", "align": "_tables",
+    "tcga_cdr": "_tcga", "tcga_outcome": "_tcga", "clinical_covariates": "_tcga", "tcga_brca_bulk": "_tcga",
+    "her2_amplification": "_tcga", "tcga_brca_survpath": "_tcga", "TcgaBulk": "_tcga", "SurvPathBrca": "_tcga",
+    "stage_group": "_tcga", "ENDPOINTS": "_tcga",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -27,7 +27,8 @@ def _run(X, target, params, name, splits, progress):
 
 def compare(X: pd.DataFrame, target, *, model_features: Sequence[str] | None = None, name: str = "model",
             clinical: pd.DataFrame | None = None, extra: Mapping[str, Sequence[str]] | None = None,
-            n_random: int = 20, params: CVParams | None = None, splits=None, progress: bool = False) -> Comparison:
+            n_random: int = 20, n_permutations: int = 0, params: CVParams | None = None, splits=None,
+            progress: bool = False) -> Comparison:
     """Nested CV of the model's features and of its baselines on the same patients and outer splits.
 
     Parameters
@@ -47,6 +48,9 @@ def compare(X: pd.DataFrame, target, *, model_features: Sequence[str] | None = N
     n_random
         Random sets of ``len(model_features)`` columns drawn (seeded by ``params.seed``) from the columns of
         ``X`` outside the model's set (from all of ``X`` if too few), scored on the primary metric only.
+    n_permutations
+        Reruns of the whole nested CV of the model's features with the outcome shuffled across patients
+        (primary metric only): the null distribution for :attr:`Comparison.permutation_p`.
     params
         :class:`CVParams` shared by every run.
 
@@ -102,4 +106,18 @@ def compare(X: pd.DataFrame, target, *, model_features: Sequence[str] | None = N
             for i in it:
                 cols = list(rng.choice(pool, size=len(model_features), replace=False))
                 random.append(_run(X[cols], target, light, f"random {i}", splits, False))
-    return Comparison(model=name, results=results, random=tuple(random), metric=metric)
+    permuted = []
+    if n_permutations:
+        rng = np.random.default_rng(params.seed + 15485863)
+        light = params.replace(metrics="primary", n_bootstrap=0)
+        it = range(int(n_permutations))
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="permutations", leave=False)
+        for i in it:
+            order = rng.permutation(len(target))
+            shuffled = target.iloc[order].copy()
+            shuffled.index = target.index  # each patient gets another patient's outcome
+            permuted.append(_run(X[model_features], shuffled, light, f"permutation {i}", splits, False))
+    return Comparison(model=name, results=results, random=tuple(random), metric=metric, permuted=tuple(permuted))

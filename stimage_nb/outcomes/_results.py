@@ -202,13 +202,14 @@ class Comparison:
     ``results``: name -> result (the model, ``"clinical"``, ``"clinical + <model>"``...); ``random``: the
     results of random feature sets of the model's size (summaries only); ``model``: the name of the model.
     ``random_percentile``: the share of random sets the model beats on the primary metric (Harrell's C or
-    ROC AUC).
+    ROC AUC). ``permuted``: runs of the model's features on shuffled outcomes (``permutation_p``).
     """
 
     model: str
     results: dict
     random: tuple = ()
     metric: str = "harrell_c"
+    permuted: tuple = ()
 
     @property
     def random_scores(self) -> np.ndarray:
@@ -220,6 +221,21 @@ class Comparison:
         if not len(s):
             return float("nan")
         return float(np.mean(getattr(self.results[self.model], self.metric).value > s))
+
+    @property
+    def permutation_scores(self) -> np.ndarray:
+        return np.array([getattr(r, self.metric).value for r in self.permuted], dtype=float)
+
+    @property
+    def permutation_p(self) -> float:
+        """(1 + #permuted runs scoring at least the model) / (1 + #permutations): a p-value against chance
+        that, unlike the bootstrap CI, includes the variability of refitting (the whole nested CV is rerun on
+        outcomes shuffled across patients). NaN without permutations."""
+        s = self.permutation_scores
+        if not len(s):
+            return float("nan")
+        obs = getattr(self.results[self.model], self.metric).value
+        return float((1 + np.sum(s >= obs)) / (1 + len(s)))
 
     def to_frame(self) -> pd.DataFrame:
         """One row per feature set (the random sets summarised as mean and 2.5/97.5% range)."""
@@ -239,6 +255,8 @@ class Comparison:
                 "results": {k: v.to_json() for k, v in self.results.items()},
                 "random": {"n": len(self.random), "scores": [_f(x) for x in self.random_scores],
                            "model_beats_fraction": _f(self.random_percentile)},
+                "permutation": {"n": len(self.permuted), "scores": [_f(x) for x in self.permutation_scores],
+                                "p_value": _f(self.permutation_p)},
                 "table": _frame_json(self.to_frame())}
 
     def plot(self, ax=None, **kw):
