@@ -24,7 +24,7 @@ import importlib
 # name -> private module; imported on first use (PEP 562), so `stimage-nb --help` does not load scikit-learn
 _EXPORTS = {
     "CVParams": "_cv", "nested_cv_survival": "_survival", "nested_cv_classifier": "_classify", "compare": "_compare",
-    "pseudobulk_agreement": "_agreement", "degrade_to_accuracy": "_simulate", "SurvivalResult": "_results",
+    "pseudobulk_agreement": "_agreement", "pseudobulk_log_cp10k": "_agreement", "degrade_to_accuracy": "_simulate", "SurvivalResult": "_results",
     "ClassificationResult": "_results", "Comparison": "_results", "AgreementResult": "_agreement",
     "Estimate": "_results", "ElasticNetCox": "_estimators", "survival_pipeline": "_estimators",
     "classifier_pipeline": "_estimators", "concordance_scores": "_estimators", "as_surv": "_survival",

@@ -10,12 +10,16 @@ the number it is often mistaken for: it mostly restates that highly expressed ge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..errors import StimageInputError
 from ._results import _f, _frame_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class AgreementResult:
         r = self.per_gene["r"]
         return {"method": self.method, "n_genes": int(len(r)), "n_defined": int(r.notna().sum()),
                 "n_slides": int(self.per_gene["n"].max()) if len(r) else 0,
-                "mean_r": _f(r.mean()), "median_r": _f(r.median()), "n_r_gt_0.3": int((r > 0.3).sum()),
+                "mean_r": _f(r.mean()) if r.notna().any() else None,
+                "median_r": _f(r.median()) if r.notna().any() else None, "n_r_gt_0.3": int((r > 0.3).sum()),
                 "mean_r_across_genes_within_slide": _f(self.per_slide["r_across_genes"].mean())}
 
     def to_frame(self) -> pd.DataFrame:
@@ -46,6 +51,41 @@ class AgreementResult:
         from ._plots import agreement_plot
 
         return agreement_plot(self, ax=ax)
+
+
+def pseudobulk_log_cp10k(samples: Mapping[str, "anndata.AnnData"], genes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Slides x genes pseudo-bulk on the log1p CP10k scale: each sample's ``X`` summed over its observations.
+
+    Works for measured counts (a :class:`~stimage_nb.io.Section`'s ``adata``) and for predictions (``X`` =
+    predicted mean counts) alike, so both sides of :func:`pseudobulk_agreement` are made the same way.
+    The CP10k scaling is over ``genes`` (default: the genes all samples share), as
+    :func:`stimage_nb.evaluate.transform` does for spots; it removes each slide's depth and tissue area.
+
+    Raises
+    ------
+    StimageInputError
+        No samples, or no gene shared by all of them.
+    """
+    from ..evaluate import _dense, transform
+
+    if not samples:
+        raise StimageInputError("no samples to aggregate")
+    if genes is None:
+        common = None
+        for a in samples.values():
+            have = set(a.var_names)
+            common = list(a.var_names) if common is None else [g for g in common if g in have]
+        genes = common
+    genes = list(genes or [])
+    if not genes:
+        raise StimageInputError("the samples share no gene")
+    rows = []
+    for name, a in samples.items():
+        missing = [g for g in genes if g not in a.var_names]
+        if missing:
+            raise StimageInputError(f"{name}: lacks genes {missing[:5]}")
+        rows.append(_dense(a[:, genes].X).sum(axis=0))
+    return pd.DataFrame(transform(np.vstack(rows), "log1p_cp10k"), index=list(samples), columns=genes)
 
 
 def pseudobulk_agreement(predicted: pd.DataFrame, measured: pd.DataFrame, *, method: str = "pearson",

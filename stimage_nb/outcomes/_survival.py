@@ -140,7 +140,9 @@ def nested_cv_survival(X: pd.DataFrame, outcome: pd.DataFrame, *, params: CVPara
             yte = censor_at(yte, np.nextafter(time[tr].max(), -np.inf))  # IPCW needs test times < the last train time
             row["uno_c"] = _uno(ytr, yte, risk_te, tau)
             if len(tk):
-                auc_t, auc_mean = cumulative_dynamic_auc(ytr, yte, risk_te, tk)
+                with warnings.catch_warnings():  # a time without cases in a small fold: NaN there
+                    warnings.filterwarnings("ignore", category=RuntimeWarning)
+                    auc_t, auc_mean = cumulative_dynamic_auc(ytr, yte, risk_te, tk)
                 row["auc"] = float(auc_mean)
             else:
                 row["auc"] = np.nan

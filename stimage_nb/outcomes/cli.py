@@ -41,6 +41,8 @@ def add_cli(sub) -> None:
     p.add_argument("--covariates", default=None,
                    help="comma-separated clinical-table columns for the clinical baseline (e.g. age,stage)")
     p.add_argument("--random-sets", type=int, default=10, help="random feature sets of the model's size (0: none)")
+    p.add_argument("--permutations", type=int, default=0,
+                   help="rerun the nested CV on shuffled outcomes N times for a p-value against chance (0: none)")
     p.add_argument("--folds", type=int, default=5, help="outer cross-validation folds")
     p.add_argument("--inner-folds", type=int, default=3, help="inner folds (hyper-parameter choice)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap replicates for the CIs (0: none)")
@@ -71,7 +73,7 @@ def _write_atomic(path: Path, write) -> Path:
 
 def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "time", event_col: str = "event",
                  target: str | None = None, columns=None, covariates: list[str] | None = None, random_sets: int = 10,
-                 params=None, progress: bool = True) -> dict:
+                 permutations: int = 0, params=None, progress: bool = True) -> dict:
     """What ``stimage-nb outcomes`` does (the files written are listed in the module docstring); returns results.json."""
     import matplotlib
 
@@ -111,7 +113,7 @@ def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "
     n = len(pool)
     log.info("%d patients, %d model features, %d in the pool", n, len(model_cols), pool.shape[1])
     comp = compare(pool, y, model_features=model_cols, name="model", clinical=clin, n_random=random_sets,
-                   params=params, progress=progress)
+                   n_permutations=permutations, params=params, progress=progress)
     model = comp.results["model"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
@@ -147,6 +149,7 @@ def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "
         "baselines": {k: v.summary() for k, v in comp.results.items() if k != "model"},
         "clinical_baseline": "run" if clin is not None else "not run (name clinical columns with --covariates)",
         "random_sets": comp.to_json()["random"],
+        "permutation_test": comp.to_json()["permutation"],
         "comparison": comp.to_json()["table"],
         "tables": {k: str(v) for k, v in tables.items()},
         "figures": {k: str(v) for k, v in figs.items()},
@@ -187,7 +190,7 @@ def _cmd_outcomes(a) -> int:
                       k_best=a.k_best, times=times)
     res = run_outcomes(a.features, a.clinical, a.out, time_col=a.time_col, event_col=a.event_col, target=a.target,
                        columns=_columns(a.columns), covariates=_list(a.covariates), random_sets=a.random_sets,
-                       params=params, progress=sys.stderr.isatty())
+                       permutations=a.permutations, params=params, progress=sys.stderr.isatty())
     m = res["model"]
     if res["task"] == "survival":
         h, u = m["harrell_c"], m["uno_c"]
@@ -201,6 +204,9 @@ def _cmd_outcomes(a) -> int:
         if row.get("set") != "model":
             key = "harrell_c" if res["task"] == "survival" else "roc_auc"
             print(f"  {row['set']}: {key} {_fmt(row.get(key))} [{_fmt(row.get(key + '_low'))}, {_fmt(row.get(key + '_high'))}]")
+    perm = res["permutation_test"]
+    if perm["n"]:
+        print(f"  permutation test ({perm['n']} shuffles of the outcome): p = {_fmt(perm['p_value'])}")
     print(f"-> {a.out / 'results.json'}")
     return 0
 
