@@ -20,7 +20,10 @@ def _add_train(sub) -> None:
     p.add_argument("--sections", help="comma-separated training sections (default: all with counts)")
     p.add_argument("--val-sections", help="comma-separated validation sections for early stopping "
                    "(default: one training section is held out)")
-    p.add_argument("--genes", required=True, type=Path, help="gene list file, one symbol per line")
+    p.add_argument("--genes", required=True,
+                   help="genes to predict: stimage769 | pam50 | breast_clinical | hvg:N (highly variable genes of the "
+                        "training sections, e.g. hvg:2000) | all (every gene detected in training) | PATH (a gene "
+                        "list file, one symbol per line)")
     p.add_argument("--drop-missing-genes", action="store_true", help="drop listed genes absent from the counts")
     p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it holds a run)")
     p.add_argument("--members", type=int, default=5)
@@ -48,16 +51,26 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frozen", action="store_true",
                    help="with --backbone: frozen-backbone fast path (features cached once, heads trained)")
+    p.add_argument("--scheduler", default=None,
+                   help="train the members in parallel on a Dask cluster: local | slurm | pbs | a scheduler address "
+                        "(the run directory must be on a shared filesystem); default: one after another here")
+    p.add_argument("--workers", type=int, default=None, help="with --scheduler: workers (or batch jobs)")
+    p.add_argument("--gpus-per-worker", type=int, default=0, help="with --scheduler: GPUs per worker")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(a) -> int:
-    from .io.readers import read_gene_list
     from .train import TrainConfig, train
 
     cfg = TrainConfig.from_cli(a)
-    train(a.manifest, genes=read_gene_list(a.genes), out=a.out, sections=_csv(a.sections),
-          val_sections=_csv(a.val_sections), config=cfg, drop_missing_genes=a.drop_missing_genes)
+    opts = None
+    if a.scheduler:
+        from .cluster import ClusterOptions
+
+        opts = ClusterOptions(n_workers=a.workers, gpus_per_worker=a.gpus_per_worker)
+    train(a.manifest, genes=a.genes, out=a.out, sections=_csv(a.sections),
+          val_sections=_csv(a.val_sections), config=cfg, drop_missing_genes=a.drop_missing_genes,
+          scheduler=a.scheduler, cluster_options=opts)
     return 0
 
 
@@ -157,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
     from . import export, shifts
+    from .cohort import _cli as cohort_cli
     from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
 
+    cohort_cli.add_cli(sub)
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)

@@ -901,10 +901,11 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
 
 
 # ---------------------------------------------------------------------- the public entry point
-def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[str] | None, out: str | os.PathLike,
+def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[str] | str | None, out: str | os.PathLike,
           sections: Sequence[str] | None = None, val_sections: Sequence[str] | None = None,
           config: TrainConfig | None = None, drop_missing_genes: bool = False,
-          callbacks: Sequence[Callback] | None = None, progress: bool = True) -> Ensemble:
+          callbacks: Sequence[Callback] | None = None, progress: bool = True, scheduler=None,
+          cluster_options=None, _members: Sequence[int] | None = None) -> Ensemble:
     """Train a deep ensemble and save it in ``out`` (resuming a run found there).
 
     Parameters
@@ -913,7 +914,10 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         A manifest CSV (see :func:`stimage_nb.io.readers.read_manifest`) or a list of
         :class:`~stimage_nb.io.section.Section` (e.g. spot subsets).
     genes
-        Genes to predict (in this order); ``None``: all genes of the first training section.
+        Genes to predict (in this order): a list, a gene panel or a gene-list file
+        (:func:`stimage_nb.panels.resolve_genes`: ``"stimage769"``, ``"pam50"``, ``"breast_clinical"``,
+        ``"hvg:2000"`` and ``"all"`` computed on the training sections, or a path); ``None``: all genes
+        of the first training section. The panel is recorded in ``out/gene_panel.json``.
     out
         Run directory: checkpoints, then the ensemble (``ensemble.json`` + member safetensors).
     sections
@@ -927,6 +931,15 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         Drop listed genes absent from some section's counts instead of raising an error.
     callbacks
         :class:`Callback` objects (progress bars are added when ``progress``).
+    scheduler
+        Train the members in parallel on a Dask cluster (:func:`stimage_nb.cluster.connect`:
+        ``"local"``, ``"slurm"``, ``"pbs"``, a scheduler address or a ``distributed.Client``), one task
+        per member, each on a worker with a GPU when ``cluster_options.gpus_per_worker`` > 0. The
+        members are independent and seeded by their index, so the result equals the serial run's
+        (``tests/cohort/test_train_parallel.py``); the run directory must be on a filesystem the
+        workers share. ``None``: members one after another in this process.
+    cluster_options
+        :class:`stimage_nb.cluster.ClusterOptions` for the workers ``scheduler`` starts.
 
     Returns
     -------
@@ -936,6 +949,15 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     out = Path(out)
     if val_sections is None and cfg.val_sections:
         val_sections = list(cfg.val_sections)
+    if genes is not None and (isinstance(genes, (str, os.PathLike)) or hasattr(genes, "genes")):
+        from .panels import needs_sections, resolve_genes
+
+        pre = _load_sections(manifest, sections, val_sections, None, True)[0] if needs_sections(genes) else None
+        panel = resolve_genes(genes, sections=pre)
+        genes = list(panel.genes)
+        if _members is None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(json.loads(panel.to_json()), out / "gene_panel.json")
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -974,8 +996,15 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         for i in range(cfg.members) if _per_member(cfg) else range(len(cfg.backbones)):
             _frozen_stack(cfg, cfg.backbones[i % len(cfg.backbones)], train_d, val_d, out, device, feature_cache,
                           progress=progress, member=i)
+    if _members is not None:  # a worker of train(scheduler=...): only these members, no ensemble
+        for i in _members:
+            _train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache)
+        return None
+    if scheduler is not None:
+        _train_members_parallel(scheduler, cluster_options, manifest, genes, out, sections, val_sections, cfg,
+                                drop_missing_genes, progress)
     mstates = []
-    for i in range(cfg.members):
+    for i in range(cfg.members):  # members trained on the cluster are found done here
         mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
     ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s, feature_cache,
                     train_d, val_d, device)
@@ -983,6 +1012,43 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         cb.on_train_end(state)
     log.info("trained %r in %s", ens, out)
     return ens.to(device)
+
+
+def _member_task(job: dict) -> int:
+    """One member on a Dask worker (:func:`train` with ``scheduler``): the same data preparation as
+    the driver (tile and frozen-feature caches make it cheap), then member ``job["member"]`` only."""
+    train(job["manifest"], genes=job["genes"], out=job["out"], sections=job["sections"],
+          val_sections=job["val_sections"], config=job["config"], drop_missing_genes=job["drop_missing_genes"],
+          progress=False, _members=[job["member"]])
+    return job["member"]
+
+
+def _train_members_parallel(scheduler, options, manifest, genes, out: Path, sections, val_sections, cfg: TrainConfig,
+                            drop_missing_genes: bool, progress: bool) -> None:
+    """Train the unfinished members as one Dask task each; raise if any fails (finished ones are kept)."""
+    from .cluster import connect, run_tasks, task_resources
+
+    todo = [i for i in range(cfg.members) if not json.loads((_member_dir(out, i) / "state.json").read_text()
+                                                            if (_member_dir(out, i) / "state.json").is_file()
+                                                            else "{}").get("done")]
+    if not todo:
+        return
+    src = str(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
+    jobs = [{"manifest": src, "genes": list(genes) if genes is not None else None, "out": str(out),
+             "sections": list(sections) if sections is not None else None,
+             "val_sections": list(val_sections) if val_sections is not None else None, "config": cfg,
+             "drop_missing_genes": drop_missing_genes, "member": i} for i in todo]
+    gpu = bool(options is not None and options.gpus_per_worker)
+    errors = []
+    with connect(scheduler, options) as client:
+        log.info("training members %s on %s", todo, client)
+        for k, _, err in run_tasks(client, _member_task, jobs, resources=task_resources(gpu), progress=progress,
+                                   desc="members", unit="member"):
+            if err is not None:
+                errors.append(f"member {todo[k]}: {type(err).__name__}: {err}")
+    if errors:
+        raise RuntimeError("training members on the cluster failed (finished members are kept; run the same "
+                           "command again to resume): " + "; ".join(errors))
 
 
 def _fit_domain(cfg: TrainConfig, ens: Ensemble, stacks: dict, mstates: list[dict], train_d: _Data,
