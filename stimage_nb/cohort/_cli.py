@@ -100,7 +100,7 @@ def add_cli(sub) -> None:
     pr.add_argument("--batch-size", type=int, default=256)
     pr.add_argument("--resolver", action="append", default=[],
                     help="SCHEME=module:function that fetches slides of that scheme (repeatable), e.g. "
-                         "gdc=stimage_nb.outcomes:resolve_gdc_slide")
+                         "gdc=stimage_nb.gdc:resolve_gdc_slide")
     pr.add_argument("--retry-failed", action="store_true", help="retry slides that failed before")
     pr.add_argument("--keep-downloads", action="store_true", help="keep slides a resolver downloaded")
     pr.add_argument("--no-features", action="store_true", help="predict only")

@@ -20,7 +20,7 @@ Resolvers (:func:`resolve_slide`): a scheme (``omero``, ``gdc``, or any other ``
 function ``resolver(identifier: str, dest: pathlib.Path) -> pathlib.Path`` that makes the slide
 available locally (downloading into ``dest`` and checking the download is its job) and returns its path.
 ``omero`` is built in. ``gdc`` is looked up as :data:`GDC_RESOLVER` (``"module:function"``: the GDC
-client of :mod:`stimage_nb.outcomes` when installed) unless the caller passes ``resolvers={"gdc": fn}``
+client, :func:`stimage_nb.gdc.resolve_gdc_slide`) unless the caller passes ``resolvers={"gdc": fn}``
 or the CLI ``--resolver gdc=module:function``. A resolver is given by value or as a ``"module:function"``
 string, which cluster workers import by name.
 """
@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 REQUIRED = ("slide", "patient_id")
 OPTIONAL = ("slide_id", "um_per_px", "annotations")
-#: Where the GDC download hook lives (the outcomes subpackage's GDC client).
-GDC_RESOLVER = "stimage_nb.outcomes:resolve_gdc_slide"
+#: Where the GDC download hook lives (the GDC client, :mod:`stimage_nb.gdc`).
+GDC_RESOLVER = "stimage_nb.gdc:resolve_gdc_slide"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

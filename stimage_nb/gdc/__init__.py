@@ -22,7 +22,7 @@ _EXPORTS = {
     "filters_and": "_client", "filter_in": "_client", "find_slides": "_slides", "slides_filter": "_slides",
     "write_manifest": "_slides", "read_manifest": "_slides", "SLIDE_COLUMNS": "_slides", "MANIFEST_COLUMNS": "_slides",
     "download": "_download", "DownloadReport": "_download", "DownloadResult": "_download",
-    "downloaded_paths": "_download", "md5_file": "_download", "fetch_clinical": "_clinical",
+    "downloaded_paths": "_download", "md5_file": "_download", "resolve_gdc_slide": "_download", "fetch_clinical": "_clinical",
     "CLINICAL_COLUMNS": "_clinical",
 }
 __all__ = list(_EXPORTS)

@@ -241,3 +241,33 @@ def downloaded_paths(slides: pd.DataFrame, dest: str | os.PathLike) -> pd.Series
     paths = [dest / str(f) / str(n) for f, n in zip(slides["file_id"], slides["file_name"])]
     return pd.Series([str(p) if p.is_file() else None for p in paths], index=slides.index, name="path")
 
+
+
+def resolve_gdc_slide(file_id: str, dest: str | os.PathLike) -> Path:
+    """Download one GDC file (a slide) into ``dest`` and return its path: the cohort's ``gdc:<uuid>`` resolver.
+
+    Looks up the file's name, size and md5 at ``/files``, then :func:`download` (resumable, md5-verified) to
+    ``dest/<file_id>/<file_name>``. The GDC endpoint is ``$STIMAGE_NB_GDC_API`` or the public API.
+
+    Raises
+    ------
+    StimageInputError
+        No GDC file has this id.
+    GDCError
+        The API cannot be reached, or the download failed (the message says why; a re-run resumes).
+    """
+    from ._client import filter_in
+    from ._slides import SLIDE_FIELDS
+
+    file_id = str(file_id).strip()
+    with GDCClient() as client:
+        hits = client.search("files", filter_in("files.file_id", [file_id]), SLIDE_FIELDS, max_hits=1)
+        if not hits:
+            raise StimageInputError(f"gdc:{file_id}: the GDC has no file with this id")
+        h = hits[0]
+        table = pd.DataFrame([{"file_id": h["file_id"], "file_name": h["file_name"], "md5sum": h["md5sum"],
+                               "file_size": int(h["file_size"])}])
+        res = download(table, dest, client=client, progress=False).results[0]
+    if res.status == "failed":
+        raise GDCError(f"gdc:{file_id}: {res.error}")
+    return Path(res.path)

@@ -232,3 +232,19 @@ def test_live_gdc_api(tmp_path):
                                "file_size": h["file_size"]} for h in hits])
         rep = gdc.download(small, tmp_path, client=c, progress=False)
         assert rep.ok, rep.to_frame().to_string()
+
+
+def test_cohort_gdc_slides_resolve_through_this_client(server, tmp_path, monkeypatch):
+    """``gdc:<uuid>`` rows of a cohort table: the cohort's default resolver is this client's resolve_gdc_slide."""
+    from stimage_nb.cohort import GDC_RESOLVER, CohortSlide, resolve_slide
+
+    monkeypatch.setenv("STIMAGE_NB_GDC_API", server.url)
+    fid = server.records["files"][2]["file_id"]
+    assert GDC_RESOLVER == "stimage_nb.gdc:resolve_gdc_slide"
+    path, fetched = resolve_slide(CohortSlide("s1", "TCGA-3C-AALJ", f"gdc:{fid}"), dest=tmp_path)
+    assert fetched and path.name == server.records["files"][2]["file_name"] and gdc.md5_file(path) == SVS_MD5
+    with pytest.raises(StimageInputError, match="the GDC has no file with this id"):
+        gdc.resolve_gdc_slide("00000000-0000-0000-0000-000000000000", tmp_path)
+    server.corrupt.add(fid)
+    with pytest.raises(gdc.GDCError, match="md5"):
+        gdc.resolve_gdc_slide(fid, tmp_path / "again")
