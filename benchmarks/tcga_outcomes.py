@@ -54,7 +54,9 @@ def _simulation(a, oc, X, y, Xh, yh, genes71, params):
         rows.append({"expression": label, "mean r used": round(float(np.clip(r, 0, 1).mean()), 3),
                      f"Harrell's C ({a.endpoint})": str(s.harrell_c), "HER2 ROC AUC": str(h.roc_auc)})
         print(rows[-1], flush=True)
-    return pd.DataFrame(rows).set_index("expression"), acc.describe().loc[["count", "mean", "50%"]]
+    summary = acc.describe().loc[["count", "mean", "50%"]]
+    summary.columns = [f"{m} / {t}" for m, t in summary.columns]
+    return pd.DataFrame(rows).set_index("expression"), summary
 
 
 def main(argv=None) -> int:
