@@ -140,7 +140,11 @@ class TcgaBulk:
 
 @functools.lru_cache(maxsize=1)
 def tcga_brca_bulk() -> TcgaBulk:
-    """Read TCGA-BRCA bulk expression, copy number, mutations and survival (:class:`TcgaBulk`)."""
+    """Read TCGA-BRCA bulk expression, copy number, mutations and survival (:class:`TcgaBulk`).
+
+    Read once per process and cached: the same object is returned each time, so copy a table before
+    changing it in place.
+    """
     path = _tcga_file("porpoise")
     with zipfile.ZipFile(path) as z:
         df = pd.read_csv(z.open(z.namelist()[0]))
