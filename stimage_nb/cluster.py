@@ -151,6 +151,15 @@ def _local_cluster(o: ClusterOptions):
     return LocalCluster(**kw)
 
 
+def check_scheduler(scheduler) -> None:
+    """Raise :class:`StimageInputError` now for a scheduler :func:`connect` would not understand."""
+    if scheduler is None or not isinstance(scheduler, str):
+        return
+    if scheduler not in KINDS and "://" not in scheduler and ":" not in scheduler:
+        raise StimageInputError(f"unknown scheduler {scheduler!r}: use 'local', 'slurm', 'pbs' or a scheduler "
+                                "address such as tcp://host:8786.")
+
+
 @contextlib.contextmanager
 def connect(scheduler: "str | Any | None" = "local", options: ClusterOptions | None = None) -> Iterator[Any]:
     """A :class:`distributed.Client` for ``scheduler``; closes what it started on exit.
@@ -175,6 +184,7 @@ def connect(scheduler: "str | Any | None" = "local", options: ClusterOptions | N
         yield scheduler
         return
     s = "local" if scheduler is None else str(scheduler)
+    check_scheduler(s)
     cluster = None
     if s == "local":
         cluster = _local_cluster(o)
@@ -184,11 +194,8 @@ def connect(scheduler: "str | Any | None" = "local", options: ClusterOptions | N
         cluster.scale(jobs=o.n_workers or 1)
         log.info("submitted %d %s job(s) for Dask workers:\n%s", o.n_workers or 1, s, cluster.job_script())
         target = cluster
-    elif "://" in s or ":" in s:
-        target = s
     else:
-        raise StimageInputError(f"unknown scheduler {s!r}: use 'local', 'slurm', 'pbs' or a scheduler address "
-                                "such as tcp://host:8786.")
+        target = s
     try:
         try:
             client = Client(target, timeout="30s")

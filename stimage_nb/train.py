@@ -947,6 +947,10 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     """
     cfg = config or TrainConfig()
     out = Path(out)
+    if scheduler is not None:
+        from .cluster import check_scheduler
+
+        check_scheduler(scheduler)
     if val_sections is None and cfg.val_sections:
         val_sections = list(cfg.val_sections)
     if genes is not None and (isinstance(genes, (str, os.PathLike)) or hasattr(genes, "genes")):

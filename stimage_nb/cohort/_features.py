@@ -76,6 +76,30 @@ class FeatureOptions:
     seed: int = 0
     pam50_centroids: str | None = None
 
+    def __post_init__(self):
+        """Fail before a cohort is predicted, not after."""
+        from ..panels import needs_sections
+        from ._pseudobulk import EPISTEMIC_MODES
+
+        if self.epistemic not in EPISTEMIC_MODES:
+            raise StimageInputError(f"epistemic must be one of {EPISTEMIC_MODES}, not {self.epistemic!r}")
+        if needs_sections(self.genes):
+            raise StimageInputError(f"genes={self.genes!r} is computed from training counts; the features take a "
+                                    "fixed panel (stimage769, pam50, breast_clinical), a gene-list file or a list.")
+        if self.genes is not None and isinstance(self.genes, str):
+            from ..panels import resolve_genes
+
+            resolve_genes(self.genes)  # an unknown name or a missing file fails here
+        if self.smooth_um is not None and not self.smooth_um > 0:
+            raise StimageInputError(f"smooth_um must be a positive radius in µm, not {self.smooth_um}")
+        if self.n_perms < 1 or self.max_spots < 1 or self.n_pcs < 2 or self.n_neighbors < 2 or not self.resolution > 0:
+            raise StimageInputError("invalid spatial-type settings: n_perms, max_spots >= 1, n_pcs, n_neighbors >= 2, "
+                                    "resolution > 0.")
+        if self.pam50_centroids is not None:
+            from ._subtype import read_centroids
+
+            read_centroids(self.pam50_centroids)  # a missing or malformed table fails here
+
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["genes"] = d["genes"] if d["genes"] is None or isinstance(d["genes"], str) else "list"
@@ -285,6 +309,12 @@ def cohort_features(predictions: Mapping[str, object], *, patients: Mapping[str,
         except StimageInputError as e:
             notes["pam50"] = str(e)
             log.warning("no PAM50 calls: %s", e)
+    if o.region is not None and "n_spots_region" in table:
+        empty = table.index[(table["status"] == "done") & (table["n_spots_region"].fillna(0) == 0)].tolist()
+        if empty:
+            notes["region"] = (f"{len(empty)} slides have no point in region {o.region!r} (no annotations, or none "
+                               f"matching): their pb_ columns are empty: {empty[:10]}")
+            log.warning("%s", notes["region"])
     pb_long = pd.concat(pb_frames, ignore_index=True) if pb_frames else pd.DataFrame()
     table.index.name = "slide_id"
     return CohortFeatures(table, pb_long, types, subtypes, {"options": o.to_dict(), "notes": notes,

@@ -273,15 +273,18 @@ def predict_cohort(model: str | os.PathLike, cohort: "str | os.PathLike | Sequen
     -------
     :class:`CohortResult`; the files listed in the module docstring.
     """
-    from ..cluster import ClusterOptions, connect, run_tasks, task_resources
+    from ..cluster import ClusterOptions, check_scheduler, connect, run_tasks, task_resources
     from ..ensemble import write_json
 
+    check_scheduler(scheduler)
     slides = read_cohort(cohort) if isinstance(cohort, (str, os.PathLike)) else list(cohort)
     if not slides:
         raise StimageInputError("the cohort has no slides.")
     model = Path(model).resolve()
     mcfg = _model_config(model)
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise StimageInputError(f"{out}: --out must be a directory (it is a file).")
     (out / STATUS).mkdir(parents=True, exist_ok=True)
     (out / SLIDES).mkdir(parents=True, exist_ok=True)
     jobs, records, skipped = [], {}, []

@@ -22,10 +22,17 @@ def _cohort_csv(data_dir, tmp):
     bad.parent.mkdir(parents=True, exist_ok=True)
     bad.write_bytes(svs.read_bytes()[: svs.stat().st_size // 3])
     imgs = data_dir / "her2st" / "images"
+    # a pathologist's tumour outline on the SVS: its left half (QuPath GeoJSON, level-0 pixels)
+    ann = tmp / "cmu_tumour.geojson"
+    ann.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1110, 0], [1110, 2967],
+                                                                             [0, 2967], [0, 0]]]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}}]}))
     p = tmp / "cohort.csv"
     pd.DataFrame({"slide": [str(svs), str(imgs / "C3.jpg"), str(imgs / "B4.jpg"), "slides/truncated.svs"],
                   "patient_id": ["P1", "C", "B", "P2"], "slide_id": ["cmu", "C3", "B4", "bad"],
-                  "um_per_px": ["", "0.69", "0.69", ""]}).to_csv(p, index=False)
+                  "um_per_px": ["", "0.69", "0.69", ""],
+                  "annotations": [ann.name, "", "", ""]}).to_csv(p, index=False)
     return p, bad
 
 
@@ -146,6 +153,14 @@ def test_cli_cohort_predict_and_bad_tables(cohort_run, tmp_path, capsys):
     assert "duplicate slide ids ['s1']" in capsys.readouterr().err
     assert main(["cohort", "predict", "--model", str(tmp_path), "--slides", str(csv), "--out", str(tmp_path / "o")]) == 2
     assert "not a trained model directory" in capsys.readouterr().err
+    assert main(["cohort", "predict", "--model", str(tiny_run()), "--slides", str(csv), "--out", str(bad)]) == 2
+    assert "must be a directory" in capsys.readouterr().err
+    assert main(["cohort", "predict", "--model", str(tiny_run()), "--slides", str(csv), "--out", str(tmp_path / "o"),
+                 "--genes", "hvg:100"]) == 2
+    assert "fixed panel" in capsys.readouterr().err
+    assert main(["cohort", "predict", "--model", str(tiny_run()), "--slides", str(csv), "--out", str(tmp_path / "o"),
+                 "--scheduler", "yarn"]) == 2
+    assert "unknown scheduler 'yarn'" in capsys.readouterr().err
 
 
 def test_cli_cohort_features_of_existing_predictions(cohort_run, tmp_path):
@@ -157,3 +172,33 @@ def test_cli_cohort_features_of_existing_predictions(cohort_run, tmp_path):
     assert set(f.index) >= {"cmu", "C3", "B4"} and f.loc["C3", "patient_id"] == "C"
     ref = pd.read_csv(out / "features.csv").set_index("slide_id")
     assert np.allclose(f.loc["C3"].filter(like="pb_").astype(float), ref.loc["C3"].filter(like="pb_").astype(float))
+
+
+def test_pseudobulk_over_an_annotated_region(cohort_run):
+    from stimage_nb.cohort import FeatureOptions, cohort_features
+    from stimage_nb.io.prediction import read_prediction
+
+    _, _, _, out = cohort_run
+    a = read_prediction(out / "slides" / "cmu.h5ad")
+    inside = a.obs["region"].astype(str).to_numpy() == "Tumor"
+    x = np.asarray(a.obsm["spatial"])[:, 0]
+    assert inside.any() and (~inside).any() and (x[inside] < 1110).all() and (x[~inside] >= 1110).all()
+    preds = {s: out / "slides" / f"{s}.h5ad" for s in ("cmu", "C3")}
+    f = cohort_features(preds, options=FeatureOptions(region="tumo*", spatial_types=False))
+    t = f.table
+    assert t.loc["cmu", "n_spots_region"] == inside.sum() and t.loc["C3", "n_spots_region"] == 0
+    assert np.allclose(t.loc["cmu"].filter(like="pb_").astype(float), np.asarray(a.X)[inside].mean(0), rtol=1e-5)
+    assert t.loc["C3"].filter(like="pb_").isna().all() and "C3" in f.params["notes"]["region"]
+    # the long table holds both the tissue and the region
+    assert set(f.pseudobulk[f.pseudobulk.slide_id == "cmu"]["region"]) == {"tissue", "tumo*"}
+
+
+def test_feature_options_fail_before_any_prediction(tmp_path):
+    from stimage_nb.cohort import FeatureOptions
+    from stimage_nb.errors import StimageInputError
+
+    for kw, msg in [({"genes": "hvg:2000"}, "fixed panel"), ({"genes": "nope"}, "neither a gene panel"),
+                    ({"epistemic": "x"}, "epistemic"), ({"pam50_centroids": str(tmp_path / "c.tsv")}, "not found"),
+                    ({"smooth_um": -1}, "positive")]:
+        with pytest.raises(StimageInputError, match=msg):
+            FeatureOptions(**kw)
