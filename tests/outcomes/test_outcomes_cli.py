@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from stimage_nb.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _outcome_data  # noqa: E402
+
+from stimage_nb.cli import main  # noqa: E402
+
+# fixtures (a module, not a conftest.py: tests/omero imports its conftest by name)
+bulk = _outcome_data.bulk  # a fixture
+os_outcome = _outcome_data.os_outcome  # a fixture
+os_subset = _outcome_data.os_subset  # a fixture
 
 GENES = ["GATA3", "CD3D", "EPCAM", "CDH1", "CXCL13", "ERBB2", "BCL2", "EGFR", "AURKA", "CD8A", "PDGFRB", "COL1A1"]
 FAST = ["--folds", "3", "--inner-folds", "2", "--bootstrap", "20", "--random-sets", "2"]

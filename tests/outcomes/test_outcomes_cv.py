@@ -15,9 +15,15 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _outcome_data  # noqa: E402
 from _outcome_data import noise  # noqa: E402
 
 from stimage_nb import outcomes as oc  # noqa: E402
+
+# fixtures (a module, not a conftest.py: tests/omero imports its conftest by name)
+bulk = _outcome_data.bulk  # a fixture
+os_outcome = _outcome_data.os_outcome  # a fixture
+os_subset = _outcome_data.os_subset  # a fixture
 
 FAST = oc.CVParams(n_bootstrap=100, l1_ratios=(0.5,), alpha_ratios=(1.0, 0.3, 0.1), seed=0)
 

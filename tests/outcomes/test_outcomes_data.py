@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from stimage_nb import outcomes as oc
-from stimage_nb.errors import StimageInputError
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _outcome_data  # noqa: E402
+
+from stimage_nb import outcomes as oc  # noqa: E402
+from stimage_nb.errors import StimageInputError  # noqa: E402
+
+# fixtures (a module, not a conftest.py: tests/omero imports its conftest by name)
+bulk = _outcome_data.bulk  # a fixture
 
 
 def test_porpoise_bulk_per_patient(bulk, data_dir, her2st_genes):
