@@ -212,3 +212,15 @@ def test_05_tcga_outcomes_runs_in_smoke_mode(tmp_path):
     assert re.search(r"per gene across 3 slides: median r -?\d\.\d\d \(slides shifted: ", text)
     assert (out / "eval-B4-smoke" / "metrics_per_gene.csv").is_file()
     assert _n_images(nb) >= 3, "comparison + KM curves, comparison + ROC, agreement"
+
+
+@pytest.mark.slow
+def test_03_cross_platform_validation_runs_in_smoke_mode(tmp_path):
+    nb = _execute(ROOT / "notebooks" / "03_cross_platform_validation.ipynb", tmp_path)
+    text = _text(nb)
+    rep = tmp_path / "out" / "validate-smoke"
+    assert (rep / "report.md").is_file() and (rep / "validation.csv").is_file()
+    assert len(list((rep / "folds").glob("*.json"))) == 4  # lopo x 2 directions, acquisition x 2
+    assert _n_images(nb) >= 5, "figures: correlations, calibration, acquisitions, maps, sparsification"
+    assert re.search(r"held-out B4 \(fold test_B\): ensemble -?\d\.\d{3} vs ridge baseline -?\d\.\d{3}", text)
+    assert re.search(r"\d+ genes measured on both platforms", text) and "train_st_test_xenium" in text

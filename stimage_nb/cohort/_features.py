@@ -53,7 +53,7 @@ class FeatureOptions:
         How the pseudo-bulk's epistemic variance is bounded (``"correlated"``, ``"independent"``).
     smooth_um
         Smooth every slide's predictions over this radius (µm) before the spatial types
-        (:func:`~stimage_nb.cohort.smooth`); ``None``: no smoothing. The pseudo-bulk uses the raw predictions.
+        (:func:`stimage_nb.smoothing.smooth_prediction`); ``None``: no smoothing. The pseudo-bulk uses the raw predictions.
     spatial_types
         Compute the spatial types and their per-slide features.
     resolution, n_pcs, n_neighbors, max_spots, n_perms, seed
@@ -163,9 +163,9 @@ def _feature_genes(pred, spec) -> list[str]:
 def _smoothed(a, options: FeatureOptions):
     if options.smooth_um is None:
         return a
-    from ._pseudobulk import smooth
+    from ..smoothing import smooth_prediction
 
-    return smooth(a, radius_um=options.smooth_um, epistemic=options.epistemic)
+    return smooth_prediction(a, radius_um=options.smooth_um, epistemic=options.epistemic)
 
 
 def slide_summary(job: tuple) -> dict:

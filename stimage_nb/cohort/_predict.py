@@ -107,37 +107,61 @@ def _ensemble(model_dir: str, device: str):
         return _ENSEMBLES[key]
 
 
-def predict_slide(ensemble, image: str | os.PathLike, *, slide_id: str, grid_um: float | None = None,
-                  um_per_px: float | None = None, annotations: str | os.PathLike | None = None,
-                  batch_size: int = 256):
-    """One slide: points on a grid over its tissue (``grid_um`` apart; default the model's tile side),
-    predicted by the ensemble; QuPath ``annotations`` label the points (``obs["region"]``). An OMERO image
-    pulled at a lower resolution level keeps its ``image_scale`` (``uns["stimage_nb"]``), so exports and
-    annotations use full-resolution pixels.
-
-    Raises
-    ------
-    StimageInputError
-        An unreadable slide, or no tissue on it.
-    """
+def _slide_section(ensemble, image, *, slide_id: str, grid_um: float | None, um_per_px: float | None,
+                   annotations) -> tuple:
+    """The slide as a Section of grid points over its tissue (labelled by the QuPath annotations), and the step."""
     from ..io.readers import read_wsi
     from ..omero.pull import pulled_source  # needs no omero-py
-    from ..predict import predict_section
 
     step = float(grid_um or ensemble.tile_um)
     s = read_wsi(image, um_per_px=um_per_px, spacing_um=step, diameter_um=step, name=slide_id)
     pulled = pulled_source(image) or {}
     if pulled.get("image_scale"):  # an OMERO image pulled at a lower resolution level
         s.meta["image_scale"] = float(pulled["image_scale"])
+        s.adata.uns.setdefault(K.UNS, {})["image_scale"] = float(pulled["image_scale"])
     if s.adata.n_obs == 0:
+        s.image.close()
         raise StimageInputError(f"{image}: no tissue found on the slide (stimage_nb.io.tissue.tissue_mask); "
                                 "is it a blank or fluorescence image?")
-    a = predict_section(ensemble, s, batch_size=batch_size, progress=False)
     if annotations:
         from ..qupath import assign_regions
 
-        assign_regions(a, annotations)
-    a.uns[K.UNS]["grid_um"] = step
+        assign_regions(s.adata, annotations)
+    return s, step
+
+
+def predict_slide(ensemble, image: str | os.PathLike, *, slide_id: str, grid_um: float | None = None,
+                  um_per_px: float | None = None, annotations: str | os.PathLike | None = None,
+                  batch_size: int = 256, path: str | os.PathLike | None = None, uns: dict | None = None):
+    """One slide: points on a grid over its tissue (``grid_um`` apart; default the model's tile side),
+    predicted by the ensemble; QuPath ``annotations`` label the points (``obs["region"]``). An OMERO image
+    pulled at a lower resolution level keeps its ``image_scale`` (``uns["stimage_nb"]``), so exports and
+    annotations use full-resolution pixels.
+
+    With ``path`` the prediction is streamed into that ``.h5ad`` (memory bounded by the chunk, the batch and
+    the model, whatever the slide's size: :func:`stimage_nb.predict.predict_section_to_h5ad`) and the path is
+    returned; without it, the prediction AnnData is returned. ``uns``: entries added to ``uns["stimage_nb"]``.
+
+    Raises
+    ------
+    StimageInputError
+        An unreadable slide (:class:`~stimage_nb.errors.SlideReadError`), or no tissue on it.
+    """
+    from ..predict import predict_section, predict_section_to_h5ad
+
+    s, step = _slide_section(ensemble, image, slide_id=slide_id, grid_um=grid_um, um_per_px=um_per_px,
+                             annotations=annotations)
+    extra = {"grid_um": step, **(uns or {})}
+    if K.REGIONS in (s.adata.uns.get(K.UNS) or {}):  # the annotations travel with the prediction (exports, viewer)
+        extra[K.REGIONS] = s.adata.uns[K.UNS][K.REGIONS]
+    try:
+        if path is not None:
+            return predict_section_to_h5ad(ensemble, s, path, batch_size=batch_size, progress=False,
+                                           cache_tiles=False, uns=extra)
+        a = predict_section(ensemble, s, batch_size=batch_size, progress=False, cache_tiles=False)
+    finally:
+        s.image.close()
+    a.uns[K.UNS].update(extra)
     return a
 
 
@@ -151,8 +175,9 @@ def run_slide(job: SlideJob) -> dict:
 
     Never raises for a bad slide: the error goes into the returned (and written) record.
     """
+    import h5py
+
     from ..ensemble import write_json
-    from ..io.prediction import write_h5ad
 
     t0 = time.perf_counter()
     s = job.slide
@@ -164,11 +189,13 @@ def run_slide(job: SlideJob) -> dict:
         ens = _ensemble(job.model_dir, job.device)
         path, fetched = resolve_slide(s, dest=out / DOWNLOADS, resolvers=job.resolvers,
                                       um_per_px_wanted=ens.tile_um / ens.out_px)
-        a = predict_slide(ens, path, slide_id=s.slide_id, grid_um=job.grid_um, um_per_px=s.um_per_px,
-                          annotations=s.annotations, batch_size=job.batch_size)
-        a.uns[K.UNS].update({"patient": s.patient_id, "cohort_source": s.source})
-        h5 = write_h5ad(a, out / SLIDES / f"{s.slide_id}.h5ad")
-        rec.update(status="done", n_spots=int(a.n_obs), h5ad=str(h5.relative_to(out)))
+        h5 = predict_slide(ens, path, slide_id=s.slide_id, grid_um=job.grid_um, um_per_px=s.um_per_px,
+                           annotations=s.annotations, batch_size=job.batch_size,
+                           path=out / SLIDES / f"{s.slide_id}.h5ad",
+                           uns={"patient": s.patient_id, "cohort_source": s.source})
+        with h5py.File(h5, "r") as f:  # the row count, without loading anything
+            n_spots = int(f["X"].shape[0])
+        rec.update(status="done", n_spots=n_spots, h5ad=str(Path(h5).relative_to(out)))
         if fetched and not job.keep_downloads:
             Path(path).unlink(missing_ok=True)
     except Exception as e:  # noqa: BLE001 - recorded for this slide; the cohort goes on

@@ -1,35 +1,7 @@
-"""Means of predictions over many spots, with their uncertainty: slide pseudo-bulk and spatial smoothing.
+"""Slide pseudo-bulk: the mean prediction over a slide's spots (tissue or a region), with its uncertainty.
 
-The variance of a mean of per-spot predictive distributions
-------------------------------------------------------------
-Each spot ``i`` of a slide (``n`` spots) has an ensemble predictive distribution for the count ``Y_i`` a
-spatial assay would measure there: the mixture over the ``M`` members of NB(μ_mi, θ_mi). The
-prediction file stores its mean μ̄_i = mean_m μ_mi, the aleatoric variance A_i = mean_m (μ_mi +
-μ_mi²/θ_mi) and the epistemic variance E_i = var_m μ_mi (:mod:`stimage_nb.ensemble`). A weighted mean
-over spots, ``B = Σ_i w_i Y_i`` with Σ w_i = 1 (the pseudo-bulk: w_i = 1/n; smoothing: a neighbourhood's
-weights), has
-
-    E[B]   = Σ_i w_i μ̄_i
-    Var[B] = E_m Var(B | m) + Var_m E(B | m)                      (law of total variance over members)
-           = Σ_i w_i² A_i  +  Σ_i Σ_j w_i w_j Cov_m(μ_mi, μ_mj)
-
-assuming one member (one model) holds for the whole slide and, given the member, the counts of
-different spots are independent (separate captures: the counting noise of one spot says nothing about
-another's). The first term is exact under that assumption. The second needs the members' means
-jointly, which the per-spot file does not keep; from the E_i alone it is bounded:
-
-- ``epistemic="independent"``: members' errors uncorrelated between spots, Cov = 0 for i ≠ j, giving
-  Σ_i w_i² E_i. It shrinks like 1/n, so a slide of 10,000 grid points would look almost certain;
-- ``epistemic="correlated"`` (the default): members' errors perfectly correlated between spots (a member
-  that reads the slide's stain or tissue differently is off everywhere), giving (Σ_i w_i √E_i)², the
-  largest value the E_i allow (Cauchy–Schwarz). It does not shrink with n.
-
-The truth lies between the two; ``correlated`` is the conservative choice and the one that matches how
-ensemble members differ (their weights apply to every spot). The aleatoric term shrinks like 1/n under
-its (physical) independence assumption, so for a whole slide the pseudo-bulk's uncertainty is
-essentially epistemic. For comparison with *bulk RNA-seq* (not a spatial assay's spot counts) use the
-epistemic part alone: the aleatoric variance is the spot assay's counting noise. Checked against a
-Monte-Carlo simulation of members and counts in ``tests/cohort/test_pseudobulk.py``.
+The variance of a mean of per-spot predictive distributions, its assumptions and the two bounds of the
+epistemic term are derived in :mod:`stimage_nb.uncertainty` (and ``docs/cohort.md``).
 """
 
 from __future__ import annotations
@@ -44,41 +16,7 @@ import pandas as pd
 
 from .. import _keys as K
 from ..errors import StimageInputError
-
-EPISTEMIC_MODES = ("correlated", "independent")
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
-
-
-def weighted_mean_var(W, mean, aleatoric, epistemic, *, epistemic_mode: str = "correlated"):
-    """Weighted means of per-spot predictive distributions and their variance components.
-
-    Parameters
-    ----------
-    W
-        (k, n) weights, each row summing to 1 (dense or scipy sparse): k means over n spots.
-    mean, aleatoric, epistemic
-        (n, genes) predictive mean and the two variances (counts, counts²).
-    epistemic_mode
-        ``"correlated"`` or ``"independent"`` (module docstring).
-
-    Returns
-    -------
-    (mean, var_aleatoric, var_epistemic), each (k, genes) float64.
-    """
-    import scipy.sparse as sp
-
-    if epistemic_mode not in EPISTEMIC_MODES:
-        raise StimageInputError(f"epistemic must be one of {EPISTEMIC_MODES}, not {epistemic_mode!r}")
-    W = sp.csr_matrix(W, dtype=np.float64)
-    W2 = W.multiply(W).tocsr()
-    mu, A, E = _dense(mean), _dense(aleatoric), _dense(epistemic)
-    m = np.asarray(W @ mu)
-    va = np.asarray(W2 @ A)
-    ve = np.asarray(W @ np.sqrt(np.clip(E, 0, None))) ** 2 if epistemic_mode == "correlated" else np.asarray(W2 @ E)
-    return m, va, ve
+from ..uncertainty import EPISTEMIC_MODES, weighted_mean_var  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -223,41 +161,3 @@ def spatial_graph(pred, *, radius_px: float | None = None):
     with quiet_squidpy():
         sq.gr.spatial_neighbors(g, coord_type="generic", radius=r, delaunay=False)
     return g.obsp["spatial_connectivities"].tocsr(), r
-
-
-def smooth(pred, *, radius_um: float | None = None, epistemic: str = "correlated"):
-    """Neighbourhood smoothing of any prediction: each spot's mean over itself and its neighbours.
-
-    Works for every model's predictions (spots, cells or a slide grid): neighbours come from
-    squidpy's ``spatial_neighbors`` (points within ``radius_um``; default 1.5 x the median spacing,
-    i.e. the 8 grid neighbours or 6 lattice neighbours), every point of a neighbourhood weighs the same,
-    and the variances are propagated as in :func:`weighted_mean_var` (aleatoric independent between
-    spots, epistemic ``epistemic``).
-
-    Returns a new prediction AnnData (same obs, var, obsm), with ``uns["stimage_nb"]["smoothing"]``
-    recording the radius and the number of neighbours.
-    """
-    import scipy.sparse as sp
-
-    from ..io.prediction import read_prediction
-
-    a = read_prediction(pred).copy()
-    um = (a.uns.get(K.UNS) or {}).get("um_per_px")
-    r_px = None
-    if radius_um is not None:
-        if not um:
-            raise StimageInputError("smoothing by a radius in µm needs uns['stimage_nb']['um_per_px'].")
-        r_px = float(radius_um) / float(um)
-    C, r = spatial_graph(a, radius_px=r_px)
-    W = (C + sp.identity(a.n_obs, format="csr")).tocsr()
-    W.data[:] = 1.0
-    W = sp.diags(1.0 / np.asarray(W.sum(1)).ravel()) @ W
-    m, va, ve = weighted_mean_var(W, a.X, a.layers[K.ALEATORIC], a.layers[K.EPISTEMIC], epistemic_mode=epistemic)
-    a.X = m.astype(np.float32)
-    a.layers[K.ALEATORIC] = va.astype(np.float32)
-    a.layers[K.EPISTEMIC] = ve.astype(np.float32)
-    u = dict(a.uns.get(K.UNS) or {})
-    u["smoothing"] = {"radius_px": r, "radius_um": r * float(um) if um else None, "epistemic": epistemic,
-                      "mean_neighbours": float(np.asarray(C.sum(1)).mean())}
-    a.uns[K.UNS] = u
-    return a

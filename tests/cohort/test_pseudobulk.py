@@ -115,11 +115,13 @@ def test_region_and_gene_selection():
 
 
 def test_smoothing_uses_the_grid_neighbours_and_propagates_variance():
-    from stimage_nb.cohort import smooth
+    from stimage_nb.smoothing import smooth_prediction
 
     rng = np.random.default_rng(4)
     a = _prediction(_members(rng, 3, 0.1, 0.1))
-    s = smooth(a)  # 1.5 grid steps: the 8 neighbours
+    um = float(a.uns[K.UNS]["um_per_px"])
+    step = float(np.median(np.diff(np.unique(np.asarray(a.obsm[K.SPATIAL])[:, 0])))) * um  # grid step, µm
+    s = smooth_prediction(a, radius_um=1.5 * step)  # 1.5 grid steps: the 8 neighbours
     # an interior grid point (row 2, column 4) is the mean of its 3x3 block
     idx = [r * 10 + c for r in (1, 2, 3) for c in (3, 4, 5)]
     X = np.asarray(a.X)
@@ -127,10 +129,12 @@ def test_smoothing_uses_the_grid_neighbours_and_propagates_variance():
     assert np.allclose(s.layers[K.ALEATORIC][24], a.layers[K.ALEATORIC][idx].sum(0) / 81, rtol=1e-5)
     assert np.allclose(s.layers[K.EPISTEMIC][24], np.sqrt(a.layers[K.EPISTEMIC][idx]).mean(0) ** 2, rtol=1e-5)
     assert s.uns[K.UNS]["smoothing"]["mean_neighbours"] == pytest.approx(
-        (4 * 3 + 2 * (8 + 4) * 5 + 32 * 8) / 60)  # corners 3, edges 5, interior 8 neighbours
-    # a constant field stays constant; a radius in µm reaching only the 4 nearest neighbours
+        (4 * 4 + 2 * (8 + 4) * 6 + 32 * 9) / 60)  # corners 3, edges 5, interior 8 neighbours, self included
+    ind = smooth_prediction(a, radius_um=1.5 * step, epistemic="independent")
+    assert np.allclose(ind.layers[K.EPISTEMIC][24], a.layers[K.EPISTEMIC][idx].sum(0) / 81, rtol=1e-5)
+    # a constant field stays constant; a radius reaching only the 4 nearest neighbours
     a.X = np.ones_like(X)
-    s4 = smooth(a, radius_um=120.0)
+    s4 = smooth_prediction(a, radius_um=1.2 * step)
     assert np.allclose(s4.X, 1.0)
-    assert s4.uns[K.UNS]["smoothing"]["radius_px"] == pytest.approx(120.0)
-    assert s4.uns[K.UNS]["smoothing"]["mean_neighbours"] < 4
+    assert s4.uns[K.UNS]["smoothing"]["radius_um"] == pytest.approx(1.2 * step)
+    assert s4.uns[K.UNS]["smoothing"]["mean_neighbours"] < 5
