@@ -221,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from . import export, shifts, smoothing, validation
     from .cohort import _cli as cohort_cli
+    from .gdc import cli as gdc_cli
     from .io import cache as io_cache
     from .io import convert as io_convert
     from .io import summary as io_summary
     from .models.encoders import cli as encoders_cli
     from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
+    from .outcomes import cli as outcomes_cli
     from .path2space import cli as path2space_cli
 
     cohort_cli.add_cli(sub)
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     validation.add_cli(sub)
     io_cache.add_cli(sub)
     io_convert.add_cli(sub)
+    gdc_cli.add_cli(sub)
+    outcomes_cli.add_cli(sub)
     return parser
 
 

@@ -194,6 +194,27 @@ def test_02_server_path_against_the_omero_test_double(tmp_path, monkeypatch, her
 
 
 @pytest.mark.slow
+def test_05_tcga_outcomes_runs_in_smoke_mode(tmp_path):
+    nb = _execute(ROOT / "notebooks" / "05_tcga_outcomes.ipynb", tmp_path)
+    text = _text(nb)
+    out = tmp_path / "out"
+    # real TCGA: the model's genes, the clinical baseline and random sets, each with a CI, in the same run
+    assert re.search(r"71 genes: Harrell's C 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] · clinical: 0\.\d{3} \[", text)
+    assert re.search(r"HER2 amplification: 71 measured genes AUC 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", text)
+    assert "simulated from the model's accuracy on patient B" in text
+    # the chain: cohort prediction on the bundle's slides, features, the agreement check with its chance level
+    feats = (out / "cohort-smoke" / "features.csv")
+    assert feats.is_file() and (out / "cohort-smoke" / "pseudobulk.csv").is_file()
+    import pandas as pd
+
+    f = pd.read_csv(feats)
+    assert (f["status"] == "done").all() and len(f) == 4 and any(c.startswith("pb_") for c in f.columns)
+    assert re.search(r"per gene across 3 slides: median r -?\d\.\d\d \(slides shifted: ", text)
+    assert (out / "eval-B4-smoke" / "metrics_per_gene.csv").is_file()
+    assert _n_images(nb) >= 3, "comparison + KM curves, comparison + ROC, agreement"
+
+
+@pytest.mark.slow
 def test_03_cross_platform_validation_runs_in_smoke_mode(tmp_path):
     nb = _execute(ROOT / "notebooks" / "03_cross_platform_validation.ipynb", tmp_path)
     text = _text(nb)
