@@ -201,7 +201,7 @@ def choose_spots(section, *, spots: Sequence[str] | None = None, top_k: int | No
 def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | None = None, top_k: int | None = None,
             method: str = "partition", max_evals: int | None = None, output: str = "log_mean",
             nuclei: "Nuclei | str | None" = None, segmentation: SegmentationParams | dict | None = None,
-            fill="background", grow_um: float = 0.7, batch_size: int = 64, seed: int = 0,
+            nuclei_method: str = "watershed", nuclei_model=None, fill="background", grow_um: float = 0.7, batch_size: int = 64, seed: int = 0,
             progress: bool = True) -> Attributions:
     """Attribute the predictive mean of ``genes`` at chosen spots of a section to its nuclei.
 
@@ -226,7 +226,8 @@ def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | N
     nuclei
         :class:`~stimage_nb.interpretation.Nuclei` of the slide (e.g. :func:`segment_slide` or
         :func:`nuclei_from_qupath`), a QuPath GeoJSON path, or ``None`` to segment the spots' tiles
-        (weights-free watershed with ``segmentation`` parameters).
+        (``nuclei_method``: the weights-free ``"watershed"`` with ``segmentation`` parameters, or
+        ``"stardist"``/``"cellpose"`` with local weights in ``nuclei_model``).
     fill
         Colour of masked players (see :func:`~stimage_nb.interpretation._game.neutral_fill`).
     grow_um
@@ -272,7 +273,8 @@ def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | N
         d = float(image.downsamples[lv])
         boxes.append((bx * d, by * d, (bx + n) * d, (by + n) * d))
     if nuclei is None:
-        nuclei = segment_slide(image, boxes=np.asarray(boxes), params=segmentation)
+        nuclei = segment_slide(image, boxes=np.asarray(boxes), params=segmentation, method=nuclei_method,
+                               model_path=nuclei_model)
     else:
         nuclei = as_nuclei(nuclei, image=image)
     t_seg = time.perf_counter() - t0
