@@ -57,6 +57,7 @@ QUPATH_NAMES = {"area_um2": "Nucleus: Area µm^2", "perimeter_um": "Nucleus: Per
                 "hematoxylin_od_max": "Nucleus: Hematoxylin OD max"}
 METHODS = ("watershed", "stardist", "cellpose")
 _THRESHOLDS: dict = {}  # (slide, level, params, ...) -> its haematoxylin threshold, computed once per process
+THRESHOLD_CELL_PX = 1024  # the grid the slide threshold samples (independent of the segmentation grid)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,12 @@ class Nuclei:
         return cls(table, polys, parts[0].um_per_px, parts[0].source, dict(parts[0].params))
 
 
+def _nucleus_id(x: float, y: float) -> str:
+    """``"nuc_<x>_<y>"`` from a level-0 centroid, rounded so that the same nucleus measured from two
+    origins (a tile and its neighbour) gets the same id despite floating-point noise."""
+    return f"nuc_{int(math.floor(round(float(x), 4) + 0.5))}_{int(math.floor(round(float(y), 4) + 0.5))}"
+
+
 def _unique(ids: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -415,7 +422,7 @@ def measure_labels(labels: np.ndarray, H: np.ndarray | None, um_per_px: float, *
         xy = _outline(r.image)
         polys.append(((xy + [origin[0] + minc, origin[1] + minr]) * downsample).astype(np.float64))
     table = pd.DataFrame(rows, columns=["x", "y", *MORPHOLOGY], dtype=np.float64)
-    table.index = pd.Index(_unique([f"nuc_{int(round(x))}_{int(round(y))}" for x, y in
+    table.index = pd.Index(_unique([_nucleus_id(x, y) for x, y in
                                     zip(table["x"], table["y"])]), name="nucleus")
     return table, polys
 
@@ -524,8 +531,8 @@ def segment_slide(image: "SlideImage", *, boxes: np.ndarray | None = None, param
     Returns
     -------
     Nuclei
-        In level-0 px. Each cell (or grown box) is read with a margin of the largest nucleus diameter
-        and keeps the nuclei whose centroid lies in it: a nucleus on a border is segmented whole, once.
+        In level-0 px. Each cell (or grown box) is read with a margin of 1.5 times the largest nucleus
+        diameter and keeps the nuclei whose centroid lies in it: a nucleus on a border is segmented whole, once.
         One haematoxylin threshold serves the whole slide (:func:`slide_threshold`), so the cells agree
         across their seams.
     """
@@ -536,14 +543,18 @@ def segment_slide(image: "SlideImage", *, boxes: np.ndarray | None = None, param
     ds = float(image.downsamples[level])
     um = float(image.um_per_px) * ds
     H, W = image.level_shapes[level]
-    margin = int(math.ceil(p.max_diameter_um / um)) + 2
-    n_cx, n_cy = -(-W // cell_px), -(-H // cell_px)
-    grid = [(cx * cell_px, cy * cell_px, min(W, (cx + 1) * cell_px), min(H, (cy + 1) * cell_px))
-            for cy in range(n_cy) for cx in range(n_cx)]
-    if tissue_only:
+    margin = int(math.ceil(1.5 * p.max_diameter_um / um)) + 2  # context around a core: > the largest nucleus
+    masks: list = []
+
+    def tissue_grid(side: int) -> list[tuple[int, int, int, int]]:
+        cells = [(x, y, min(W, x + side), min(H, y + side)) for y in range(0, H, side) for x in range(0, W, side)]
+        if not tissue_only:
+            return cells
         from ..io.tissue import tissue_mask
 
-        mask, mds = tissue_mask(image)
+        if not masks:
+            masks.append(tissue_mask(image))
+        mask, mds = masks[0]
         f = ds / mds  # thumbnail px per segmentation-level px
 
         def has_tissue(c):
@@ -551,14 +562,15 @@ def segment_slide(image: "SlideImage", *, boxes: np.ndarray | None = None, param
             x1, y1 = int(math.ceil(c[2] * f)), int(math.ceil(c[3] * f))
             return bool(mask[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].any())
 
-        grid = [c for c in grid if has_tissue(c)] or grid
+        return [c for c in cells if has_tissue(c)] or cells
+
     if p.threshold is None:  # one threshold from the whole slide's tissue, whatever part is segmented
-        key = (str(image.source), int(level), p, bool(tissue_only), int(cell_px))
+        key = (str(image.source), int(level), p, bool(tissue_only))
         if key not in _THRESHOLDS:
-            _THRESHOLDS[key] = slide_threshold(image, grid, level, p)
+            _THRESHOLDS[key] = slide_threshold(image, tissue_grid(THRESHOLD_CELL_PX), level, p)
         p = replace(p, threshold=_THRESHOLDS[key])
-        log.info("nuclei: haematoxylin threshold %.3f OD for %s (Otsu over %d of %d tissue cells)", p.threshold,
-                 image.source, min(len(grid), 8), len(grid))
+        log.info("nuclei: haematoxylin threshold %.3f OD for %s (Otsu over the slide's tissue)", p.threshold,
+                 image.source)
     if boxes is not None:  # cores: the boxes grown by half a nucleus, overlapping ones merged
         pad = p.max_diameter_um / um / 2 + 1
         b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / ds + [-pad, -pad, pad, pad]
@@ -566,7 +578,7 @@ def segment_slide(image: "SlideImage", *, boxes: np.ndarray | None = None, param
                                min(H, int(math.ceil(y1)))) for x0, y0, x1, y1 in b])
         cells = [c for c in cores if c[2] > c[0] and c[3] > c[1]]
     else:  # cores: a grid fixed by the slide
-        cells = grid
+        cells = tissue_grid(int(cell_px))
 
     def run(c):
         x0, y0, x1, y1 = c
@@ -602,7 +614,7 @@ def segment_slide(image: "SlideImage", *, boxes: np.ndarray | None = None, param
         bar.close()
     out = Nuclei.concat(parts)
     tab = out.table
-    tab.index = pd.Index(_unique([f"nuc_{int(round(x))}_{int(round(y))}" for x, y in zip(tab["x"], tab["y"])]),
+    tab.index = pd.Index(_unique([_nucleus_id(x, y) for x, y in zip(tab["x"], tab["y"])]),
                          name="nucleus")
     params_out = {"method": method, **p.to_dict(), "level": int(level), "cell_px": int(cell_px),
                   "source_image": str(image.source)}
