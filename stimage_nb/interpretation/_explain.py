@@ -261,11 +261,18 @@ def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | N
     all_tiles = extract_tiles(image, sec.xy, ensemble.tile_um, ensemble.out_px, cache=True)
     src = ensemble.stain_source(all_tiles)
     predictor = TilePredictor(ensemble, genes, src, output=output, batch_size=batch_size)
-    pred_all = predictor.predict(all_tiles)
     names = [str(s) for s in sec.adata.obs_names]
-    chosen = choose_spots(sec, spots=spots, top_k=top_k, genes=genes,
-                          prediction=pred_all["mean"][:, predictor.idx])
     pos = {s: i for i, s in enumerate(names)}
+    if spots is None:  # the top-k need every spot's prediction
+        pred_all = predictor.predict(all_tiles)
+        chosen = choose_spots(sec, top_k=top_k, genes=genes, prediction=pred_all["mean"][:, predictor.idx])
+    else:
+        chosen = choose_spots(sec, spots=spots)
+        rows_ = np.array([pos[s] for s in chosen])
+        part = predictor.predict(all_tiles[rows_])
+        pred_all = {k: np.zeros((len(names),) + v.shape[1:], v.dtype) for k, v in part.items()}
+        for k, v in part.items():
+            pred_all[k][rows_] = v
     boxes = []
     for s in chosen:
         cx, cy = sec.xy[pos[s]]
