@@ -114,7 +114,8 @@ def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=No
         src = section_stain_source(ens, sec) if figures else None
         for spot in list(attr.spots.index)[: int(figures or 0)]:
             game = spot_game(ens, sec, spot, attr.nuclei, fill=attr.meta.get("fill", "background"))
-            pm = pixel_map(ens, game, list(attr.genes), src, output=output, seed=seed, batch_size=batch_size)
+            pm = pixel_map(ens, game, list(attr.genes), src, output=output, seed=seed, batch_size=batch_size,
+                           max_evals=min(int(max_evals or 500), 500), nsamples=64)
             for g in attr.genes:
                 fig = plot_spot(attr, spot, g, sec.image, pixel=pm)
                 fig.savefig(sdir / f"spot_{spot}_{g}.png", dpi=90)

@@ -359,7 +359,7 @@ def section_stain_source(ensemble, section):
 
 # ====================================================================== pixel maps
 def pixel_map(ensemble, game: TileGame, genes: Sequence[str], stain_source, *, method: str = "auto",
-              max_evals: int = 1000, nsamples: int = 64, output: str = "log_mean", seed: int = 0,
+              max_evals: int = 500, nsamples: int = 64, output: str = "log_mean", seed: int = 0,
               batch_size: int = 64):
     """A pixel-level attribution map of one tile (at the model's input resolution).
 

@@ -81,9 +81,12 @@ def test_tiled_slide_equals_one_piece_across_seams(data_dir):
     a = tiled.table.loc[sorted(same), "area_um2"].to_numpy()
     assert np.allclose(a, whole.table.loc[sorted(same), "area_um2"].to_numpy())
     # nothing is segmented twice: no pixel belongs to two nuclei of different cells
+    from skimage.draw import polygon as draw_polygon
+
     cover = np.zeros((img.height, img.width), np.int32)
-    for i in range(len(tiled)):
-        cover += tiled.rasterise(0, 0, img.width, img.height, rows=[i]) > 0
+    for poly in tiled.polygons:
+        rr, cc = draw_polygon(poly[:, 1] - 0.5, poly[:, 0] - 0.5, shape=cover.shape)
+        cover[rr, cc] += 1
     assert (cover > 1).sum() <= 0.001 * (cover > 0).sum()
     # nuclei straddling the seams (every 256 px) are there, whole: as many as in the one-piece segmentation
     def straddling(n):
@@ -97,15 +100,15 @@ def test_tiled_slide_equals_one_piece_across_seams(data_dir):
 
 
 def test_nuclei_per_spot_follow_the_spots_counts(her2st_manifest):
-    """Cellularity on real tiles: spots with more nuclei have more UMIs (Spearman within each section, 20
-    spots spread over each of four sections; measured on all 1,193 spots: 0.41-0.78 per section)."""
+    """Cellularity on real tiles: spots with more nuclei have more UMIs (Spearman within each section, 16
+    spots spread over each of three sections; measured on all 1,193 spots: 0.41-0.78 per section)."""
     from scipy.stats import spearmanr
 
     from stimage_nb.io.readers import read_manifest
 
     rhos, hema = [], []
-    for s in read_manifest(her2st_manifest, ["B4", "C3", "C5", "C6"]):
-        sub = s.subset(np.linspace(0, s.adata.n_obs - 1, 20).astype(int))
+    for s in read_manifest(her2st_manifest, ["B4", "C3", "C6"]):
+        sub = s.subset(np.linspace(0, s.adata.n_obs - 1, 16).astype(int))
         r = 50.0 / s.um_per_px
         boxes = np.column_stack([sub.xy - r, sub.xy + r])
         nuc = segment_slide(s.image, boxes=boxes)
