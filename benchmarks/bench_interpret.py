@@ -14,6 +14,7 @@ NB heads, 3 members) trained on her2st C2–C5, on spots of the held-out section
 
     nice python benchmarks/bench_interpret.py --model runs/default --out bench_out/interp   # ~1 h on 2 busy cores
     python benchmarks/bench_interpret.py --device cuda ...                                  # GPU (unmeasured here)
+    nice python benchmarks/bench_interpret.py --cellularity --out bench_out/interp         # nuclei vs UMIs, all spots
 
 Without ``--model`` the default recipe is trained first into ``OUT/model`` (a few minutes). Writes
 ``OUT/results.json`` and ``OUT/results.md``; the table and its reading are in ``benchmarks/README.md``.
@@ -79,6 +80,33 @@ def agreement(a: dict, b: dict) -> float:
     return float(np.mean(rho)) if rho else float("nan")
 
 
+def cellularity(out: Path) -> dict:
+    """Nuclei per 100 µm spot vs the spot's total UMIs, Spearman within each section, on every spot of the
+    bundle, beside the spot's mean haematoxylin OD (the simplest baseline)."""
+    from scipy.stats import spearmanr
+
+    from stimage_nb._settings import her2st_manifest
+    from stimage_nb.interpretation import hematoxylin_od, segment_slide
+    from stimage_nb.io.readers import read_manifest
+
+    res = {}
+    for s in read_manifest(her2st_manifest()):
+        t0 = time.perf_counter()
+        r = 50.0 / s.um_per_px
+        nuc = segment_slide(s.image, boxes=np.column_stack([s.xy - r, s.xy + r]))
+        n = nuc.count_in_discs(s.xy, r)
+        umi = np.asarray(s.adata.X.sum(1)).ravel()
+        h = [hematoxylin_od(s.image.read_region(int(x - r), int(y - r), int(2 * r), int(2 * r), 0)).mean()
+             for x, y in s.xy]
+        res[s.name] = {"spots": int(len(n)), "median_nuclei": float(np.median(n)),
+                       "spearman_nuclei_umi": float(spearmanr(n, umi)[0]),
+                       "spearman_hematoxylin_umi": float(spearmanr(h, umi)[0]),
+                       "threshold_od": nuc.params.get("threshold"), "seconds": time.perf_counter() - t0}
+        print(s.name, json.dumps(res[s.name]), flush=True)
+    (out / "cellularity.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="a trained run (default: train the offline default into OUT/model)")
@@ -89,8 +117,14 @@ def main(argv=None) -> int:
     p.add_argument("--explainers", default="partition,permutation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("bench_out/interp"))
+    p.add_argument("--cellularity", action="store_true",
+                   help="only: nuclei per spot vs UMIs on every spot of the bundle (writes OUT/cellularity.json)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if a.cellularity:
+        a.out.mkdir(parents=True, exist_ok=True)
+        cellularity(a.out)
+        return 0
 
     from stimage_nb._settings import her2st_manifest
     from stimage_nb.ensemble import Ensemble

@@ -3,7 +3,7 @@
 >>> from stimage_nb.ensemble import Ensemble                                       # doctest: +SKIP
 >>> from stimage_nb import interpretation as ip
 >>> ens = Ensemble.load("runs/c")
->>> attr = ip.explain(ens, section, genes=["EPCAM", "CD3D"], top_k=5)           # Owen values over nuclei
+>>> attr = ip.explain(ens, section, genes=["EPCAM", "CD3D"], top_k=5)           # SHAP values of nuclei
 >>> attr.explanation(attr.spots.index[0])                                          # a shap.Explanation
 >>> faith = ip.faithfulness(attr, ens, section)                                    # deletion/insertion, sanity
 >>> ip.summarise(attr).correlation                                                 # morphology vs attribution
@@ -14,8 +14,8 @@
   ``regionprops`` morphology in µm), from QuPath (:func:`nuclei_from_qupath`), or StarDist/Cellpose with
   the user's weights (``method=``).
 - **Attributions** of the ensemble's predictive mean (:func:`explain` -> :class:`Attributions`): the
-  nuclei and the background between them are the players of a ``shap`` game (partition or
-  permutation explainer, LIME's surrogate over the same players, or expected gradients for timm
+  nuclei and the background between them are the players of a ``shap`` game (permutation or
+  partition explainer, LIME's surrogate over the same players, or expected gradients for timm
   backbones); :func:`pixel_map` for pixel-level maps.
 - **Faithfulness** (:func:`faithfulness` -> :class:`Faithfulness`): deletion/insertion curves against
   random and size orders with bootstrap CIs, and the randomised-heads check.

@@ -3,7 +3,7 @@
 ::
 
     stimage-nb interpret --model RUN --manifest M --sections S --genes G1,G2 [--spots ids | --top-k N]
-                         [--explainer partition|permutation|lime|gradient] [--max-evals N] --out DIR
+                         [--explainer permutation|partition|lime|gradient] [--max-evals N] --out DIR
 
 writes, per section, ``DIR/<section>/``: the attributions (``attributions.csv``, ``spots.csv``,
 ``nuclei.csv``, ``attributions.json``), the summaries (``summary_*.csv``, ``summary_<gene>.png``), the
@@ -41,7 +41,7 @@ def _spots_for(spots: list[str] | None, section: str, sections: set[str], names:
     return out
 
 
-def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=None, explainer="partition",
+def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=None, explainer="permutation",
                   max_evals=None, output="log_mean", seed=0, nuclei=None, nuclei_method="watershed",
                   nuclei_model=None, fill="background", device="auto", batch_size=64, faithfulness_check=True,
                   sanity=True, exports=("qupath", "ome-zarr"), zarr_level=0, figures=3, progress=True) -> dict:
@@ -177,8 +177,9 @@ def add_cli(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--spots", help="comma-separated spot ids (SECTION:ID to name the section)")
     g.add_argument("--top-k", type=int, help="the N spots with the highest predicted mean of each gene (default 5)")
-    p.add_argument("--explainer", default="partition", choices=list(METHODS),
-                   help="partition (Owen values, default), permutation (Shapley), lime, gradient (timm models)")
+    p.add_argument("--explainer", default="permutation", choices=list(METHODS),
+                   help="permutation (default: Owen values from hierarchy-respecting permutations), partition (their "
+                        "recursion, cut at the budget), lime, gradient (timm models)")
     p.add_argument("--max-evals", type=int, default=None,
                    help=f"model evaluations per spot (gradient: samples); default {DEFAULT_MAX_EVALS}")
     p.add_argument("--output", default="log_mean", choices=["log_mean", "mean"],

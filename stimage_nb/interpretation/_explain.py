@@ -3,11 +3,14 @@
 :func:`explain` runs, per spot, one of four explainers over the same players (the spot's nuclei and
 the background between them, :mod:`._game`):
 
-- ``"partition"`` (default): ``shap.PartitionExplainer`` with :class:`NucleusMasker` — Owen values over
-  the Ward hierarchy of the nuclei's positions, within an evaluation budget ``max_evals``; additive:
-  a spot's values sum to ``f(tile) - f(everything masked)`` exactly.
-- ``"permutation"``: ``shap.PermutationExplainer`` with the same masker — Shapley values estimated
-  from antithetic permutations (``max_evals // (2 P + 1)`` of them), additive as well.
+- ``"permutation"`` (default): ``shap.PermutationExplainer`` with :class:`NucleusMasker` — antithetic
+  permutations (``max_evals // (2 P + 1)`` of them, at least one) that respect the Ward hierarchy of the
+  nuclei's positions (joined with the background at the root), a Monte-Carlo estimate of their Owen
+  values; additive: a spot's values sum to ``f(tile) - f(everything masked)`` exactly.
+- ``"partition"``: ``shap.PartitionExplainer`` with the same masker — the Owen values' recursion over the
+  hierarchy, cut off at the budget (unexpanded groups share their credit equally); additive as well.
+  On ~100 nuclei per tile it agrees far less with a high-budget reference than the permutation
+  explainer at the same budget (``benchmarks/README.md``), hence not the default.
 - ``"lime"``: LIME (Ribeiro et al. 2016; the STimage paper's method): random coalitions (the first is
   the whole tile), weighted by LIME's exponential kernel (width 0.25) of their cosine distance to the
   whole tile, and ``lime.lime_base.LimeBase``'s weighted ridge surrogate; its coefficients are the
@@ -53,7 +56,8 @@ log = logging.getLogger(__name__)
 METHODS = ("partition", "permutation", "lime", "gradient")
 #: Default evaluation budget per spot (model evaluations; for ``"gradient"``: gradient samples),
 #: chosen in ``benchmarks/bench_interpret.py`` by the stability of attributions between seeds.
-DEFAULT_MAX_EVALS = {"partition": 500, "permutation": 1000, "lime": 500, "gradient": 64}
+DEFAULT_MAX_EVALS = {"partition": 500, "permutation": 500, "lime": 500, "gradient": 64}
+DEFAULT_METHOD = "permutation"
 LIME_KERNEL_WIDTH = 0.25
 
 
@@ -147,7 +151,7 @@ def _gradient_pixels(game_tile: np.ndarray, baseline: np.ndarray, ensemble, pred
     return phi.sum(0)  # (h, w, G)
 
 
-def explain_tile(game: TileGame, predictor: TilePredictor, nuclei: Nuclei, *, method: str = "partition",
+def explain_tile(game: TileGame, predictor: TilePredictor, nuclei: Nuclei, *, method: str = DEFAULT_METHOD,
                  max_evals: int | None = None, seed: int = 0, batch_size: int = 64):
     """Attributions of one :class:`TileGame`: ``(values (P, G), base (G,), full prediction (G,))``.
 
@@ -199,7 +203,7 @@ def choose_spots(section, *, spots: Sequence[str] | None = None, top_k: int | No
 
 
 def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | None = None, top_k: int | None = None,
-            method: str = "partition", max_evals: int | None = None, output: str = "log_mean",
+            method: str = DEFAULT_METHOD, max_evals: int | None = None, output: str = "log_mean",
             nuclei: "Nuclei | str | None" = None, segmentation: SegmentationParams | dict | None = None,
             nuclei_method: str = "watershed", nuclei_model=None, fill="background", grow_um: float = 0.7, batch_size: int = 64, seed: int = 0,
             progress: bool = True) -> Attributions:
@@ -217,7 +221,7 @@ def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | N
     spots, top_k
         The spot ids to explain, or the ``top_k`` spots with the highest predicted mean of each gene.
     method
-        ``"partition"``, ``"permutation"``, ``"lime"`` or ``"gradient"`` (module docstring).
+        ``"permutation"`` (default), ``"partition"``, ``"lime"`` or ``"gradient"`` (module docstring).
     max_evals
         Model evaluations per spot (``"gradient"``: gradient samples); default
         :data:`DEFAULT_MAX_EVALS`.

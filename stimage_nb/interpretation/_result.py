@@ -47,8 +47,8 @@ class Attributions:
     genes
         Explained genes.
     method
-        ``"partition"`` (Owen values, ``shap.PartitionExplainer``), ``"permutation"``
-        (``shap.PermutationExplainer``), ``"lime"`` (LIME's weighted linear surrogate over the same
+        ``"permutation"`` (``shap.PermutationExplainer``), ``"partition"`` (``shap.PartitionExplainer``),
+        ``"lime"`` (LIME's weighted linear surrogate over the same
         players) or ``"gradient"`` (``shap.GradientExplainer`` pixel attributions summed per player).
     output
         ``"log_mean"`` or ``"mean"``: what was explained (:data:`UNITS`).
