@@ -62,6 +62,25 @@ LIME_KERNEL_WIDTH = 0.25
 
 
 # ====================================================================== one tile
+_NUMBA_SEED = []
+
+
+def seed_explainers(seed: int) -> None:
+    """Seed numpy's global generator and numba's (shap shuffles permutations inside numba-compiled code,
+    whose generator ``np.random.seed`` in Python does not reach), so a run is reproducible."""
+    s = int(seed) % (2 ** 32)
+    np.random.seed(s)
+    if not _NUMBA_SEED:
+        from numba import njit
+
+        @njit(cache=False)
+        def _seed(v):  # pragma: no cover - compiled
+            np.random.seed(v)
+
+        _NUMBA_SEED.append(_seed)
+    _NUMBA_SEED[0](s)
+
+
 def _reshape(values, n_players: int, n_genes: int) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     return v.reshape(n_players, n_genes)
@@ -73,7 +92,7 @@ def _shapley(game: TileGame, predictor: TilePredictor, xy_box: np.ndarray, metho
 
     masker = NucleusMasker(game, xy_box)
     G = len(predictor.genes)
-    np.random.seed(int(seed) % (2 ** 32))  # the partition explainer breaks ties with np.random
+    seed_explainers(seed)  # partition breaks ties with np.random; permutation shuffles inside numba
     if method == "partition":
         ex = shap.PartitionExplainer(predictor, masker, output_names=predictor.genes)
         e = ex(game.region[None], max_evals=int(max_evals), batch_size=int(batch_size), silent=True)
@@ -307,7 +326,8 @@ def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | N
         for p, name in enumerate(players):
             for g, gene in enumerate(genes):
                 rows.append((s, name, gene, float(vals[p, g])))
-        used.update(int(r) for r in game.nucleus_rows)
+        # every nucleus touching the tile is kept (players and slivers), so the game can be rebuilt exactly
+        used.update(int(r) for r in np.flatnonzero(nuclei.in_box(*game.box_level0)))
         pix = game.player_pixels()
         um2 = (float(image.um_per_px) * game.downsample) ** 2
         rec = {"spot": s, "x": float(cx), "y": float(cy), "level": game.level, "box_x": game.x, "box_y": game.y,
@@ -394,7 +414,7 @@ def pixel_map(ensemble, game: TileGame, genes: Sequence[str], stain_source, *, m
         def f(x):
             return predictor(np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, h, w, 3))
 
-        np.random.seed(int(seed) % (2 ** 32))
+        seed_explainers(seed)
         ex = shap.PartitionExplainer(f, masker, output_names=list(genes))
         e = ex(tile.astype(np.float64), max_evals=int(max_evals), batch_size=int(batch_size), silent=True)
         vals = np.asarray(e.values, dtype=np.float64).reshape(h, w, 3, -1).sum(2)

@@ -60,7 +60,8 @@ class Attributions:
         ``prediction:<gene>`` (the output on the whole tile) and ``base:<gene>`` (on the tile with every
         player masked), ``celltype`` (argmax of the predicted proportions) and ``P(<type>)`` columns.
     nuclei
-        The nuclei that are players of some spot.
+        The nuclei touching the tile of some explained spot (the players, and slivers too small to be
+        one, kept so that every game can be rebuilt exactly).
     meta
         Provenance: model run id and directory, tile µm/px, budget, seed, fill, timings, versions.
     """

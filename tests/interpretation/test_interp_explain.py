@@ -40,9 +40,10 @@ def test_partition_values_are_additive_and_start_from_the_predicted_mean(attr_c6
     assert np.allclose(e.values.sum(0) + e.base_values,
                        a.spots.iloc[0][[f"prediction:{g}" for g in a.genes]].to_numpy(dtype=float))
     assert np.isfinite(e.data).all() and (e.data > 0).all()  # player areas (µm²)
-    # nuclei are real: tens per 100 µm tile, each a player of exactly the spots whose tile it touches
+    # nuclei are real: tens per 100 µm tile; the record keeps every nucleus touching a tile (players + slivers)
     assert (a.spots["n_nuclei"] >= 20).all()
-    assert set(a.values["player"]) - {BACKGROUND} == set(a.nuclei.ids)
+    players = set(a.values["player"]) - {BACKGROUND}
+    assert players <= set(a.nuclei.ids) and len(players) >= 0.9 * len(a.nuclei)
 
 
 def test_permutation_and_lime_over_the_same_players(frozen_ens, c6, attr_c6):
@@ -103,6 +104,7 @@ def test_masking_paints_players_with_the_neutral_fill(frozen_ens, c6, attr_c6):
     game = spot_game(frozen_ens, c6, "19x13", attr_c6.nuclei)
     P = game.n_players
     assert P == attr_c6.spots.loc["19x13", "n_nuclei"] + 1
+    assert game.player_names == attr_c6.matrix("19x13")[0]  # the recorded nuclei rebuild the same game
     none = np.zeros((1, P), bool)
     # with every player masked the tile is the fill colour; with all present it is the prediction's tile
     assert np.abs(game.compose(none)[0].astype(int) - game.fill.astype(int)).max() <= 1

@@ -37,7 +37,7 @@ def test_push_writes_one_polygon_per_nucleus_and_replaces_on_change(server, attr
     gw = server.gateway()
     # a ROI of someone else's run on the same image must survive everything below
     gw.getUpdateService().saveAndReturnIds([M.roi(iid, [M.point(10, 10)], name="keep me")])
-    n = len(attr_c6.nuclei)
+    n = len(attr_c6.per_nucleus())
     dry = push_attributions(gw, iid, attr_c6, dry_run=True, progress=False)
     assert dry["mode"] == "fresh" and dry["to_write"] == n and server.roi_shapes_count() == 1
     res = push_attributions(gw, iid, attr_c6, batch_size=50, progress=False)
@@ -45,7 +45,7 @@ def test_push_writes_one_polygon_per_nucleus_and_replaces_on_change(server, attr
     saves = [c for c in server.calls if c[1] == "saveAndReturnIds"]
     assert len(saves) >= -(-n // 50)  # batched
     rois = pull_rois(gw, iid)
-    mine = rois[rois["roi_name"].isin(attr_c6.nuclei.ids)]
+    mine = rois[rois["roi_name"].isin(attr_c6.per_nucleus().index)]
     assert len(mine) == n and set(mine["kind"]) == {"polygon"}
     # each polygon is the nucleus outline, in full-resolution px
     r = mine.iloc[0]
