@@ -202,9 +202,9 @@ def test_04_interpretation_runs_in_smoke_mode(tmp_path):
     assert (out / "attributions-smoke" / "C6" / "attributions.json").is_file()
     assert (out / "exports-smoke" / "C6.nuclei.geojson").is_file()
     assert (out / "exports-smoke" / "C6.attributions.ome.zarr" / "labels" / "nuclei").is_dir()
-    assert _n_images(nb) >= 5, "figures: shap bar plot, side by side, curves, summary"
+    assert _n_images(nb) >= 4, "figures: shap bar plot, side by side, curves, summary"
     assert _has_widget(nb), "the overlay viewer is displayed"
-    assert re.search(r"additivity error \d\.\d+e-\d+", text), "the summary states the additivity check"
+    assert re.search(r"additivity error \d\.\de[+-]\d+", text), "the summary states the additivity check"
     assert re.search(r"deletion gap vs random [+-]\d\.\d{3} \[", text)
     from stimage_nb.interpretation import read_attributions
 
