@@ -156,12 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
-    from . import export, interpretation, shifts
+    from . import export, shifts
     from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
 
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
+    from . import interpretation  # stimage-nb interpret (shap is imported only when it runs)
+
     interpretation.add_cli(sub)
     return parser
 
