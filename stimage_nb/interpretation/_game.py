@@ -327,7 +327,9 @@ def randomised_heads(ensemble, seed: int = 0):
     from ..ensemble import Ensemble
 
     members = []
-    with torch.random.fork_rng(devices=[]):
+    dev = torch.device(ensemble.device)
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(int(seed))
         for m in ensemble.members:
             m2 = copy.deepcopy(m, memo={id(m.backbone): m.backbone})
