@@ -20,15 +20,22 @@ def _add_train(sub) -> None:
     p.add_argument("--sections", help="comma-separated training sections (default: all with counts)")
     p.add_argument("--val-sections", help="comma-separated validation sections for early stopping "
                    "(default: one training section is held out)")
-    p.add_argument("--genes", required=True, type=Path, help="gene list file, one symbol per line")
+    p.add_argument("--genes", required=True,
+                   help="genes to predict: stimage769 | pam50 | breast_clinical | hvg:N (highly variable genes of the "
+                        "training sections, e.g. hvg:2000) | all (every gene detected in training) | PATH (a gene "
+                        "list file, one symbol per line)")
     p.add_argument("--drop-missing-genes", action="store_true", help="drop listed genes absent from the counts")
     p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it holds a run)")
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--backbone", default=None,
                    help="timm model name to fine-tune end to end (e.g. resnet18; default: the offline default, "
                         "frozen k-means + handcrafted features with low-rank NB heads). With --frozen or "
-                        "--extractor timm: its frozen features")
-    p.add_argument("--weights", default=None, help="PATH to a safetensors file, a timm/hf-hub name, or 'none'")
+                        "--extractor timm: its frozen features. A registered pathology encoder (uni, virchow2, "
+                        "h-optimus-0...; `stimage-nb encoders`) gives frozen features, tiles at its own µm/px "
+                        "and size; several, comma-separated, are cycled over the members (uni,virchow2)")
+    p.add_argument("--weights", default=None,
+                   help="PATH to a .safetensors/.bin file or a downloaded Hugging Face folder (read offline), a "
+                        "timm/hf-hub name, or 'none'; one per backbone, comma-separated, for several")
     p.add_argument("--extractor", default=None,
                    help="frozen feature branches joined by '+': kmeans, handcrafted, timm (the --backbone with "
                         "--weights, e.g. a local pathology foundation model). Default: kmeans+handcrafted")
@@ -38,26 +45,48 @@ def _add_train(sub) -> None:
                    help="frozen path: one k-means dictionary for all members, or one per member")
     p.add_argument("--stain", default=None, choices=["macenko", "none"],
                    help="stain normalisation per section to the training sections' stain (default: macenko)")
+    p.add_argument("--background", default=None, choices=["keep", "white"],
+                   help="a black masked background in the tiles: turned into white glass (white) or kept (keep)")
+    p.add_argument("--depth", default=None, choices=["none", "section"],
+                   help="NB mean = section depth x rate (section) or counts at the training depth (none)")
+    p.add_argument("--composition", default=None, choices=["on", "off"],
+                   help="NB head as a spot's depth times a composition over the genes (on) or per-gene (off)")
+    p.add_argument("--member-data", default=None, choices=["all", "groups"],
+                   help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per training step (default: 1024 frozen, 32 fine-tuned; lower it if the GPU runs out of memory)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 frozen, 1e-3 fine-tuned)")
-    p.add_argument("--tile-um", type=float, default=None, help="tile side in µm (default 150)")
-    p.add_argument("--out-px", type=int, default=None, help="tile side in pixels fed to the model (default 112)")
+    p.add_argument("--tile-um", type=float, default=None,
+                   help="tile side in µm (default 150; a registered encoder's own: UNI 112)")
+    p.add_argument("--out-px", type=int, default=None,
+                   help="tile side in pixels fed to the model (default 112; a registered encoder's own: 224)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frozen", action="store_true",
                    help="with --backbone: frozen-backbone fast path (features cached once, heads trained)")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tune a registered encoder end to end instead of its frozen features")
+    p.add_argument("--scheduler", default=None,
+                   help="train the members in parallel on a Dask cluster: local | slurm | pbs | a scheduler address "
+                        "(the run directory must be on a shared filesystem); default: one after another here")
+    p.add_argument("--workers", type=int, default=None, help="with --scheduler: workers (or batch jobs)")
+    p.add_argument("--gpus-per-worker", type=int, default=0, help="with --scheduler: GPUs per worker")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(a) -> int:
-    from .io.readers import read_gene_list
     from .train import TrainConfig, train
 
     cfg = TrainConfig.from_cli(a)
-    train(a.manifest, genes=read_gene_list(a.genes), out=a.out, sections=_csv(a.sections),
-          val_sections=_csv(a.val_sections), config=cfg, drop_missing_genes=a.drop_missing_genes)
+    opts = None
+    if a.scheduler:
+        from .cluster import ClusterOptions
+
+        opts = ClusterOptions(n_workers=a.workers, gpus_per_worker=a.gpus_per_worker)
+    train(a.manifest, genes=a.genes, out=a.out, sections=_csv(a.sections),
+          val_sections=_csv(a.val_sections), config=cfg, drop_missing_genes=a.drop_missing_genes,
+          scheduler=a.scheduler, cluster_options=opts)
     return 0
 
 
@@ -111,13 +140,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: the prediction directory")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--baseline-sections", default=None,
+                   help="comma-separated sections to train the baseline on (default: the model's training sections; "
+                        "needed for a model trained elsewhere, e.g. an imported Path2Space model)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(a) -> int:
     from .evaluate import evaluate
 
-    evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline)
+    evaluate(a.pred, a.manifest, out=a.out, baseline=not a.no_baseline,
+             baseline_sections=_csv(getattr(a, "baseline_sections", None)))
     return 0
 
 
@@ -156,12 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_fetch):
         add(sub)
-    from . import export, shifts
+    from . import export, shifts, smoothing, validation
+    from .cohort import _cli as cohort_cli
+    from .io import cache as io_cache
+    from .io import convert as io_convert
+    from .io import summary as io_summary
+    from .models.encoders import cli as encoders_cli
     from .omero import cli as omero_cli  # imports no omero-py: commands say so when it is missing
+    from .path2space import cli as path2space_cli
 
+    cohort_cli.add_cli(sub)
     export.add_cli(sub)
     shifts.add_cli(sub)
     omero_cli.add_cli(sub)
+    io_summary.add_cli(sub)
+    encoders_cli.add_cli(sub)
+    path2space_cli.add_cli(sub)
+    smoothing.add_cli(sub)
+    validation.add_cli(sub)
+    io_cache.add_cli(sub)
+    io_convert.add_cli(sub)
     from . import interpretation  # stimage-nb interpret (shap is imported only when it runs)
 
     interpretation.add_cli(sub)

@@ -9,6 +9,12 @@ Prediction for each spot and gene (Lakshminarayanan et al. 2017, with negative-b
 so that the predictive variance of the mixture is their sum. For cell types: the mean of the members'
 softmax probabilities and their standard deviation across members.
 
+Members with a regression head (``STModel(head="mlp")``, e.g. an imported Path2Space model) predict a
+point value, not a count distribution: their predictive mean and epistemic variance are computed the
+same way, and the aleatoric variance is NaN (not modelled). ``meta["mean_groups"]`` (lists of member
+indices) averages within each group first and then across groups, to reproduce a published model's
+averaging order exactly (Path2Space: inner mean over 7 folds, outer over 22).
+
 On disk (``Ensemble.save(dir)``): ``member_{i}.safetensors`` per member and ``ensemble.json``
 (genes, cell types, tile µm, out_px, how µm/px is handled, stain normalisation parameters, training
 sections, member architectures and sha256 of their files, package/torch/timm versions). No pickle.
@@ -35,7 +41,7 @@ from .devices import autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
 from .errors import StimageInputError
 from .models.model import STModel, build_model
-from .stain import MacenkoNormalizer, normalizer_from_dict
+from .stain import BACKGROUNDS, MacenkoNormalizer, normalizer_from_dict, whiten_background
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,40 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def _digests(members) -> list[str]:
+    """Each member's backbone digest, computed once per backbone module (a shared 1B-parameter encoder is
+    hashed once, not once per member)."""
+    seen: dict[int, str] = {}
+    return [seen.setdefault(id(m.backbone), m.backbone_digest()) if id(m.backbone) not in seen else seen[id(m.backbone)]
+            for m in members]
+
+
+def rescale_to_depth(pred: dict, depth: float) -> dict:
+    """Predictions of one section (:meth:`Ensemble.predict_tiles` output) at another sequencing depth.
+
+    Every member's NB mean ``mu_m`` becomes ``f mu_m`` with ``f = depth / mean_spots(sum_genes mean)``, so the
+    mean predicted counts per spot equal ``depth``; the dispersions are kept. Exact from the outputs: the
+    mean scales by ``f``, the epistemic variance by ``f^2``, and the aleatoric variance
+    ``mean_m(mu_m + mu_m^2 / theta_m)`` becomes ``f mean + f^2 (aleatoric - mean)``. ``pred["depth_factor"]``
+    records ``f``. A single member's outputs (``member_*``) are rescaled by the same ``f``.
+    """
+    if not depth > 0:
+        raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
+    mean = pred["mean"].astype(np.float64)
+    now = float(mean.sum(1).mean()) if mean.size else 0.0
+    f = float(depth) / now if now > 0 else 1.0
+    out = dict(pred)
+    out["mean"] = (f * mean).astype(np.float32)
+    out["aleatoric_var"] = (f * mean + f * f * (pred["aleatoric_var"] - mean)).astype(np.float32)
+    out["epistemic_var"] = (f * f * pred["epistemic_var"]).astype(np.float32)
+    if "member_mean" in pred:
+        mm = pred["member_mean"].astype(np.float64)
+        out["member_mean"] = (f * mm).astype(np.float32)
+        out["member_aleatoric_var"] = (f * mm + f * f * (pred["member_aleatoric_var"] - mm)).astype(np.float32)
+    out["depth_factor"] = f
+    return out
+
+
 class Ensemble:
     """N members predicting the same genes and cell types from tiles of the same size.
 
@@ -121,10 +161,20 @@ class Ensemble:
     domain
         The :class:`~stimage_nb.domain.DomainModel` of member 0's training features (``None``: no
         domain-shift score).
+    background
+        How tiles' masked black background is handled before anything else (:func:`stimage_nb.stain.
+        whiten_background`: ``"white"`` turns it into glass; ``"keep"``, the behaviour before it existed).
+    reference_depth
+        The sequencing depth (mean counts per spot over the genes) the predicted means refer to when no
+        depth is given: the median of the training sections' depths (the offset origin when trained with
+        depth offsets, ``TrainConfig.depth="section"``). A section's own depth given at prediction
+        (``predict_tiles(depth=...)``) rescales the negative binomials to it; ``None``: not recorded
+        (older ensembles).
     """
 
     def __init__(self, members: list[STModel], *, genes: list[str], celltypes: list[str], tile_um: float, out_px: int,
-                 stain: MacenkoNormalizer | None = None, meta: dict | None = None, domain: DomainModel | None = None):
+                 stain: MacenkoNormalizer | None = None, meta: dict | None = None, domain: DomainModel | None = None,
+                 background: str = "keep", reference_depth: float | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         for m in members:
@@ -136,11 +186,20 @@ class Ensemble:
         self.tile_um, self.out_px = float(tile_um), int(out_px)
         self.stain = stain
         self.domain = domain
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
+        self.background = background
+        self.reference_depth = None if reference_depth is None else float(reference_depth)
         self.meta = dict(meta or {})
         self.meta.setdefault("run_id", uuid.uuid4().hex[:12])
         self._digests: list[str] | None = self.meta.get("_digests")
         self.meta.pop("_digests", None)
         self.device = torch.device("cpu")
+        groups = self.meta.get("mean_groups")
+        if groups is not None:
+            flat = sorted(int(i) for g in groups for i in g)
+            if flat != list(range(len(self.members))) or not all(len(g) for g in groups):
+                raise ValueError("meta['mean_groups'] must split the member indices 0..n-1 into non-empty groups")
         for m in self.members:
             m.eval()
 
@@ -152,6 +211,11 @@ class Ensemble:
     @property
     def run_id(self) -> str:
         return self.meta["run_id"]
+
+    @property
+    def has_distribution(self) -> bool:
+        """Whether every member predicts a count distribution (so an aleatoric variance exists)."""
+        return all(getattr(m, "has_distribution", True) for m in self.members)
 
     def __repr__(self) -> str:
         bbs = sorted({m.backbone_name for m in self.members})
@@ -169,7 +233,7 @@ class Ensemble:
     def _groups(self) -> list[list[int]]:
         """Members sharing an identical backbone and input normalisation (features computed once)."""
         if self._digests is None:
-            self._digests = [m.backbone_digest() for m in self.members]
+            self._digests = _digests(self.members)
         keys: dict[tuple, list[int]] = {}
         for i, m in enumerate(self.members):
             key = (self._digests[i], tuple(m.mean.flatten().tolist()), tuple(m.std.flatten().tolist()))
@@ -177,9 +241,14 @@ class Ensemble:
         return list(keys.values())
 
     # ------------------------------------------------------------------ prediction
+    def prepare_tiles(self, tiles):
+        """Tiles as the members' input pipeline starts from: the masked background handled
+        (:attr:`background`); numpy or torch uint8 ``(n, h, w, 3)``, same type back."""
+        return whiten_background(tiles, self.background)
+
     def stain_source(self, tiles):
         """The stain estimate of a set of tiles (one section), or ``None`` without normalisation."""
-        return None if self.stain is None else self.stain.estimate(tiles)
+        return None if self.stain is None else self.stain.estimate(self.prepare_tiles(tiles))
 
     def _stain_map(self, x, stain_source):
         """The per-pixel OD map to the reference stain for tiles ``x`` (``None``: leave them as they are).
@@ -191,7 +260,7 @@ class Ensemble:
 
     @torch.no_grad()
     def predict_tiles(self, tiles, *, batch_size: int = 256, stain_source="auto", progress: bool = False,
-                      amp: bool = True) -> dict[str, np.ndarray]:
+                      amp: bool = True, depth: float | None = None, member: int | None = None) -> dict[str, np.ndarray]:
         """Predict uint8 tiles (n, out_px, out_px, 3) of one section.
 
         Parameters
@@ -203,6 +272,15 @@ class Ensemble:
             ``None`` skips stain normalisation.
         amp
             bf16 autocast where the device's fast paths are on (CUDA; see :mod:`stimage_nb.devices`).
+        depth
+            The section's sequencing depth (mean counts per spot over the model's genes), when known: the
+            members' NB means are scaled by one factor so that the predicted mean depth over these tiles
+            equals it (:func:`rescale_to_depth`; the spots' relative depths and compositions come from the
+            image). Give the tiles of a whole section. ``None``: the training depth.
+        member
+            Also return that member's own prediction, from the same features (``member_mean``,
+            ``member_aleatoric_var``, ``member_celltype_mean``): a single network beside the ensemble at no
+            extra cost (the validation harness scores both).
 
         Returns
         -------
@@ -220,6 +298,7 @@ class Ensemble:
             raise StimageInputError(f"tiles are {x.shape[1]}x{x.shape[2]} px but the model was trained on "
                                     f"{self.out_px} px tiles of {self.tile_um:g} µm; extract tiles with these sizes.")
         dev = self.device
+        x = self.prepare_tiles(x)
         M = self._stain_map(x, stain_source)
         n, G, C = x.shape[0], len(self.genes), len(self.celltypes)
         out = {"mean": np.empty((n, G), np.float32), "aleatoric_var": np.empty((n, G), np.float32),
@@ -227,6 +306,11 @@ class Ensemble:
                "celltype_std": np.empty((n, C), np.float32)}
         if self.domain is not None:
             out["domain_distance"] = np.empty(n, np.float32)
+        if member is not None:
+            if not 0 <= int(member) < self.n_members:
+                raise StimageInputError(f"member {member} of an ensemble of {self.n_members}")
+            out.update({"member_mean": np.empty((n, G), np.float32), "member_aleatoric_var": np.empty((n, G), np.float32),
+                        "member_celltype_mean": np.empty((n, C), np.float32)})
         groups = self._groups()
         bar = None
         if progress:
@@ -235,15 +319,15 @@ class Ensemble:
             bar = tqdm(total=n, desc="predict", leave=False, unit="tile")
 
         def run(i, j):
-            for k, v in self._predict_batch(x[i:j], M, groups, amp).items():
+            for k, v in self._predict_batch(x[i:j], M, groups, amp, member).items():
                 out[k][i:j] = v
 
         for_batches(run, n, batch_size, dev, "prediction", bar)
         if bar is not None:
             bar.close()
-        return out
+        return rescale_to_depth(out, depth) if depth is not None else out
 
-    def _predict_batch(self, xb, M, groups, amp: bool) -> dict[str, np.ndarray]:
+    def _predict_batch(self, xb, M, groups, amp: bool, member: int | None = None) -> dict[str, np.ndarray]:
         """One batch of :meth:`predict_tiles` (uint8 tiles on any device) -> host arrays."""
         from .augment import to_float
 
@@ -261,19 +345,32 @@ class Ensemble:
                 res["domain_distance"] = self.domain.distance(f.float().cpu().numpy())
             for j in grp:
                 o = self.members[j].heads(f.float())
-                mu = torch.exp(o.log_mu.double())
-                theta = torch.exp(o.log_theta.double())
-                mus[j], vars_[j] = mu, mu + mu * mu / theta
+                if o.mean is not None:  # a regression member: a point value, no count distribution
+                    mus[j] = o.mean.double()
+                    vars_[j] = torch.full_like(mus[j], float("nan"))
+                else:
+                    mu = torch.exp(o.log_mu.double())
+                    theta = torch.exp(o.log_theta.double())
+                    mus[j], vars_[j] = mu, mu + mu * mu / theta
                 if C:
                     probs[j] = torch.softmax(o.logits.double(), dim=1)
         mu = torch.stack(mus)
-        res["mean"] = mu.mean(0).cpu().numpy()
+        order = self.meta.get("mean_groups")
+        if order:  # within each group, then across groups (a published model's averaging order)
+            res["mean"] = torch.stack([mu[list(g)].mean(0) for g in order]).mean(0).cpu().numpy()
+        else:
+            res["mean"] = mu.mean(0).cpu().numpy()
         res["aleatoric_var"] = torch.stack(vars_).mean(0).cpu().numpy()
         res["epistemic_var"] = mu.var(0, correction=0).cpu().numpy()
         if C:
             p = torch.stack(probs)
             res["celltype_mean"] = p.mean(0).cpu().numpy()
             res["celltype_std"] = p.std(0, correction=0).cpu().numpy()
+        if member is not None:
+            res["member_mean"] = mus[member].cpu().numpy()
+            res["member_aleatoric_var"] = vars_[member].cpu().numpy()
+            if C:
+                res["member_celltype_mean"] = probs[member].cpu().numpy()
         return res
 
     @torch.no_grad()
@@ -283,6 +380,7 @@ class Ensemble:
         from .augment import to_float
 
         x = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
+        x = self.prepare_tiles(x)
         M = self._stain_map(x, stain_source)
         out = np.empty((x.shape[0], self.members[0].feat_dim), np.float32)
 
@@ -304,6 +402,7 @@ class Ensemble:
                 "tile_um": self.tile_um, "out_px": self.out_px, "model_um_per_px": self.tile_um / self.out_px,
                 "um_per_px_handling": UM_PER_PX_HANDLING,
                 "stain_normalization": self.stain.to_dict() if self.stain is not None else {"method": "none"},
+                "background": self.background, "reference_depth": self.reference_depth,
                 "versions": versions(), **meta}
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -314,7 +413,7 @@ class Ensemble:
         cfg = self.config()
         cfg.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         members_meta = list(self.meta.get("members") or [{} for _ in self.members])
-        digests = self._digests or [m.backbone_digest() for m in self.members]
+        digests = self._digests or _digests(self.members)
         entries, shared = [], {}
         for i, m in enumerate(self.members):
             f = d / f"member_{i}.safetensors"
@@ -379,9 +478,11 @@ class Ensemble:
                 raise StimageInputError(f"{f}: member weights missing (listed in {p}).")
             if verify and e.get("sha256") and sha256_file(f) != e["sha256"]:
                 raise StimageInputError(f"{f}: sha256 does not match {p}; the file is corrupt or was replaced.")
-            m = build_model(e, "none")
-            sd = load_file(str(f))
             bname = e.get("backbone_file")
+            # members that share a backbone get the one already built; the others are allocated without
+            # random initialisation where the file holds every tensor (checked below)
+            m = build_model(e, "none", backbone=backbones.get(bname) if bname else None, init=False)
+            sd = load_file(str(f))
             if bname:
                 if bname not in backbones:
                     bf = d / bname
@@ -412,10 +513,12 @@ class Ensemble:
             domain = DomainModel.from_tensors(load_file(str(df)), {k: v for k, v in cfg["domain"].items()
                                                                    if k not in ("file", "sha256")})
         meta = {k: v for k, v in cfg.items() if k not in ("genes", "celltypes", "tile_um", "out_px", "domain",
-                                                         "stain_normalization", "format", "format_version")}
+                                                         "stain_normalization", "format", "format_version",
+                                                         "background", "reference_depth")}
         meta["_digests"] = [e.get("backbone_sha256") for e in cfg["members"]] if all(
             e.get("backbone_sha256") for e in cfg["members"]) else None
         ens = cls(members, genes=cfg["genes"], celltypes=cfg["celltypes"], tile_um=cfg["tile_um"], out_px=cfg["out_px"],
-                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta, domain=domain)
+                  stain=normalizer_from_dict(cfg.get("stain_normalization")), meta=meta, domain=domain,
+                  background=cfg.get("background", "keep"), reference_depth=cfg.get("reference_depth"))
         ens.path = d
         return ens.to(device)

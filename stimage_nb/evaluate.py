@@ -88,7 +88,7 @@ RETAINED_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # spars
 _EPS = 1e-8
 
 __all__ = [
-    "evaluate", "transform", "correlations", "summarize", "nb_logpmf", "nb_cdf", "pit_coverage",
+    "evaluate", "transform", "correlations", "summarize", "nb_logpmf", "nb_cdf", "pit_coverage", "pit_histogram",
     "calibration", "uncertainty_ranking", "celltype_metrics", "score_genes", "TARGETS",
 ]
 
@@ -295,6 +295,33 @@ def pit_coverage(y: np.ndarray, mean: np.ndarray, var: np.ndarray,
     Returns an array with one coverage per level.
     """
     return _coverages(y, mean, var, levels)[0]
+
+
+def pit_histogram(y: np.ndarray, mean: np.ndarray, var: np.ndarray, bins: int = 10) -> np.ndarray:
+    """The non-randomised PIT histogram of counts (Czado, Gneiting & Held 2009): the fraction of the
+    observations' probability integral transform in each of ``bins`` equal bins of [0, 1].
+
+    For a count ``y`` with predictive CDF ``F`` the randomised PIT is uniform on ``[F(y-1), F(y)]``; each
+    observation adds the share of that interval lying in each bin (its expectation, so the histogram is
+    deterministic). Flat at ``1 / bins`` when the predictive distribution is right; U-shaped when the
+    intervals are too narrow, a hump when too wide, tilted when the mean is biased.
+    """
+    y = np.asarray(y, dtype=np.float64).ravel()
+    m = np.asarray(mean, dtype=np.float64).ravel()
+    v = np.asarray(var, dtype=np.float64).ravel()
+    hi = nb_cdf(y, m, v)
+    lo = nb_cdf(y - 1, m, v)
+    width = hi - lo
+    edges = np.linspace(0.0, 1.0, int(bins) + 1)
+    out = np.empty(int(bins))
+    for k in range(int(bins)):
+        a0, a1 = edges[k], edges[k + 1]
+        overlap = np.clip(np.minimum(hi, a1) - np.maximum(lo, a0), 0, None)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            point = (hi >= a0) & ((hi < a1) if k < bins - 1 else (hi <= a1))
+            frac = np.where(width > 1e-12, overlap / width, point.astype(float))
+        out[k] = float(np.mean(frac)) if frac.size else float("nan")
+    return out
 
 
 def calibration(y: np.ndarray, mean: np.ndarray, aleatoric: np.ndarray, epistemic: np.ndarray | None = None,
@@ -526,7 +553,7 @@ def _pred_files(pred_dir: Path, sections: Iterable[str] | None) -> list[Path]:
 
 def _check_pred(adata, path: Path) -> dict:
     prov = dict(adata.uns.get(K.UNS, {}))
-    for layer in (K.ALEATORIC, K.EPISTEMIC):
+    for layer in (K.EPISTEMIC,):  # aleatoric_var is absent for point predictors (e.g. imported Path2Space)
         if layer not in adata.layers:
             raise StimageInputError(f"{path}: prediction lacks layers[{layer!r}]; was it written by "
                                     "`stimage-nb predict`?")
@@ -560,7 +587,7 @@ class _BaselineCache:
 # ----------------------------------------------------------------------------- main entry point
 def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None,
              baseline: bool = True, *, sections: Sequence[str] | None = None, figures: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, baseline_sections: Sequence[str] | None = None) -> dict:
     """Score the predictions in ``pred_dir`` against the observed data of ``manifest``.
 
     Parameters
@@ -580,6 +607,9 @@ def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str 
         Write the correlation-distribution and calibration figures.
     progress
         Show progress bars.
+    baseline_sections
+        Train the baseline on these manifest sections instead of the prediction's training sections (a
+        model trained elsewhere, e.g. an imported Path2Space model, records none).
 
     Returns
     -------
@@ -629,6 +659,8 @@ def evaluate(pred_dir: str | os.PathLike, manifest: str | os.PathLike, out: str 
             result["skipped"][name] = f"the manifest row of {name!r} has no counts; nothing to compare with"
             log.warning("%s: skipped (no counts in %s)", name, manifest)
             continue
+        if baseline_sections:
+            prov["baseline_sections"] = list(baseline_sections)
         entry, df = _evaluate_section(pred, sec, prov, bl, path, patients)
         result["sections"][name] = entry
         per_gene.append(df.assign(section=name))
@@ -718,8 +750,9 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
     s = sec.adata[ids, genes]
     Y = _dense(s.X)
     mu = _dense(p.X)
-    alea = _dense(p.layers[K.ALEATORIC])
     epi = _dense(p.layers[K.EPISTEMIC])
+    has_dist = K.ALEATORIC in p.layers
+    alea = _dense(p.layers[K.ALEATORIC]) if has_dist else np.zeros_like(epi)
     train_sections = _as_list(prov.get("train_sections"))
     train_patients = sorted({patients[t] for t in train_sections if patients.get(t)})
     entry: dict = {
@@ -746,8 +779,13 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
     }
     df, summ = score_genes(mu, Y, genes)
     df["model"] = "model"
-    cal = calibration(Y, mu, alea, epi)
-    cal["aleatoric_only"] = calibration(Y, mu, alea, None)
+    if has_dist:
+        cal = calibration(Y, mu, alea, epi)
+        cal["aleatoric_only"] = calibration(Y, mu, alea, None)
+    else:  # point predictions (not counts): no predictive distribution to calibrate
+        cal = {"skipped": f"the prediction has no layers['{K.ALEATORIC}']: the model gives point predictions, not "
+                          "a count distribution (e.g. an imported Path2Space model); the uncertainty ranking below "
+                          "uses the epistemic variance only"}
     entry["model"] = {"genes": summ, "calibration": cal, "uncertainty_ranking": uncertainty_ranking(Y, mu, alea, epi)}
     ct_obs = sec.adata.obsm.get(K.CELLTYPE_PROPORTIONS)
     ct_obs = None if ct_obs is None else pd.DataFrame(ct_obs, index=sec.adata.obs_names).loc[ids]
@@ -774,9 +812,10 @@ def _evaluate_section(pred, sec, prov: dict, bl: _BaselineCache | None, path: Pa
 
 def _score_baseline(bl: _BaselineCache, sec, prov: dict, ids, genes, Y, ct_obs,
                     path: Path) -> tuple[dict, pd.DataFrame | None]:
-    train_sections = _as_list(prov.get("train_sections"))
+    train_sections = _as_list(prov.get("baseline_sections")) or _as_list(prov.get("train_sections"))
     if not train_sections:
-        return {"skipped": f"{path}: uns['{K.UNS}'] has no train_sections; cannot train the baseline"}, None
+        return {"skipped": f"{path}: uns['{K.UNS}'] has no train_sections; cannot train the baseline (give "
+                           "baseline_sections, CLI --baseline-sections)"}, None
     tile_um, out_px = prov.get("tile_um"), prov.get("out_px")
     if tile_um is None or out_px is None:
         return {"skipped": f"{path}: uns['{K.UNS}'] lacks tile_um/out_px; cannot tile like the model"}, None

@@ -13,12 +13,20 @@ the way a different acquisition would, keeping its spots and counts, and predict
   Ruifrok-Johnston colour deconvolution (:data:`stimage_nb.stain.RUIFROK_HED`): ``1.3`` = 30% more
   dye where there is dye (negative concentrations, where the fixed vectors misfit, are kept). The
   DAB/residual channel is kept, so factors of 1 give the image back (to rounding);
-- **compression** (``jpeg_quality``): JPEG re-encoding of the whole image, as slide scanners store it.
+- **compression** (``jpeg_quality``): JPEG re-encoding of the whole image, as slide scanners store it;
+- **a coarser scan to a given pixel size** (``um_per_px``): like ``scale`` for a non-integer factor (e.g.
+  0.69 -> 4.0 µm/px), resampled with PIL's box filter (an area mean);
+- **a black, masked background** (``background="black"``): every pixel outside the tissue mask of
+  :func:`stimage_nb.io.tissue.tissue_mask` set to black, as images cropped or exported from an image
+  analysis tool often are (the glass is white on a scan).
 
 The transforms work in horizontal strips (bounded float memory) and write the shifted image as an
 OME-Zarr pyramid (atomically; an existing store of the same shift is reused), so the shifted section goes
 through exactly the path a real slide would. :data:`STANDARD_SHIFTS` are the shifts reported by
-``benchmarks/shift_her2st.py``.
+``benchmarks/shift_her2st.py``; :data:`ACQUISITION_SHIFTS` are those of the acquisition protocol of
+:mod:`stimage_nb.validation` (down to 4 µm/px, the black background, and combinations). Shifting only
+the part of the image around the spots (``shift_section(..., crop_margin_um=...)``) keeps every tile and
+costs a fraction of the whole slide.
 
 Example::
 
@@ -63,6 +71,8 @@ class Shift:
     hematoxylin: float = 1.0
     eosin: float = 1.0
     jpeg_quality: int | None = None
+    um_per_px: float | None = None
+    background: str = "keep"
 
     def __post_init__(self):
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -73,11 +83,25 @@ class Shift:
             raise StimageInputError(f"shift {self.name}: blur_um must be >= 0 and stain factors > 0.")
         if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
             raise StimageInputError(f"shift {self.name}: jpeg_quality must be in 1..100.")
+        if self.um_per_px is not None and (self.scale != 1 or not self.um_per_px > 0):
+            raise StimageInputError(f"shift {self.name}: give either scale or a positive um_per_px, not both.")
+        if self.background not in ("keep", "black"):
+            raise StimageInputError(f"shift {self.name}: background must be 'keep' or 'black', not {self.background!r}.")
 
     @property
     def is_identity(self) -> bool:
         return (self.scale == 1 and self.blur_um == 0 and self.hematoxylin == 1 and self.eosin == 1
-                and self.jpeg_quality is None)
+                and self.jpeg_quality is None and self.um_per_px is None and self.background == "keep")
+
+    def factor(self, um_per_px: float) -> float:
+        """The downsampling factor for an image of ``um_per_px`` (``scale``, or ``um_per_px`` target / source)."""
+        if self.um_per_px is None:
+            return float(self.scale)
+        f = float(self.um_per_px) / float(um_per_px)
+        if f < 1 - 1e-9:
+            raise StimageInputError(f"shift {self.name}: the image ({um_per_px:g} µm/px) is already coarser than "
+                                    f"the {self.um_per_px:g} µm/px to simulate.")
+        return 1.0 if abs(f - 1) < 1e-9 else f
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +118,23 @@ STANDARD_SHIFTS: tuple[Shift, ...] = (
     Shift("stain_H1.3_E0.8", hematoxylin=1.3, eosin=0.8),
     Shift("stain_H0.8_E1.3", hematoxylin=0.8, eosin=1.3),
     Shift("jpeg_q30", jpeg_quality=30),
+)
+
+#: The acquisitions of the validation harness's acquisition protocol (:mod:`stimage_nb.validation`):
+#: coarser scans down to 4 µm/px, defocus, both restainings, JPEG, a black masked background, and
+#: combinations (the black background with a 3.2 µm/px scan is the case issue 11 measured; a cheap
+#: scanner = coarse + defocus + JPEG).
+ACQUISITION_SHIFTS: tuple[Shift, ...] = (
+    Shift("reference"),
+    Shift("scan_2x", scale=2),
+    Shift("scan_4um", um_per_px=4.0),
+    Shift("defocus_1.5um", blur_um=1.5),
+    Shift("stain_H1.3_E0.8", hematoxylin=1.3, eosin=0.8),
+    Shift("stain_H0.8_E1.3", hematoxylin=0.8, eosin=1.3),
+    Shift("jpeg_q30", jpeg_quality=30),
+    Shift("black_background", background="black"),
+    Shift("black_background+scan_3.2um", background="black", um_per_px=3.2),
+    Shift("scan_2x+defocus+jpeg_q50", scale=2, blur_um=1.0, jpeg_quality=50),
 )
 
 
@@ -132,53 +173,131 @@ def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-def apply_shift(image, shift: Shift, um_per_px: float | None = None) -> tuple[np.ndarray, float]:
+def apply_shift(image, shift: Shift, um_per_px: float | None = None, *,
+                region: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, float]:
     """The shifted (h, w, 3) uint8 image and its pixel size.
 
     ``image`` is a :class:`~stimage_nb.io.image.SlideImage` (read in strips of :data:`STRIP_ROWS` rows
-    with a margin for the blur) or an (h, w, 3) uint8 array with ``um_per_px``. Order: blur, restain at
-    the original resolution, then downsample (area mean), then JPEG.
+    with a margin for the blur) or an (h, w, 3) uint8 array with ``um_per_px``. ``region`` ``(x0, y0, x1,
+    y1)`` (level-0 pixels) shifts only that box (the tissue mask of a black background is still the whole
+    image's). Order: blur, restain at the original resolution, black background, then downsample (area
+    mean), then JPEG.
     """
     if isinstance(image, np.ndarray):
         um = check_um_per_px(um_per_px, "apply_shift")
-        H, W = image.shape[:2]
-
-        def read(y0, y1):
-            return image[y0:y1, :, :3]
+        H0, W0 = image.shape[:2]
+        full = image
     else:
         um = image.um_per_px
-        H, W = image.height, image.width
+        H0, W0 = image.height, image.width
+        full = None
+    x0, y0r, x1, y1r = (0, 0, W0, H0) if region is None else (int(v) for v in region)
+    x0, y0r, x1, y1r = max(0, x0), max(0, y0r), min(W0, x1), min(H0, y1r)
+    H, W = y1r - y0r, x1 - x0
+    if H <= 0 or W <= 0:
+        raise StimageInputError(f"shift {shift.name}: the region {region} lies outside the {W0}x{H0} image.")
 
-        def read(y0, y1):
-            return image.read_region(0, y0, W, y1 - y0)
-    f = int(shift.scale)
+    def read(a, b):  # rows a..b of the region
+        if full is not None:
+            return full[y0r + a:y0r + b, x0:x1, :3]
+        return image.read_region(x0, y0r + a, W, b - a)
+
+    mask = None
+    if shift.background == "black":
+        m, ds = _tissue_mask_of(image if full is None else full, um)
+        mask = (m, ds)
+    ff = shift.factor(um)
     sigma = shift.blur_um / um
     halo = int(np.ceil(4 * sigma)) if sigma > 0 else 0
-    step = max(16 * f, STRIP_ROWS // (16 * f) * 16 * f)
-    Hc, Wc = H // f * f, W // f * f
-    if Hc == 0 or Wc == 0:
-        raise StimageInputError(f"shift {shift.name}: a {W}x{H} image is smaller than the scale factor {f}.")
-    out = np.empty((Hc // f, Wc // f, 3), dtype=np.uint8)
-    for y0 in range(0, Hc, step):
-        y1 = min(y0 + step, Hc)
-        a0, a1 = max(0, y0 - halo), min(H, y1 + halo)
-        strip = blur(np.ascontiguousarray(read(a0, a1)), sigma)[y0 - a0:y0 - a0 + (y1 - y0), :Wc]
+
+    def prepare(a0, a1, r0, r1):  # blurred, restained, masked rows r0..r1 (read a0..a1 with the halo)
+        strip = blur(np.ascontiguousarray(read(a0, a1)), sigma)[r0 - a0:r1 - a0]
         strip = restain(strip, shift.hematoxylin, shift.eosin)
-        strip = downsample(strip, f)
-        if shift.jpeg_quality is not None:  # strips of a multiple of 16 rows: the 4:2:0 blocks of one image
+        if mask is not None:
+            strip = _black_outside(strip, mask, x0, y0r + r0)
+        return strip
+
+    if float(ff).is_integer():
+        f = int(ff)
+        step = max(16 * f, STRIP_ROWS // (16 * f) * 16 * f)
+        Hc, Wc = H // f * f, W // f * f
+        if Hc == 0 or Wc == 0:
+            raise StimageInputError(f"shift {shift.name}: a {W}x{H} image is smaller than the scale factor {f}.")
+        out = np.empty((Hc // f, Wc // f, 3), dtype=np.uint8)
+        for ya in range(0, Hc, step):
+            yb = min(ya + step, Hc)
+            strip = prepare(max(0, ya - halo), min(H, yb + halo), ya, yb)[:, :Wc]
+            strip = downsample(strip, f)
+            if shift.jpeg_quality is not None:  # strips of a multiple of 16 rows: the 4:2:0 blocks of one image
+                strip = jpeg(strip, shift.jpeg_quality)
+            out[ya // f:yb // f] = strip
+        return out, um * f
+    # a non-integer factor: output strips of 16-row multiples, each resampled from its source rows (box filter)
+    from PIL import Image
+
+    Ho, Wo = int(H // ff), int(W // ff)
+    if Ho == 0 or Wo == 0:
+        raise StimageInputError(f"shift {shift.name}: a {W}x{H} image is smaller than the scale factor {ff:g}.")
+    out = np.empty((Ho, Wo, 3), dtype=np.uint8)
+    ostep = max(16, int(STRIP_ROWS / ff) // 16 * 16)
+    for oa in range(0, Ho, ostep):
+        ob = min(oa + ostep, Ho)
+        ra, rb = int(np.floor(oa * ff)), min(H, int(np.ceil(ob * ff)))
+        strip = prepare(max(0, ra - halo), min(H, rb + halo), ra, rb)
+        res = Image.fromarray(strip).resize((Wo, ob - oa), resample=Image.BOX,
+                                            box=(0.0, oa * ff - ra, Wo * ff, ob * ff - ra))
+        strip = np.asarray(res)
+        if shift.jpeg_quality is not None:
             strip = jpeg(strip, shift.jpeg_quality)
-        out[y0 // f:y1 // f] = strip
-    return out, um * f
+        out[oa:ob] = strip
+    return out, um * ff
+
+
+class _ArrayImage:
+    """The little of a SlideImage that :func:`stimage_nb.io.tissue.tissue_mask` needs, over an array."""
+
+    def __init__(self, rgb: np.ndarray, um_per_px: float):
+        self.rgb, self.um_per_px = rgb, float(um_per_px)
+
+    def thumbnail(self, max_px: int = 1024) -> tuple[np.ndarray, float]:
+        f = max(1, int(np.ceil(max(self.rgb.shape[:2]) / max_px)))
+        return downsample(np.ascontiguousarray(self.rgb[..., :3]), f), float(f)
+
+
+def _tissue_mask_of(image, um: float) -> tuple[np.ndarray, float]:
+    """The tissue mask of a whole image (SlideImage or array) and its downsample to level 0."""
+    from .io.tissue import tissue_mask
+
+    return tissue_mask(image if not isinstance(image, np.ndarray) else _ArrayImage(image, um))
+
+
+def _black_outside(strip: np.ndarray, mask: tuple[np.ndarray, float], x0: int, y0: int) -> np.ndarray:
+    """``strip`` (level-0 rows from ``y0``, columns from ``x0``) with the pixels off the tissue mask black."""
+    m, ds = mask
+    h, w = strip.shape[:2]
+    yi = np.clip(((y0 + np.arange(h)) / ds).astype(int), 0, m.shape[0] - 1)
+    xi = np.clip(((x0 + np.arange(w)) / ds).astype(int), 0, m.shape[1] - 1)
+    keep = m[yi][:, xi]
+    out = strip.copy()
+    out[~keep] = 0
+    return out
 
 
 # ----------------------------------------------------------------------------- sections
-def shift_section(section: Section, shift: Shift, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Section:
+def shift_section(section: Section, shift: Shift, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                  crop_margin_um: float | None = None) -> Section:
     """``section`` as acquired under ``shift``: same spot ids, counts and cell types, a new image.
 
     The image is written to ``out_dir/<section>__<shift>.ome.zarr`` (reused when it exists unless
     ``overwrite``); the returned section is named ``<section>__<shift>``, its spot centres are in the
     new image's pixels and ``meta["shift"]`` records the shift. The identity shift returns a renamed copy
     that reads the original image.
+
+    ``crop_margin_um``: shift only the box around the spots, ``crop_margin_um`` µm beyond the outermost
+    centres (at least half a tile: every tile is then the same as on the whole shifted slide, only the
+    glass far from any spot is left out), written as ``<section>__<shift>.crop<margin>.ome.zarr``; the
+    spot centres are moved into the box. The validation harness uses it: a shift costs a fraction of the
+    whole slide's.
     """
     name = f"{section.name}__{shift.name}"
     meta = {**section.meta, "shift": shift.to_dict(), "shift_of": section.name}
@@ -186,21 +305,31 @@ def shift_section(section: Section, shift: Shift, out_dir: str | os.PathLike, *,
         return Section(name, section.adata.copy(), section.image_path, section.um_per_px, section.patient, meta,
                        section._image)
     img = section.image
-    path = _write_shifted(img, shift, Path(out_dir) / f"{name}.ome.zarr", name, overwrite)
+    f = shift.factor(img.um_per_px)
+    region, origin, fname = None, np.zeros(2), f"{name}.ome.zarr"
+    if crop_margin_um is not None and section.adata.n_obs:
+        m = float(crop_margin_um) / img.um_per_px
+        lo = np.floor(section.xy.min(0) - m).clip(0).astype(int)
+        hi = np.ceil(section.xy.max(0) + m).astype(int)
+        hi = np.minimum(hi, [img.width, img.height])
+        region, origin = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])), lo.astype(float)
+        fname = f"{name}.crop{float(crop_margin_um):g}.ome.zarr"
+        meta["crop"] = {"origin_px": [int(lo[0]), int(lo[1])], "margin_um": float(crop_margin_um)}
+    path = _write_shifted(img, shift, Path(out_dir) / fname, name, overwrite, region)
     a = section.adata
     obs = a.obs.drop(columns=[c for c in (K.PIXEL_X, K.PIXEL_Y, K.DIAMETER_UM) if c in a.obs.columns])
     ct = a.obsm.get(K.CELLTYPE_PROPORTIONS)
-    new = make_section_adata(list(a.obs_names), section.xy / shift.scale, a.obs[K.DIAMETER_UM].to_numpy(),
+    new = make_section_adata(list(a.obs_names), (section.xy - origin) / f, a.obs[K.DIAMETER_UM].to_numpy(),
                              counts=a.X if a.n_vars else None, genes=list(a.var_names) if a.n_vars else None,
                              celltypes=ct if isinstance(ct, pd.DataFrame) else None, obs=obs,
                              uns=dict(a.uns.get(K.UNS, {})))
-    return Section(name, new, path, img.um_per_px * shift.scale, section.patient, meta)
+    return Section(name, new, path, img.um_per_px * f, section.patient, meta)
 
 
-def _write_shifted(img, shift: Shift, path: Path, name: str, overwrite: bool) -> Path:
+def _write_shifted(img, shift: Shift, path: Path, name: str, overwrite: bool, region=None) -> Path:
     if path.exists() and not overwrite:
         return path
-    rgb, um = apply_shift(img, shift)
+    rgb, um = apply_shift(img, shift, region=region)
     log.info("%s: writing %s (%dx%d px, %g µm/px)", name, path, rgb.shape[1], rgb.shape[0], um)
     return write_ome_zarr(rgb, path, um, name=name)
 
@@ -234,7 +363,7 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
     base = manifest.parent
     if "celltypes" not in m.columns:
         m["celltypes"] = [str(_default_celltypes(base, s) or "") for s in m.index]
-    for col in ("image", "counts", "spots", "celltypes", "annotations"):
+    for col in ("image", "counts", "spots", "celltypes", "annotations", "visium", "outs", "alignment"):
         if col in m.columns:
             m[col] = [str(_resolve(base, v) or "") for v in m[col]]
     names = [f"{s}__{sh.name}" for s in sections for sh in shifts]
@@ -244,10 +373,15 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
     rows = []
     for s in sections:
         row = m.loc[s]
-        if "annotations" in m.columns and row["annotations"] and any(sh.scale != 1 for sh in shifts):
+        if "annotations" in m.columns and row["annotations"] and any(sh.scale != 1 or sh.um_per_px is not None for sh in shifts):
             raise StimageInputError(
                 f"{manifest}: section {s} restricts spots with QuPath annotations in level-0 pixels; rescaled "
                 "shifts cannot reuse them. Drop the annotations column for the robustness check.")
+        outs_col = next((c for c in ("outs", "visium") if c in m.columns and str(row[c]).strip() not in ("", "nan")), None)
+        if outs_col is not None and any(not sh.is_identity for sh in shifts):
+            raise StimageInputError(
+                f"{manifest}: section {s} is read from a platform output ({outs_col}={row[outs_col]}); shifted copies "
+                "are made for rows in the her2st layout (image, spots, counts) only.")
         img = None
         for sh in shifts:
             name = f"{s}__{sh.name}"
@@ -258,12 +392,13 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
                     (sec,) = read_manifest(manifest, [s])
                     img = sec.image
                 r["image"] = str(_write_shifted(img, sh, out / f"{name}.ome.zarr", name, overwrite))
+                f = sh.factor(float(row["um_per_px"]))
                 spots = pd.read_csv(row["spots"], sep="\t")
-                spots["pixel_x"] = spots["pixel_x"].astype(float) / sh.scale
-                spots["pixel_y"] = spots["pixel_y"].astype(float) / sh.scale
+                spots["pixel_x"] = spots["pixel_x"].astype(float) / f
+                spots["pixel_y"] = spots["pixel_y"].astype(float) / f
                 r["spots"] = str(_write_text_atomic(out / f"{name}_spots.tsv",
                                                     spots.to_csv(sep="\t", index=False)))
-                r["um_per_px"] = repr(float(row["um_per_px"]) * sh.scale)
+                r["um_per_px"] = repr(float(row["um_per_px"]) * f)
             rows.append(r)
     full = pd.concat([m, pd.DataFrame(rows)], ignore_index=True)
     dest = _write_text_atomic(out / "manifest.csv", full.to_csv(index=False))
@@ -273,14 +408,17 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
 
 
 def parse_shifts(spec: str | None) -> list[Shift]:
-    """``"standard"`` / ``None`` -> :data:`STANDARD_SHIFTS`; else comma-separated names of them."""
+    """``"standard"`` / ``None`` -> :data:`STANDARD_SHIFTS`, ``"acquisition"`` -> :data:`ACQUISITION_SHIFTS`;
+    else comma-separated names of either."""
     if spec is None or spec.strip() in ("", "standard"):
         return list(STANDARD_SHIFTS)
-    known = {s.name: s for s in STANDARD_SHIFTS}
+    if spec.strip() == "acquisition":
+        return list(ACQUISITION_SHIFTS)
+    known = {s.name: s for s in STANDARD_SHIFTS + ACQUISITION_SHIFTS}
     names = [v.strip() for v in spec.split(",") if v.strip()]
     bad = [n for n in names if n not in known]
     if bad:
-        raise StimageInputError(f"unknown shifts {bad}; choose from {list(known)} (or 'standard' for all).")
+        raise StimageInputError(f"unknown shifts {bad}; choose from {list(known)} (or 'standard' / 'acquisition').")
     return [known[n] for n in names]
 
 

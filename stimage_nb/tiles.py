@@ -28,38 +28,62 @@ def default_tile_um(diameter_um: float, context: float = 1.5) -> float:
 
 def _cache_path(image: SlideImage, xy: np.ndarray, tile_um: float, out_px: int) -> Path:
     h = hashlib.sha1()
-    h.update(str(Path(image.path).resolve()).encode())
+    h.update(image.fingerprint.encode())  # path, size and mtime: a changed file is read again
     h.update(f"{image.um_per_px:.6f}|{tile_um:.4f}|{out_px}".encode())
     h.update(np.ascontiguousarray(xy, dtype=np.float64).tobytes())
     return cache_dir() / "tiles" / f"{h.hexdigest()[:20]}.npy"
 
 
-def _read_groups(boxes: np.ndarray, n: int, max_overread: float = 3.0, max_width: int = 8192) -> list[np.ndarray]:
-    """Group tile boxes (top-left x, y of n x n boxes, one level) into rows read as one region.
+def _rows(boxes: np.ndarray, idx: np.ndarray, reach: int, max_width: int, n: int) -> list[np.ndarray]:
+    """Split tiles ``idx`` into bands (top edges within ``reach`` of the band's first, by y) and each band
+    into windows left to right, at most ``max_width`` pixels wide."""
+    order = idx[np.argsort(boxes[idx, 1], kind="stable")]
+    groups = []
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and boxes[order[end], 1] - boxes[order[start], 1] <= reach:
+            end += 1
+        band = order[start:end]
+        band = band[np.argsort(boxes[band, 0], kind="stable")]
+        w0 = 0
+        for k in range(1, len(band) + 1):
+            if k == len(band) or boxes[band[k], 0] + n - boxes[band[w0], 0] > max_width:
+                groups.append(band[w0:k])
+                w0 = k
+        start = end
+    return groups
 
-    Tiles are sorted into rows (top edges within n/2 of the row's first), rows are cut where the
-    region would exceed ``max_width`` pixels, and a row is only read whole when its bounding box is at
-    most ``max_overread`` times the tiles' own area (dense spot grids); sparse rows fall back to one
-    read per tile. Each chunk of the slide is then decoded about once instead of once per tile.
+
+def _dense(boxes, g, n, max_overread) -> bool:
+    x0, y0 = boxes[g].min(0)
+    x1, y1 = boxes[g].max(0) + n
+    return len(g) > 1 and (x1 - x0) * (y1 - y0) <= max_overread * len(g) * n * n
+
+
+def _read_groups(boxes: np.ndarray, n: int, max_overread: float = 3.0, max_width: int = 8192,
+                 max_height: int = 1024) -> list[np.ndarray]:
+    """Group tile boxes (top-left x, y of n x n boxes, one level) into regions read at once.
+
+    Tiles are sorted into bands of rows (top edges within ``max_height - n`` of the band's first) cut
+    into windows at most ``max_width`` pixels wide; a window is read as one region when its bounding
+    box is at most ``max_overread`` times the tiles' own area (grids over tissue, dense spot grids),
+    else its rows (top edges within n/2) are tried the same way, and sparse tiles are read one by one.
+    Each chunk of the slide is then decoded about once instead of once per tile, and a region is at
+    most ``max_width`` x ``max_height`` pixels (25 MB), whatever the slide's size.
     """
-    order = np.lexsort((boxes[:, 0], boxes[:, 1]))
-    groups, row = [], [order[0]] if len(order) else []
-    for i in order[1:]:
-        if boxes[i, 1] - boxes[row[0], 1] <= n // 2 and boxes[i, 0] + n - boxes[row[0], 0] <= max_width:
-            row.append(i)
-        else:
-            groups.append(np.array(row))
-            row = [i]
-    if row:
-        groups.append(np.array(row))
+    if len(boxes) == 0:
+        return []
     out = []
-    for g in groups:
-        x0, y0 = boxes[g].min(0)
-        x1, y1 = boxes[g].max(0) + n
-        if len(g) > 1 and (x1 - x0) * (y1 - y0) <= max_overread * len(g) * n * n:
-            out.append(g)
-        else:
-            out.extend(np.array([i]) for i in g)
+    for band in _rows(boxes, np.arange(len(boxes)), max(n // 2, max_height - n), max_width, n):
+        if _dense(boxes, band, n, max_overread):
+            out.append(band)
+            continue
+        for row in _rows(boxes, band, n // 2, max_width, n):
+            if _dense(boxes, row, n, max_overread):
+                out.append(row)
+            else:
+                out.extend(np.array([i]) for i in row)
     return out
 
 
@@ -68,15 +92,20 @@ def extract_tiles(image: SlideImage, xy: np.ndarray, tile_um: float, out_px: int
     """Tiles around level-0 centres ``xy`` as an (n, out_px, out_px, 3) uint8 array.
 
     Each tile equals ``image.read_physical(x, y, tile_um, out_px)``; neighbouring tiles are read as
-    one region (:func:`_read_groups`) on a thread pool. Tiles are cached on disk (keyed by image,
-    centres, size), so training epochs, ensemble members and re-runs do not re-read the slide.
+    one region (:func:`_read_groups`) on a thread pool. Tiles are cached on disk (keyed by the image's
+    file, size and mtime, the centres and the size; least-recently-used eviction under the cache's size
+    limit, :mod:`stimage_nb.io.cache`), so training epochs, ensemble members and re-runs do not re-read
+    the slide.
     """
+    from .io import cache as _cache
+
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     path = _cache_path(image, xy, tile_um, out_px)
     if cache and path.exists():
         try:
             arr = np.load(path, mmap_mode=None)
             if arr.shape == (len(xy), out_px, out_px, 3):
+                _cache.touch(path)
                 return arr
         except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
             log.warning("tile cache %s unreadable; rebuilding", path)
@@ -111,6 +140,7 @@ def extract_tiles(image: SlideImage, xy: np.ndarray, tile_um: float, out_px: int
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
         np.save(tmp, out)
         os.replace(tmp, path)
+        _cache.enforce_limit(keep=[path])
     return out
 
 

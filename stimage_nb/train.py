@@ -51,7 +51,7 @@ from .devices import OUT_OF_MEMORY, autocast, channels_last, for_batches, resolv
 from .domain import DomainModel
 from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, versions, write_json
 from .errors import StimageInputError
-from .io.section import Section, select_genes
+from .io.section import Section, section_depth, select_genes
 from .models.features import DEFAULT_EXTRACTOR
 from .models.heads import labels_to_targets, soft_cross_entropy
 from .models.model import STModel, build_model
@@ -99,7 +99,8 @@ class TrainConfig:
     frozen
         ``True``: frozen features (``extractor``) computed once, only the heads are trained.
         ``False``: full fine-tuning of the timm ``backbone``. ``None``: frozen unless a ``backbone``
-        is named without an ``extractor``.
+        is named without an ``extractor``; a registered pathology foundation encoder (``"uni"``,
+        ``"uni,virchow2"``...; :mod:`stimage_nb.models.encoders`) is always frozen unless ``frozen=False``.
     extractor
         Frozen feature branches joined by ``+``: ``kmeans`` (Coates & Ng k-means filters fitted on the
         training tiles), ``handcrafted`` (the baseline's 40 statistics), ``timm`` (the frozen timm
@@ -115,15 +116,21 @@ class TrainConfig:
         variance); costs one k-means fit and feature pass per member. Only matters with a ``kmeans``
         branch; see ``docs/offline_default.md``.
     backbone
-        timm model name (fine-tuned, or the ``timm`` extractor branch; ``None``: resnet18); several
-        names separated by commas are cycled over the members.
+        timm model name or registered encoder (fine-tuned, or the ``timm`` extractor branch; ``None``:
+        resnet18); several names separated by commas are cycled over the members (members that differ by
+        encoder: ``"uni,virchow2"``).
     weights
-        ``"none"`` (train from scratch), a local ``.safetensors`` file, ``"pretrained"``, a timm
-        ``name.tag`` or ``"hf-hub:org/repo"`` (see :func:`stimage_nb.models.create_backbone`).
+        ``"none"`` (train from scratch), a local ``.safetensors``/``.bin`` file or downloaded Hugging Face
+        folder, ``"pretrained"``, a timm ``name.tag`` or ``"hf-hub:org/repo"`` (see
+        :func:`stimage_nb.models.create_backbone`); with several backbones, one per backbone separated by
+        commas (:meth:`weights_for`).
     backbone_kwargs
         Extra arguments for :func:`timm.create_model`.
     tile_um, out_px
-        Tile side in µm (``None``: 1.5 x the spot diameter) and in pixels after resampling.
+        Tile side in µm (``None``: 1.5 x the spot diameter) and in pixels after resampling. ``"auto"``/
+        ``None`` (the defaults): a registered encoder's own input (``input_px`` pixels at its ``um_per_px``;
+        UNI: 224 px = 112 µm), else 150 µm at 112 px; giving only one keeps the other from the encoder
+        (``out_px`` alone keeps its µm/px).
     epochs, batch_size, lr, weight_decay, patience
         Optimisation (AdamW, warm-up then cosine schedule, early stopping after ``patience`` epochs
         without a better validation criterion; the best epoch is kept). A batch size at least the
@@ -161,6 +168,28 @@ class TrainConfig:
         Weight of the cell-type loss relative to the gene NLL.
     dropout
         Dropout on the features before the heads.
+    background
+        ``"white"``: a black, masked background (an exported crop) is turned into white glass in every
+        tile before stain normalisation and features, at training and prediction
+        (:func:`stimage_nb.stain.whiten_background`); ``"keep"``: tiles as read.
+    depth
+        ``"section"``: the NB mean of a spot is its section's sequencing depth times a rate the heads
+        predict from the image (``log mu = log(D_section / D_ref) + heads(x)``, ``D`` = mean counts per
+        spot over the genes, ``D_ref`` = the training sections' median), so sections sequenced at other
+        depths train together and a prediction can be given the depth of the section it is for
+        (``predict_section(..., depth=...)``); ``"none"``: the heads predict counts at whatever depth the
+        training sections had.
+    composition
+        The NB head's mean factorised as the spot's depth (a scalar head on the image features) times a
+        composition over the genes (a softmax), :class:`stimage_nb.models.heads.NBHead`; with
+        ``depth="section"`` the section's sequencing depth multiplies both: ``mu = D_section / D_ref x
+        depth(x) x composition(x)``.
+    member_data
+        ``"all"``: every member trains on all training spots (or a bootstrap sample with ``bagging``).
+        ``"groups"``: member ``i`` leaves out one group of training spots, the training sections in turn
+        (a spatial quarter of the section when there is only one), so members differ in what they learned
+        from and disagree more where the data they lacked matters (a larger epistemic variance off the
+        training data).
     """
 
     frozen: bool | None = None
@@ -171,8 +200,8 @@ class TrainConfig:
     backbone: str | None = None
     weights: str = "none"
     backbone_kwargs: dict = field(default_factory=dict)
-    tile_um: float | None = 150.0
-    out_px: int = 112
+    tile_um: float | str | None = "auto"
+    out_px: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -194,11 +223,17 @@ class TrainConfig:
     celltype_weight: float = 1.0
     dropout: float | None = None
     eval_batch_size: int = 256
+    background: str = "keep"
+    depth: str = "none"
+    member_data: str = "all"
+    composition: bool = False
 
     def __post_init__(self):
         named = self.backbone is not None
+        encs = _registered(self.backbone) if named else []
         if self.frozen is None:
-            self.frozen = bool(self.extractor) or not named
+            self.frozen = bool(self.extractor) or not named or bool(encs)
+        self._resolve_geometry(encs)
         if self.extractor is None:
             self.extractor = ("timm" if named else DEFAULT_EXTRACTOR) if self.frozen else ""
         if self.backbone is None:
@@ -221,9 +256,19 @@ class TrainConfig:
             raise StimageInputError(f"rank must be >= 0 (0: full NB head), not {self.rank}")
         if self.stain not in ("macenko", "none"):
             raise StimageInputError(f"stain must be 'macenko' or 'none', not {self.stain!r}")
+        if self.background not in ("keep", "white"):
+            raise StimageInputError(f"background must be 'keep' or 'white', not {self.background!r}")
+        if self.depth not in ("none", "section"):
+            raise StimageInputError(f"depth must be 'none' or 'section', not {self.depth!r}")
+        if self.member_data not in ("all", "groups"):
+            raise StimageInputError(f"member_data must be 'all' or 'groups', not {self.member_data!r}")
         if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
             raise StimageInputError(f"invalid training config: members={self.members}, epochs={self.epochs}, "
                                     f"batch_size={self.batch_size}, out_px={self.out_px}")
+        ws = [w.strip() for w in str(self.weights).split(",")]
+        if len(ws) > 1 and len(ws) != len(self.backbones):
+            raise StimageInputError(f"{len(ws)} weights for {len(self.backbones)} backbones ({self.backbone}): give one "
+                                    "weights entry per backbone, in the same order, separated by commas.")
         if self.frozen_views not in (1, 8):
             raise StimageInputError("frozen_views must be 1 or 8")
         if isinstance(self.augment, AugmentConfig):
@@ -232,6 +277,40 @@ class TrainConfig:
     @property
     def backbones(self) -> list[str]:
         return [b.strip() for b in str(self.backbone).split(",") if b.strip()]
+
+    def weights_for(self, backbone: str) -> str:
+        """The weights of one backbone: ``weights`` itself, or its entry in a comma-separated list aligned
+        with ``backbone`` (``backbone="uni,virchow2", weights="uni.safetensors,virchow2_dir"``)."""
+        names = self.backbones
+        ws = [w.strip() for w in str(self.weights).split(",")]
+        if len(names) > 1 and len(ws) == len(names):
+            return ws[names.index(backbone)]
+        return str(self.weights)
+
+    def _resolve_geometry(self, encs) -> None:
+        """Tile µm and px: the user's, else the registered encoders' own (they must agree), else 150 µm/112 px."""
+        um = self.tile_um
+        if isinstance(um, str):
+            if um.strip().lower() != "auto":
+                try:
+                    um = float(um)
+                except ValueError:
+                    raise StimageInputError(f"tile_um must be a number of µm, None or 'auto', not {um!r}") from None
+            else:
+                um = "auto"
+        if not encs:
+            self.out_px = 112 if self.out_px is None else self.out_px
+            self.tile_um = 150.0 if um == "auto" else um
+            return
+        geo = {(e.input_px, e.um_per_px) for e in encs}
+        if len(geo) > 1 and (self.out_px is None or um == "auto"):
+            desc = ", ".join(f"{e.name}: {e.input_px} px at {e.um_per_px:g} µm/px" for e in encs)
+            raise StimageInputError(f"the encoders were trained on different tiles ({desc}); members of one ensemble "
+                                    "share one tile geometry: give --tile-um and --out-px (TrainConfig tile_um/out_px).")
+        px, res = next(iter(geo))
+        if self.out_px is None:
+            self.out_px = int(px)
+        self.tile_um = float(self.out_px) * float(res) if um == "auto" else um
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,14 +338,30 @@ class TrainConfig:
             d["extractor"] = args.extractor
         if getattr(args, "frozen", False):
             d["frozen"] = True
+        if getattr(args, "finetune", False):
+            d["frozen"] = False
         if getattr(args, "bagging", False):
             d["bagging"] = True
         if getattr(args, "member_features", None):
             d["member_features"] = args.member_features
+        for name in ("background", "depth", "member_data"):
+            if getattr(args, name, None):
+                d[name] = getattr(args, name)
+        if getattr(args, "composition", None) in ("on", "off"):
+            d["composition"] = args.composition == "on"
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
         return cls(**d)
+
+
+def _registered(backbone: str | None) -> list:
+    """The registry entries of ``backbone`` when every comma-separated name is a registered encoder, else []."""
+    from .models.encoders import find_encoder
+
+    names = [b.strip() for b in str(backbone or "").split(",") if b.strip()]
+    entries = [find_encoder(n) for n in names]
+    return entries if names and all(entries) else []
 
 
 # ---------------------------------------------------------------------- callbacks
@@ -367,6 +462,8 @@ class _Data:
     counts: torch.Tensor         # float32 (n, genes) on the device
     targets: torch.Tensor | None  # float32 (n, types) with NaN rows, on the device
     section: np.ndarray          # section index per row
+    offset: torch.Tensor | None = None  # float32 (n,) log(section depth / reference depth), on the device
+    group: np.ndarray | None = None     # the group a member may leave out (member_data="groups")
 
     def __len__(self):
         return self.tiles.shape[0]
@@ -413,19 +510,31 @@ def _section_tiles(section: Section, tile_um: float, out_px: int, progress: bool
     return extract_tiles(section.image, section.xy, tile_um, out_px, cache=True, progress=progress)
 
 
-def _build_data(sections, genes, celltypes, tile_um, out_px, normalizer, device, progress) -> _Data:
-    tiles, counts, targets, idx = [], [], [], []
+def _spatial_groups(xy: np.ndarray) -> np.ndarray:
+    """Quarters of a section (split at the median x and y): the groups of one training section."""
+    return (xy[:, 0] > np.median(xy[:, 0])).astype(int) * 2 + (xy[:, 1] > np.median(xy[:, 1])).astype(int)
+
+
+def _build_data(sections, genes, celltypes, tile_um, out_px, normalizer, device, progress, *, background="keep",
+                ref_depth: float | None = None) -> _Data:
+    from .stain import whiten_background
+
+    tiles, counts, targets, idx, offs = [], [], [], [], []
     for i, s in enumerate(sections):
-        t = _section_tiles(s, tile_um, out_px, progress)
+        t = whiten_background(_section_tiles(s, tile_um, out_px, progress), background)
         t = torch.from_numpy(np.ascontiguousarray(t))
+        offs.append(np.full(len(t), 0.0 if ref_depth is None else np.log(section_depth(s) / ref_depth), np.float32))
         if normalizer is not None:
             t = normalizer.transform(t, device=device)
         tiles.append(t.to(device))
         counts.append(torch.from_numpy(_counts(s)))
         targets.append(_celltype_targets(s, celltypes))
         idx.append(np.full(len(t), i))
+    section = np.concatenate(idx)
+    group = section if len(sections) > 1 else _spatial_groups(sections[0].xy)
     return _Data(torch.cat(tiles), torch.cat(counts).to(device),
-                 torch.cat(targets).to(device) if celltypes else None, np.concatenate(idx))
+                 torch.cat(targets).to(device) if celltypes else None, section,
+                 torch.from_numpy(np.concatenate(offs)).to(device), group)
 
 
 def _load_sections(manifest, sections, val_sections, genes, drop_missing_genes) -> tuple[list[Section], list[Section]]:
@@ -570,9 +679,17 @@ def _make_model(cfg: TrainConfig, backbone: str, n_genes: int, n_types: int, see
     from .models.backbone import create_backbone
 
     torch.manual_seed(seed)
-    bb = create_backbone(backbone, cfg.weights, **cfg.backbone_kwargs)
-    return STModel(bb, n_genes, n_types, backbone_name=backbone, backbone_kwargs=cfg.backbone_kwargs,
-                   dropout=cfg.dropout, rank=cfg.rank)
+    bb = create_backbone(backbone, cfg.weights_for(backbone), **cfg.backbone_kwargs)
+    return STModel(bb, n_genes, n_types, backbone_name=backbone,
+                   backbone_kwargs=getattr(bb, "build_kwargs", cfg.backbone_kwargs), dropout=cfg.dropout, rank=cfg.rank,
+                   composition=cfg.composition)
+
+
+def _offset(out, offset):
+    """The heads' output with the spots' log depth offsets added to the NB log-means."""
+    if offset is None:
+        return out
+    return dataclasses.replace(out, log_mu=out.log_mu + offset[:, None].to(out.log_mu.dtype))
 
 
 def _loss(out, counts, targets, w_ct: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -605,6 +722,7 @@ def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torc
             with autocast(device, cfg.amp):
                 f = model.features(to_float(data.tiles[i:j], channels_last(device, cfg.channels_last)))
             out = model.heads(f.float())
+        out = _offset(out, data.offset[i:j] if data.offset is not None else None)
         loss, _, _ = _loss(out, data.counts[i:j], data.targets[i:j] if data.targets is not None else None,
                            cfg.celltype_weight)
         losses.append(float(loss) * (j - i))
@@ -672,7 +790,8 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     sp, fp = cdir / f"extractor-{key}.safetensors", cdir / f"features-{key}-v{cfg.frozen_views}.safetensors"
     torch.manual_seed(_seed(cfg.seed, "backbone", backbone))  # a random timm branch is the same in every run
-    stack = build_stack(cfg.extractor, backbone=backbone, weights=cfg.weights, backbone_kwargs=cfg.backbone_kwargs,
+    stack = build_stack(cfg.extractor, backbone=backbone, weights=cfg.weights_for(backbone),
+                        backbone_kwargs=cfg.backbone_kwargs,
                         kmeans_k=cfg.kmeans_k)
     for p in stack.parameters():
         p.requires_grad_(False)
@@ -702,12 +821,18 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
     return cache[ident]
 
 
-def _bag(cfg: TrainConfig, i: int, n: int) -> torch.Tensor:
-    """Training rows of member ``i``: all of them, or a bootstrap sample (``cfg.bagging``)."""
+def _bag(cfg: TrainConfig, i: int, n: int, group: np.ndarray | None = None) -> torch.Tensor:
+    """Training rows of member ``i``: all of them, all but one group (``member_data="groups"``), or a
+    bootstrap sample of those (``cfg.bagging``)."""
+    base = torch.arange(n)
+    if cfg.member_data == "groups" and group is not None:
+        groups = np.unique(group)
+        if len(groups) > 1:
+            base = torch.from_numpy(np.flatnonzero(group != groups[i % len(groups)]))
     if not cfg.bagging:
-        return torch.arange(n)
+        return base
     g = torch.Generator().manual_seed(_seed(cfg.seed, i, "bag"))
-    return torch.randint(0, n, (n,), generator=g)
+    return base[torch.randint(0, len(base), (len(base),), generator=g)]
 
 
 def _member_state(model: STModel, frozen: bool) -> dict:
@@ -751,19 +876,23 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     backbone = cfg.backbones[i % len(cfg.backbones)]
     n_genes = train_d.counts.shape[1]
     n_types = 0 if train_d.targets is None else train_d.targets.shape[1]
-    rows = _bag(cfg, i, len(train_d))
+    rows = _bag(cfg, i, len(train_d), train_d.group)
     feats_tr = feats_va = None
     if cfg.frozen:
         # Members share one fitted extractor and its features (computed once) unless member_features="per_member".
         stack, feats_tr, feats_va = _frozen_stack(cfg, backbone, train_d, val_d, out, device, feature_cache,
                                                   member=i)
         model = STModel(stack, n_genes, n_types, backbone_name=stack.name, backbone_kwargs=cfg.backbone_kwargs,
-                        dropout=cfg.dropout, rank=cfg.rank)
+                        dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
     else:
         model = _make_model(cfg, backbone, n_genes, n_types, _seed(cfg.seed, i, "init"))
     torch.manual_seed(_seed(cfg.seed, i, "heads"))
     model.nb.reset_parameters()  # re-drawn per member (the extractor may be shared)
-    model.nb.init_from_counts(train_d.counts[rows.to(train_d.counts.device)])
+    rows_d = rows.to(train_d.counts.device)
+    c0 = train_d.counts[rows_d]
+    if train_d.offset is not None:
+        c0 = c0 * torch.exp(-train_d.offset[rows_d])[:, None]
+    model.nb.init_from_counts(c0)
     if model.celltype is not None:
         model.celltype.reset_parameters()
         model.celltype.init_from_targets(train_d.targets)
@@ -834,6 +963,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                         with autocast(device, cfg.amp):
                             f = model.features(x)
                         out_ = model.heads(f.float())
+                    out_ = _offset(out_, train_d.offset[idx_d] if train_d.offset is not None else None)
                     loss, nll, ce = _loss(out_, train_d.counts[idx_d],
                                           train_d.targets[idx_d] if train_d.targets is not None else None,
                                           cfg.celltype_weight)
@@ -901,10 +1031,11 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
 
 
 # ---------------------------------------------------------------------- the public entry point
-def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[str] | None, out: str | os.PathLike,
+def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[str] | str | None, out: str | os.PathLike,
           sections: Sequence[str] | None = None, val_sections: Sequence[str] | None = None,
           config: TrainConfig | None = None, drop_missing_genes: bool = False,
-          callbacks: Sequence[Callback] | None = None, progress: bool = True) -> Ensemble:
+          callbacks: Sequence[Callback] | None = None, progress: bool = True, scheduler=None,
+          cluster_options=None, _members: Sequence[int] | None = None) -> Ensemble:
     """Train a deep ensemble and save it in ``out`` (resuming a run found there).
 
     Parameters
@@ -913,7 +1044,10 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         A manifest CSV (see :func:`stimage_nb.io.readers.read_manifest`) or a list of
         :class:`~stimage_nb.io.section.Section` (e.g. spot subsets).
     genes
-        Genes to predict (in this order); ``None``: all genes of the first training section.
+        Genes to predict (in this order): a list, a gene panel or a gene-list file
+        (:func:`stimage_nb.panels.resolve_genes`: ``"stimage769"``, ``"pam50"``, ``"breast_clinical"``,
+        ``"hvg:2000"`` and ``"all"`` computed on the training sections, or a path); ``None``: all genes
+        of the first training section. The panel is recorded in ``out/gene_panel.json``.
     out
         Run directory: checkpoints, then the ensemble (``ensemble.json`` + member safetensors).
     sections
@@ -927,15 +1061,38 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         Drop listed genes absent from some section's counts instead of raising an error.
     callbacks
         :class:`Callback` objects (progress bars are added when ``progress``).
+    scheduler
+        Train the members in parallel on a Dask cluster (:func:`stimage_nb.cluster.connect`:
+        ``"local"``, ``"slurm"``, ``"pbs"``, a scheduler address or a ``distributed.Client``), one task
+        per member, each on a worker with a GPU when ``cluster_options.gpus_per_worker`` > 0. The
+        members are independent and seeded by their index, so the result equals the serial run's
+        (``tests/cohort/test_train_parallel.py``); the run directory must be on a filesystem the
+        workers share. ``None``: members one after another in this process.
+    cluster_options
+        :class:`stimage_nb.cluster.ClusterOptions` for the workers ``scheduler`` starts.
 
     Returns
     -------
     The trained :class:`~stimage_nb.ensemble.Ensemble` (on the training device).
     """
     cfg = config or TrainConfig()
+    _check_encoder_weights(cfg)  # before any tile is read: a wrong or missing file fails at once
     out = Path(out)
+    if scheduler is not None:
+        from .cluster import check_scheduler
+
+        check_scheduler(scheduler)
     if val_sections is None and cfg.val_sections:
         val_sections = list(cfg.val_sections)
+    if genes is not None and (isinstance(genes, (str, os.PathLike)) or hasattr(genes, "genes")):
+        from .panels import needs_sections, resolve_genes
+
+        pre = _load_sections(manifest, sections, val_sections, None, True)[0] if needs_sections(genes) else None
+        panel = resolve_genes(genes, sections=pre)
+        genes = list(panel.genes)
+        if _members is None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(json.loads(panel.to_json()), out / "gene_panel.json")
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -959,9 +1116,13 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     t0 = time.perf_counter()
     normalizer = None
     if cfg.stain == "macenko":
-        normalizer = _fit_normalizer(train_s, tile_um, cfg.out_px, progress)
-    train_d = _build_data(train_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress)
-    val_d = _build_data(val_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress) if val_s else None
+        normalizer = _fit_normalizer(train_s, tile_um, cfg.out_px, progress, cfg.background)
+    depths = {s.name: section_depth(s) for s in train_s + val_s}
+    ref_depth = float(np.median([depths[s.name] for s in train_s]))
+    kw = {"background": cfg.background, "ref_depth": ref_depth if cfg.depth == "section" else None}
+    train_d = _build_data(train_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress, **kw)
+    val_d = (_build_data(val_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress, **kw)
+             if val_s else None)
     log.info("data: %d training tiles (%s), %d validation tiles (%s), %d genes, %d cell types, %.1fs",
              len(train_d), [s.name for s in train_s], len(val_d) if val_d else 0, [s.name for s in val_s],
              len(genes_used), len(celltypes), time.perf_counter() - t0)
@@ -974,15 +1135,108 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         for i in range(cfg.members) if _per_member(cfg) else range(len(cfg.backbones)):
             _frozen_stack(cfg, cfg.backbones[i % len(cfg.backbones)], train_d, val_d, out, device, feature_cache,
                           progress=progress, member=i)
+    if _members is not None:  # a worker of train(scheduler=...): only these members, no ensemble
+        for i in _members:
+            _train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache)
+        return None
+    if scheduler is not None:
+        _train_members_parallel(scheduler, cluster_options, manifest, genes, out, sections, val_sections, cfg,
+                                drop_missing_genes, progress)
     mstates = []
-    for i in range(cfg.members):
+    for i in range(cfg.members):  # members trained on the cluster are found done here
         mstates.append(_train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache))
     ens = _assemble(out, cfg, mstates, genes_used, celltypes, tile_um, normalizer, run, train_s, val_s, feature_cache,
-                    train_d, val_d, device)
+                    train_d, val_d, device, depths=depths, ref_depth=ref_depth)
     for cb in cbs:
         cb.on_train_end(state)
     log.info("trained %r in %s", ens, out)
     return ens.to(device)
+
+
+def _check_encoder_weights(cfg: TrainConfig) -> None:
+    """Each registered encoder's local weights exist and fit (names and shapes only, no loading)."""
+    from .models.encoders import check_weights, find_encoder
+
+    for name in cfg.backbones:
+        if find_encoder(name) is not None and (cfg.frozen and "timm" in cfg.extractor.split("+") or not cfg.frozen):
+            check_weights(name, cfg.weights_for(name), overrides=cfg.backbone_kwargs or None)
+
+
+def _encoder_provenance(cfg: TrainConfig, tile_um: float, stacks: dict) -> dict:
+    """What ensemble.json records per registered encoder: the entry, the arguments it was built with, the
+    preprocessing actually used (normalisation, tile µm and px) and the weights' files with their sha256."""
+    from .models.backbone import is_local_weights
+    from .models.encoders import find_encoder, provenance, resolve_weights
+
+    out = {}
+    for name in cfg.backbones:
+        entry = find_encoder(name)
+        if entry is None:
+            continue
+        module = None
+        for ident, (stack, _, _) in stacks.items():
+            if ident.split("#")[0] == name and "timm" in getattr(stack, "branches", {}):
+                module = stack.branches["timm"].backbone
+        w = cfg.weights_for(name)
+        if module is not None and getattr(module, "weights_source", None):
+            weights = module.weights_source
+        elif is_local_weights(w):
+            weights = provenance(resolve_weights(w))
+        else:
+            weights = {"path": w, "files": {}, "sha256": ""}
+        pcfg = getattr(module, "pretrained_cfg", None) or {}
+        out[name] = {
+            "encoder": entry.name, "title": entry.title, "architecture": pcfg.get("architecture", entry.architecture),
+            "registry_kwargs": entry.kwargs, "build_kwargs": getattr(module, "build_kwargs", dict(cfg.backbone_kwargs)),
+            "output": entry.output, "feature_dim": int(getattr(module, "num_features", entry.feature_dim)),
+            "preprocessing": {"mean": list(pcfg.get("mean", entry.mean)), "std": list(pcfg.get("std", entry.std)),
+                              "tile_um": float(tile_um), "out_px": int(cfg.out_px),
+                              "um_per_px": float(tile_um) / int(cfg.out_px),
+                              "encoder_input_px": entry.input_px, "encoder_um_per_px": entry.um_per_px,
+                              "stain": cfg.stain},
+            "weights": weights, "licence": entry.licence, "frozen": bool(cfg.frozen),
+        }
+        if not weights.get("sha256"):
+            log.warning("encoder %s trained with weights %r (no local file): its features are %s", name, w,
+                        "random" if w.lower() in ("none", "") else "from the hub")
+    return out
+
+
+def _member_task(job: dict) -> int:
+    """One member on a Dask worker (:func:`train` with ``scheduler``): the same data preparation as
+    the driver (tile and frozen-feature caches make it cheap), then member ``job["member"]`` only."""
+    train(job["manifest"], genes=job["genes"], out=job["out"], sections=job["sections"],
+          val_sections=job["val_sections"], config=job["config"], drop_missing_genes=job["drop_missing_genes"],
+          progress=False, _members=[job["member"]])
+    return job["member"]
+
+
+def _train_members_parallel(scheduler, options, manifest, genes, out: Path, sections, val_sections, cfg: TrainConfig,
+                            drop_missing_genes: bool, progress: bool) -> None:
+    """Train the unfinished members as one Dask task each; raise if any fails (finished ones are kept)."""
+    from .cluster import connect, run_tasks, task_resources
+
+    todo = [i for i in range(cfg.members) if not json.loads((_member_dir(out, i) / "state.json").read_text()
+                                                            if (_member_dir(out, i) / "state.json").is_file()
+                                                            else "{}").get("done")]
+    if not todo:
+        return
+    src = str(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
+    jobs = [{"manifest": src, "genes": list(genes) if genes is not None else None, "out": str(out),
+             "sections": list(sections) if sections is not None else None,
+             "val_sections": list(val_sections) if val_sections is not None else None, "config": cfg,
+             "drop_missing_genes": drop_missing_genes, "member": i} for i in todo]
+    gpu = bool(options is not None and options.gpus_per_worker)
+    errors = []
+    with connect(scheduler, options) as client:
+        log.info("training members %s on %s", todo, client)
+        for k, _, err in run_tasks(client, _member_task, jobs, resources=task_resources(gpu), progress=progress,
+                                   desc="members", unit="member"):
+            if err is not None:
+                errors.append(f"member {todo[k]}: {type(err).__name__}: {err}")
+    if errors:
+        raise RuntimeError("training members on the cluster failed (finished members are kept; run the same "
+                           "command again to resume): " + "; ".join(errors))
 
 
 def _fit_domain(cfg: TrainConfig, ens: Ensemble, stacks: dict, mstates: list[dict], train_d: _Data,
@@ -1009,18 +1263,22 @@ def _fit_domain(cfg: TrainConfig, ens: Ensemble, stacks: dict, mstates: list[dic
         return None
 
 
-def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progress: bool) -> MacenkoNormalizer:
+def _fit_normalizer(train_s: list[Section], tile_um: float, out_px: int, progress: bool,
+                    background: str = "keep") -> MacenkoNormalizer:
     """Fit the Macenko reference on a spread sample of the training tiles (up to 256 per section)."""
+    from .stain import whiten_background
+
     ref = []
     for s in train_s:
-        t = _section_tiles(s, tile_um, out_px, progress)
+        t = whiten_background(_section_tiles(s, tile_um, out_px, progress), background)
         step = max(1, len(t) // 256)
         ref.append(t[::step])
     return MacenkoNormalizer().fit(np.concatenate(ref))
 
 
 def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes, tile_um, normalizer, run,
-              train_s, val_s, stacks: dict, train_d: _Data, val_d: _Data | None, device) -> Ensemble:
+              train_s, val_s, stacks: dict, train_d: _Data, val_d: _Data | None, device, *, depths: dict | None = None,
+              ref_depth: float | None = None) -> Ensemble:
     from safetensors.torch import load_file
 
     members, info = [], []
@@ -1031,13 +1289,13 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
         if cfg.frozen:  # heads on the shared fitted extractor
             stack = stacks[_stack_id(cfg, st["backbone"], i)][0].cpu()
             m = STModel(stack, len(genes), len(celltypes), backbone_name=stack.name,
-                        backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank)
+                        backbone_kwargs=cfg.backbone_kwargs, dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
             _load_member_state(m, sd, True)
         else:
             m = build_model(st["model_config"], "none")
             m.load_state_dict(sd)
         members.append(m)
-        info.append({"member": i, "seed": _seed(cfg.seed, i, "init"), "weights": str(cfg.weights),
+        info.append({"member": i, "seed": _seed(cfg.seed, i, "init"), "weights": cfg.weights_for(st["backbone"]),
                      "best_epoch": st["best_epoch"], "early_stop": cfg.early_stop,
                      **_val_summary(cfg, st),
                      "epochs_run": len(st["history"]), "stopped_early": st.get("stopped_early", False)})
@@ -1045,10 +1303,16 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
             "val_sections": [s.name for s in val_s],
             "train_patients": sorted({str(s.patient) for s in train_s if s.patient}),
             "train_um_per_px": {s.name: s.um_per_px for s in train_s},
+            "train_platforms": {s.name: s.platform for s in train_s + val_s},
+            "train_diameter_um": float(np.median([s.diameter_um for s in train_s])),
             "n_train_spots": int(sum(s.adata.n_obs for s in train_s)), "train_config": cfg.to_dict(),
+            "section_depths": dict(depths or {}),
             "members": info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    encs = _encoder_provenance(cfg, tile_um, stacks)
+    if encs:
+        meta["encoders"] = encs
     ens = Ensemble(members, genes=genes, celltypes=celltypes, tile_um=tile_um, out_px=cfg.out_px, stain=normalizer,
-                   meta=meta)
+                   meta=meta, background=cfg.background, reference_depth=ref_depth)
     ens.domain = _fit_domain(cfg, ens, stacks, mstates, train_d, val_d, val_s, device)
     ens.save(out)
     # keep the per-member histories, drop the bulky checkpoints

@@ -29,7 +29,8 @@ CONDA_NAMES = {
     "dask": ("dask-core", "dask"),
     "matplotlib": ("matplotlib-base", "matplotlib"),
     "zeroc-ice": ("zeroc-ice",),
-    "openslide-bin": ("openslide",),  # PyPI's wheel of the C library; conda-forge packages the library itself
+    "openslide-bin": ("openslide",),
+    "igraph": ("python-igraph",),  # PyPI's wheel of the C library; conda-forge packages the library itself
 }
 # what each environment file must provide: core dependencies + these extras
 REQUIRED_EXTRAS = {TOP: ("omero", "jupyter"), BINDER / "environment.yml": ("jupyter",)}

@@ -131,7 +131,7 @@ def test_tissue_mask_agrees_with_space_ranger(data_dir):
 
     d = data_dir / "fixtures" / "visium_1.0.0" / "spatial"
     sf = json.loads((d / "scalefactors_json.json").read_text())
-    img = open_image(d / "tissue_lowres_image.png", um_per_px=55.0 / sf["spot_diameter_fullres"] / sf["tissue_lowres_scalef"])
+    img = open_image(d / "tissue_lowres_image.png", um_per_px=65.0 / sf["spot_diameter_fullres"] / sf["tissue_lowres_scalef"])
     pos = pd.read_csv(d / "tissue_positions_list.csv", header=None)
     xy = pos[[5, 4]].to_numpy(float) * sf["tissue_lowres_scalef"]
     flag = pos[1].to_numpy() == 1
@@ -148,7 +148,7 @@ def test_visium_outs(data_dir):
     assert 0 < s.adata.n_obs <= 100
     scale = s.adata.uns[K.UNS]["image_scale"]
     assert scale == pytest.approx(0.045004502)  # the hires PNG is a blank placeholder -> lowres used
-    assert s.um_per_px == pytest.approx(55 / 89.42751063343188 / scale)
+    assert s.um_per_px == pytest.approx(65 / 89.42751063343188 / scale)  # spot_diameter_fullres spans 65 µm
     assert s.image.width == 600
     assert (s.xy >= 0).all() and (s.xy < 600).all()
 
@@ -328,14 +328,18 @@ def test_grouped_tile_reads_equal_single_reads(sections, data_dir):
                                   np.stack([w.image.read_physical(x, y, 80.0, 32) for x, y in w.xy[:80]]))
 
 
-def test_read_groups_rows_for_dense_grids_singles_for_sparse_points():
+def test_read_groups_bands_for_dense_grids_singles_for_sparse_points():
     from stimage_nb.tiles import _read_groups
 
     n = 100
     grid = np.array([(x, y) for y in range(0, 600, 130) for x in range(0, 1300, 130)])
     groups = _read_groups(grid, n)
-    assert sorted(len(g) for g in groups) == [10] * 5  # one read per row of the spot grid
-    assert sorted(np.concatenate(groups).tolist()) == list(range(len(grid)))
+    assert [len(g) for g in groups] == [50]  # the dense grid fits one 1024-px band: one read
+    assert sorted(len(g) for g in _read_groups(grid, n, max_height=n)) == [10] * 5  # bands of one row: per row
+    tall = np.array([(x, y) for y in range(0, 4000, 130) for x in range(0, 1300, 130)])
+    for g in _read_groups(tall, n):  # regions stay within max_height x max_width
+        assert np.ptp(tall[g][:, 1]) + n <= 1024 and np.ptp(tall[g][:, 0]) + n <= 8192
+    assert sorted(np.concatenate(_read_groups(tall, n)).tolist()) == list(range(len(tall)))
     sparse = np.array([[0, 0], [5000, 10], [9000, 20]])
     assert [len(g) for g in _read_groups(sparse, n)] == [1, 1, 1]
     wide = np.array([(x, 0) for x in range(0, 20000, 130)])

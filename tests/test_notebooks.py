@@ -194,6 +194,18 @@ def test_02_server_path_against_the_omero_test_double(tmp_path, monkeypatch, her
 
 
 @pytest.mark.slow
+def test_03_cross_platform_validation_runs_in_smoke_mode(tmp_path):
+    nb = _execute(ROOT / "notebooks" / "03_cross_platform_validation.ipynb", tmp_path)
+    text = _text(nb)
+    rep = tmp_path / "out" / "validate-smoke"
+    assert (rep / "report.md").is_file() and (rep / "validation.csv").is_file()
+    assert len(list((rep / "folds").glob("*.json"))) == 4  # lopo x 2 directions, acquisition x 2
+    assert _n_images(nb) >= 5, "figures: correlations, calibration, acquisitions, maps, sparsification"
+    assert re.search(r"held-out B4 \(fold test_B\): ensemble -?\d\.\d{3} vs ridge baseline -?\d\.\d{3}", text)
+    assert re.search(r"\d+ genes measured on both platforms", text) and "train_st_test_xenium" in text
+
+
+@pytest.mark.slow
 def test_04_interpretation_runs_in_smoke_mode(tmp_path):
     nb = _execute(ROOT / "notebooks" / "04_interpretation_shap.ipynb", tmp_path)
     text = _text(nb)

@@ -109,6 +109,57 @@ def test_streamed_chunks_equal_one_pass(ens):
     assert np.allclose(a.X, b.X, rtol=1e-5) and np.allclose(a.layers[K.EPISTEMIC], b.layers[K.EPISTEMIC], rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [16, 2048])
+def test_streaming_into_the_h5ad_equals_the_in_memory_prediction(ens, tmp_path, chunk):
+    """predict_section_to_h5ad (rows written per chunk, bounded memory) writes what write_h5ad(predict_section)
+    writes: same values, obs, obsm, provenance and domain score, read back through read_prediction."""
+    from stimage_nb.io.prediction import read_prediction, write_h5ad
+    from stimage_nb.predict import predict_section_to_h5ad
+
+    s = kit.sections(("C4",))[0]
+    s.adata.obs.iloc[:3, s.adata.obs.columns.get_loc(K.PIXEL_X)] = 1e6  # outside the image: dropped, counted
+    s = Section(s.name, make_section_adata(list(s.adata.obs_names), np.c_[s.adata.obs[K.PIXEL_X], s.adata.obs[K.PIXEL_Y]],
+                                           100.0, uns=dict(s.adata.uns[K.UNS])), s.image_path, s.um_per_px, s.patient)
+    kw = dict(progress=False, cache_tiles=chunk > 100, chunk=chunk)
+    a = read_prediction(write_h5ad(predict_section(ens, s, **kw), tmp_path / "mem" / "C4.h5ad"))
+    p = predict_section_to_h5ad(ens, s, tmp_path / "stream" / "C4.h5ad", **kw)
+    assert [f.name for f in p.parent.iterdir()] == ["C4.h5ad"]  # no temporary file left
+    b = read_prediction(p)
+    assert a.n_obs == b.n_obs == s.adata.n_obs - 3 and list(a.obs_names) == list(b.obs_names)
+    np.testing.assert_array_equal(a.X, b.X)
+    for key in (K.ALEATORIC, K.EPISTEMIC):
+        np.testing.assert_array_equal(a.layers[key], b.layers[key])
+    for key in (K.CELLTYPE_MEAN, K.CELLTYPE_STD):
+        pd.testing.assert_frame_equal(a.obsm[key], b.obsm[key])
+    np.testing.assert_array_equal(a.obsm[K.SPATIAL], b.obsm[K.SPATIAL])
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    assert (K.DOMAIN_PERCENTILE in b.obs) == (ens.domain is not None)
+    ua, ub = dict(a.uns[K.UNS]), dict(b.uns[K.UNS])
+    ua.pop("created"), ub.pop("created")
+    assert ua.keys() == ub.keys() and ub["n_outside_image"] == 3
+    assert all(np.all(np.asarray(ua[k]) == np.asarray(ub[k])) for k in ua if k != "domain")
+    assert ua.get("domain") == ub.get("domain")
+
+
+def test_streaming_at_a_given_depth_equals_the_in_memory_rescaling(ens, tmp_path):
+    """A depth given to the streaming writer rescales the written rows in place by the same whole-section factor
+    as predict_section (mean x f, epistemic x f^2, aleatoric f mean + f^2 (aleatoric - mean)); both record it."""
+    from stimage_nb.io.prediction import read_prediction, write_h5ad
+    from stimage_nb.predict import predict_section_to_h5ad
+
+    s = kit.sections(("C4",))[0]
+    kw = dict(progress=False, cache_tiles=False, chunk=16, depth=500.0)
+    a = read_prediction(write_h5ad(predict_section(ens, s, **kw), tmp_path / "mem" / "C4.h5ad"))
+    b = read_prediction(predict_section_to_h5ad(ens, s, tmp_path / "stream" / "C4.h5ad", **kw))
+    assert np.isclose(b.X.sum(1).mean(), 500.0, rtol=1e-4)  # the asked-for mean counts per spot
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-5)
+    for key in (K.ALEATORIC, K.EPISTEMIC):
+        np.testing.assert_allclose(a.layers[key], b.layers[key], rtol=1e-4, atol=1e-6)
+    da, db = a.uns[K.UNS]["depth"], b.uns[K.UNS]["depth"]
+    assert float(db["given"]) == 500.0 and np.isclose(float(da["factor"]), float(db["factor"]), rtol=1e-6)
+    assert float(db["factor"]) != 1.0
+
+
 def _manifest_without_counts(tmp_path, sections=("C4",)):
     from stimage_nb._settings import her2st_manifest
 

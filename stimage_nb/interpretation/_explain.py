@@ -136,12 +136,14 @@ def _stain_map(ensemble, stain_source):
 
 
 def _float_tiles(ensemble, tiles_uint8: np.ndarray, stain_source):
-    """uint8 tiles -> stain-normalised float (n, 3, h, w) on the ensemble's device (float32, contiguous)."""
+    """uint8 tiles -> background-handled, stain-normalised float (n, 3, h, w) on the ensemble's device (float32,
+    contiguous), the input pipeline of :meth:`Ensemble.predict_tiles`."""
     import torch
 
     from ..augment import to_float
 
     x = torch.from_numpy(np.ascontiguousarray(tiles_uint8)).to(ensemble.device)
+    x = ensemble.prepare_tiles(x)  # the masked black background, as Ensemble.predict_tiles handles it
     M = _stain_map(ensemble, stain_source)
     if M is not None:
         x = ensemble.stain.apply(x, M)

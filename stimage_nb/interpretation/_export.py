@@ -127,8 +127,9 @@ def write_attribution_ome_zarr(attr: Attributions, path: str | os.PathLike, imag
     """
     import zarr
 
+    from ..io.convert import pyramid_plan, write_pyramid
     from ..io.image import SlideImage, open_image
-    from ..io.ome_zarr import Shapes, atomic_store, copy_image_pyramid, write_heatmaps, write_label_image
+    from ..io.ome_zarr import Shapes, atomic_store, write_heatmaps, write_label_image
 
     path = Path(path)
     if image is None:
@@ -145,7 +146,8 @@ def write_attribution_ome_zarr(attr: Attributions, path: str | os.PathLike, imag
     per = attr.per_nucleus()
     nuc = attr.nuclei.subset(np.asarray(per.index, dtype=str))
     ds = float(image.downsamples[base_level])
-    level_shapes = [image.level_shapes[i] for i in range(base_level, image.n_levels)]
+    # the copy's levels: the slide's own (their downsamples, e.g. 1, 4, 16 for an SVS) and 2x levels below
+    level_shapes, level_ds = pyramid_plan(image, base_level)
     um0 = float(image.um_per_px) * ds
     radius = np.sqrt(nuc.table["area_um2"].to_numpy(dtype=np.float64) / np.pi) / um0
     shapes = Shapes(nuc.xy / ds, radius, [p / ds for p in nuc.polygons])
@@ -158,7 +160,7 @@ def write_attribution_ome_zarr(attr: Attributions, path: str | os.PathLike, imag
                         **{value_column(g): float(np.float32(row[value_column(g)])) for g in attr.genes}}
     if heatmap_level is None:
         d_med = 2 * float(np.median(radius)) if len(radius) else 1.0
-        heatmap_level = max([i for i in range(len(level_shapes)) if d_med / 2 ** i >= 4.0] or [0])
+        heatmap_level = max([i for i in range(len(level_shapes)) if d_med / level_ds[i] >= 4.0] or [0])
     channels, colours, windows = {}, [], []
     for g in attr.genes:
         v = per[value_column(g)].to_numpy(dtype=np.float64)
@@ -170,14 +172,14 @@ def write_attribution_ome_zarr(attr: Attributions, path: str | os.PathLike, imag
         windows += [(0.0, lim), (0.0, lim)]
     with atomic_store(path) as tmp:
         grp = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        copy_image_pyramid(image, grp, base_level=base_level, name=attr.section, chunk=chunk, progress=progress)
+        write_pyramid(image, grp, base_level=base_level, name=attr.section, chunk=chunk, progress=progress)
         write_label_image(grp, "nuclei", shapes, level_shapes, um0, colors={i + 1: tuple(c) for i, c in enumerate(cols)},
-                          properties=props, chunk=chunk,
+                          properties=props, chunk=chunk, downsamples=level_ds,
                           extra={"stimage_nb": {"section": attr.section, "kind": "nuclei", "coloured_by": value_column(g0),
                                                 "colour_scale": "RdBu_r, symmetric at the 99th percentile of |value|",
                                                 "ids": "properties[].id"}})
         write_heatmaps(grp, shapes, channels, level_shapes, um0, heatmap_level=heatmap_level, colours=colours,
-                       windows=windows, chunk=chunk,
+                       windows=windows, chunk=chunk, downsamples=level_ds,
                        meta={"section": attr.section, "genes": list(attr.genes), "method": attr.method,
                              "output": attr.output, "unit": UNITS[attr.output], "rendered_from": "nuclei",
                              "channels": "per gene: SHAP+ (positive values), SHAP- (magnitude of negative values)"})

@@ -255,13 +255,24 @@ class TilePredictor:
         The section's stain estimate (:meth:`Ensemble.stain_source`), used for every masked tile.
     output
         ``"log_mean"``: log of the ensemble's predictive mean (expected counts); ``"mean"``: the mean.
+        An ensemble of point predictors (regression heads, e.g. an imported Path2Space model) predicts
+        no expected counts, so only ``"mean"`` (its averaged point values) is explained.
     batch_size
         Tiles per forward pass (halved automatically if the GPU runs out of memory).
+
+    Raises
+    ------
+    StimageInputError
+        An unknown output, ``"log_mean"`` of a point predictor, genes the model does not predict.
     """
 
     def __init__(self, ensemble, genes, stain_source, *, output: str = "log_mean", batch_size: int = 64):
         if output not in OUTPUTS:
             raise StimageInputError(f"output must be one of {list(OUTPUTS)}, not {output!r}")
+        if output == "log_mean" and not ensemble.has_distribution:
+            raise StimageInputError("this model predicts point values (regression heads, e.g. an imported Path2Space "
+                                    "model), not expected counts, so their log is not defined; explain its values "
+                                    "with --output mean (output=\"mean\").")
         missing = [g for g in genes if g not in ensemble.genes]
         if missing:
             raise StimageInputError(f"genes {missing[:10]} are not predicted by this model "
@@ -302,22 +313,33 @@ def is_differentiable(ensemble) -> bool:
 
 class EnsembleMeanModule(torch.nn.Module):
     """The ensemble's predictive mean as a differentiable module: float tiles in [0, 1] (n, 3, h, w),
-    already stain-normalised, -> log of the mean over members of ``exp(log_mu)`` (or the mean) of some
-    genes (n, G). Float32 throughout (gradients), on the ensemble's device."""
+    already background-handled and stain-normalised, -> log of the mean over members of ``exp(log_mu)``
+    (or the mean) of some genes (n, G), averaged in the ensemble's order (``meta["mean_groups"]``: within
+    each group, then across groups, as :meth:`Ensemble.predict_tiles`). Members with a regression head
+    contribute their point values (``output="mean"`` only). Float32 throughout (gradients), on the
+    ensemble's device."""
 
     def __init__(self, ensemble, gene_idx, output: str = "log_mean"):
         super().__init__()
         self.members = torch.nn.ModuleList(ensemble.members)
         self.register_buffer("idx", torch.as_tensor(np.asarray(gene_idx), dtype=torch.long))
         self.output = output
+        groups = ensemble.meta.get("mean_groups")
+        self.groups = [list(map(int, g)) for g in groups] if groups else [list(range(len(ensemble.members)))]
+        if output == "log_mean" and not ensemble.has_distribution:
+            raise StimageInputError("the log of a point predictor's values is not defined; use output=\"mean\".")
 
     def forward(self, x01):
-        mus = []
+        outs = []
         for m in self.members:
             o = m(x01)
-            mus.append(o.log_mu.float()[:, self.idx])
-        log_mean = torch.logsumexp(torch.stack(mus), 0) - np.log(len(mus))
-        return log_mean if self.output == "log_mean" else torch.exp(log_mean)
+            outs.append(o.mean.float()[:, self.idx] if o.mean is not None else o.log_mu.float()[:, self.idx])
+        if self.output == "log_mean":  # log of a mean of exp(log_mu), stably
+            return torch.logsumexp(torch.stack([
+                torch.logsumexp(torch.stack([outs[j] for j in g]), 0) - np.log(len(g)) for g in self.groups]), 0) \
+                - np.log(len(self.groups))
+        vals = [torch.exp(o) if m.has_distribution else o for o, m in zip(outs, self.members)]
+        return torch.stack([torch.stack([vals[j] for j in g]).mean(0) for g in self.groups]).mean(0)
 
 
 def randomised_heads(ensemble, seed: int = 0):
@@ -333,13 +355,20 @@ def randomised_heads(ensemble, seed: int = 0):
         torch.manual_seed(int(seed))
         for m in ensemble.members:
             m2 = copy.deepcopy(m, memo={id(m.backbone): m.backbone})
-            m2.nb.reset_parameters()
+            if not m2.has_distribution:  # a regression head (e.g. imported Path2Space)
+                for layer in m2.mlp.modules():
+                    if isinstance(layer, torch.nn.Linear):
+                        layer.reset_parameters()
+            else:
+                m2.nb.reset_parameters()
             if m2.celltype is not None:
                 m2.celltype.reset_parameters()
             members.append(m2.eval())
     meta = {k: v for k, v in ensemble.meta.items() if not k.startswith("_")}
     meta["run_id"] = f"{ensemble.run_id}-randomised-heads"
     out = Ensemble(members, genes=ensemble.genes, celltypes=ensemble.celltypes, tile_um=ensemble.tile_um,
-                   out_px=ensemble.out_px, stain=ensemble.stain, meta=meta, domain=None)
+                   out_px=ensemble.out_px, stain=ensemble.stain, meta=meta, domain=None,
+                   background=ensemble.background,
+                   reference_depth=ensemble.reference_depth)
     out.device = ensemble.device
     return out

@@ -74,32 +74,19 @@ def copy_image_pyramid(image: "SlideImage", group, *, base_level: int = 0, name:
                        chunk: int = CHUNK, progress: bool = False) -> list[tuple[int, int]]:
     """Copy levels ``base_level``… of a :class:`~stimage_nb.io.image.SlideImage` into ``group``.
 
-    The copy's level 0 is the source's ``base_level`` (its µm/px is recorded accordingly), read and
-    written in strips of ``chunk`` rows so memory stays bounded for whole-slide images.
+    The copy's level 0 is the source's ``base_level`` (its µm/px is recorded accordingly); the source's
+    own levels keep their downsample factors and 2x levels are added below them
+    (:func:`stimage_nb.io.convert.write_pyramid`: streamed one chunk at a time, so memory stays
+    bounded for whole-slide images).
 
     Returns
     -------
     list of (height, width)
         The shapes of the written levels.
     """
-    from tqdm.auto import tqdm
+    from .convert import write_pyramid
 
-    if not 0 <= base_level < image.n_levels:
-        raise StimageInputError(f"{image.source}: base_level {base_level} does not exist "
-                                f"(the image has {image.n_levels} levels, 0–{image.n_levels - 1}).")
-    shapes = []
-    levels = list(range(base_level, image.n_levels))
-    for out_i, lev in enumerate(tqdm(levels, desc="image levels", disable=not progress, leave=False)):
-        h, w = image.level_shapes[lev]
-        arr = create_array(group, str(out_i), (3, h, w), (3, min(chunk, h), min(chunk, w)), "uint8")
-        for y0 in range(0, h, chunk):
-            y1 = min(h, y0 + chunk)
-            arr[:, y0:y1, :] = np.transpose(image._read_level(lev, 0, y0, w, y1), (2, 0, 1))
-        shapes.append((h, w))
-    um = image.um_per_px * image.downsamples[base_level]
-    group.attrs["multiscales"] = [multiscales_metadata(len(shapes), um, name=name)]
-    group.attrs["omero"] = omero_rgb_metadata(name)
-    return shapes
+    return write_pyramid(image, group, base_level=base_level, name=name, chunk=chunk, progress=progress)[0]
 
 
 # ---------------------------------------------------------------------- rasterising observations
@@ -188,7 +175,7 @@ def _label_dtype(max_value: int) -> str:
 def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[tuple[int, int]], um_per_px: float, *,
                       values: np.ndarray | None = None, colors: dict[int, Sequence[int]] | None = None,
                       properties: dict[int, dict] | None = None, chunk: int = CHUNK,
-                      extra: dict | None = None) -> None:
+                      extra: dict | None = None, downsamples: Sequence[float] | None = None) -> None:
     """Write ``labels/<name>`` under an image group: one label level per image level.
 
     Parameters
@@ -200,7 +187,7 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
     shapes
         The objects, in the image's level-0 pixels.
     level_shapes
-        (height, width) of each image level; level ``i`` is ``2**i`` times coarser.
+        (height, width) of each image level; level ``i`` is ``2**i`` times coarser (or ``downsamples[i]``).
     um_per_px
         Level-0 pixel size (µm).
     values
@@ -211,6 +198,8 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
         ``{label value: {key: JSON value}}``.
     extra
         More keys for the label group's attributes (e.g. provenance under ``stimage_nb``).
+    downsamples
+        Each level's downsample from level 0 (default ``2**i``): a slide's own pyramid (1, 4, 16, ...).
     """
     vals = np.arange(1, len(shapes) + 1) if values is None else np.asarray(values, dtype=np.int64)
     dtype = _label_dtype(int(vals.max()) if len(vals) else 1)
@@ -218,13 +207,14 @@ def write_label_image(group, name: str, shapes: Shapes, level_shapes: Sequence[t
     g = labels_grp.require_group(name)
     for li, (h, w) in enumerate(level_shapes):
         arr = create_array(g, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)
-        ds = 2.0 ** li
+        ds = float(downsamples[li]) if downsamples is not None else 2.0 ** li
         for y0 in range(0, h, chunk):
             y1 = min(h, y0 + chunk)
             arr[y0:y1, :] = shapes.render(ds, w, y0, y1, values=vals).astype(dtype)
     g.attrs["multiscales"] = [multiscales_metadata(len(level_shapes), um_per_px, name=name, axes="yx",
                                                    downscale_type="nearest",
-                                                   method="each level rasterised from the object outlines")]
+                                                   method="each level rasterised from the object outlines",
+                                                   downsamples=downsamples)]
     g.attrs["image-label"] = _image_label(colors, properties)
     if extra:
         for k, v in extra.items():
@@ -241,7 +231,7 @@ def add_label_array(path: str | os.PathLike, name: str, labels: np.ndarray, *,
     """Add a label image given as an integer array to an existing OME-Zarr image (``labels/<name>``).
 
     ``labels`` has the shape of the image's level 0 (y, x); coarser levels are made by nearest
-    (stride-2) sampling to match every image level, as NGFF 0.4 requires. ``colors`` and
+    (strided) sampling to match every image level, as NGFF 0.4 requires. ``colors`` and
     ``properties`` are per label value (see :func:`write_label_image`). Rewrites ``labels/<name>``
     if it exists.
     """
@@ -264,13 +254,14 @@ def add_label_array(path: str | os.PathLike, name: str, labels: np.ndarray, *,
     sub = lg.require_group(name)
     dtype = _label_dtype(int(labels.max()) if labels.size else 1)
     for li, (h, w) in enumerate(img.level_shapes):
-        s = 2 ** li
+        s = max(1, int(round(img.downsamples[li])))
         lev = labels[s // 2::s, s // 2::s][:h, :w] if s > 1 else labels
         out = np.zeros((h, w), dtype=dtype)
         out[:lev.shape[0], :lev.shape[1]] = lev
         create_array(sub, str(li), (h, w), (min(chunk, h), min(chunk, w)), dtype)[:] = out
     sub.attrs["multiscales"] = [multiscales_metadata(img.n_levels, img.um_per_px, name=name, axes="yx",
-                                                     downscale_type="nearest", method="stride-2 nearest sampling")]
+                                                     downscale_type="nearest", method="strided nearest sampling",
+                                                     downsamples=img.downsamples)]
     sub.attrs["image-label"] = _image_label(colors, properties)
     names = list(lg.attrs.get("labels", []))
     if name not in names:
@@ -295,7 +286,7 @@ def _image_label(colors, properties) -> dict:
 def write_heatmaps(group, shapes: Shapes, channels: dict[str, np.ndarray], level_shapes: Sequence[tuple[int, int]],
                    um_per_px: float, *, heatmap_level: int, colours: Sequence[str] | None = None,
                    windows: Sequence[tuple[float, float]] | None = None, meta: dict | None = None,
-                   chunk: int = CHUNK) -> None:
+                   chunk: int = CHUNK, downsamples: Sequence[float] | None = None) -> None:
     """Render per-observation values onto image level ``heatmap_level`` (and coarser) as ``heatmaps/``.
 
     Parameters
@@ -319,7 +310,10 @@ def write_heatmaps(group, shapes: Shapes, channels: dict[str, np.ndarray], level
         (start, end) per channel; default (0, 99th percentile).
     meta
         Extra information stored under the ``stimage_nb`` attribute.
+    downsamples
+        Each image level's downsample from level 0 (default ``2**i``).
     """
+    dsl = [float(d) for d in downsamples] if downsamples is not None else [2.0 ** i for i in range(len(level_shapes))]
     if not 0 <= heatmap_level < len(level_shapes):
         raise StimageInputError(f"heatmap_level {heatmap_level} does not exist (levels 0–{len(level_shapes) - 1}).")
     labels = list(channels)
@@ -330,7 +324,7 @@ def write_heatmaps(group, shapes: Shapes, channels: dict[str, np.ndarray], level
     for li, (h, w) in enumerate(sub):
         arr = create_array(hg, str(li), (len(labels), h, w), (1, min(chunk, h), min(chunk, w)), "float32",
                             fill_value=float("nan"))
-        ds = 2.0 ** (heatmap_level + li)
+        ds = dsl[heatmap_level + li]
         for y0 in range(0, h, chunk):
             y1 = min(h, y0 + chunk)
             idx = shapes.render(ds, w, y0, y1)
@@ -351,10 +345,11 @@ def write_heatmaps(group, shapes: Shapes, channels: dict[str, np.ndarray], level
         chans.append({"label": lab, "color": colours[i], "active": i < 3, "family": "linear", "inverted": False,
                       "coefficient": 1, "window": {"min": min(lo, float(s)), "max": max(hi, float(e)),
                                                    "start": float(s), "end": float(e)}})
-    hum = um_per_px * 2 ** heatmap_level
+    hum = um_per_px * dsl[heatmap_level]
     hg.attrs["multiscales"] = [multiscales_metadata(len(sub), hum, name="heatmaps", axes="cyx",
                                                     downscale_type="nearest",
-                                                    method="each level rasterised from the observations")]
+                                                    method="each level rasterised from the observations",
+                                                    downsamples=[d / dsl[heatmap_level] for d in dsl[heatmap_level:]])]
     hg.attrs["omero"] = {"name": "heatmaps", "version": NGFF_VERSION, "rdefs": {"model": "color"}, "channels": chans}
     scale = [{"channel": c["label"], "ramp": f"linear, black at start to #{c['color']} at end",
               "start": c["window"]["start"], "end": c["window"]["end"]} for c in chans]
@@ -437,11 +432,12 @@ def _outer_ring(geom_json: str) -> np.ndarray | None:
     return None
 
 
-def default_heatmap_level(level_shapes: Sequence[tuple[int, int]], diameter_px: float) -> int:
+def default_heatmap_level(level_shapes: Sequence[tuple[int, int]], diameter_px: float,
+                          downsamples: Sequence[float] | None = None) -> int:
     """The coarsest level on which an observation of ``diameter_px`` (level 0) spans ≥ 16 pixels."""
     best = 0
     for i in range(len(level_shapes)):
-        if diameter_px / 2 ** i >= HEATMAP_MIN_DIAMETER_PX:
+        if diameter_px / (downsamples[i] if downsamples is not None else 2 ** i) >= HEATMAP_MIN_DIAMETER_PX:
             best = i
     return best
 
@@ -531,9 +527,11 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
     if missing:
         raise StimageInputError(f"{section}: genes {missing[:10]} are not in the prediction "
                                 f"(it has {pred.n_vars} genes, e.g. {list(pred.var_names[:5])}).")
+    from .convert import pyramid_plan, write_pyramid
+
     shapes = observation_shapes(pred, image, base_level)
     ds = image.downsamples[base_level]
-    level_shapes = [image.level_shapes[i] for i in range(base_level, image.n_levels)]
+    level_shapes, level_ds = pyramid_plan(image, base_level)
     um0 = image.um_per_px * ds
     names, cls, pmax = _classes(pred)
     colours = class_colours(names, uns.get(K.CLASS_COLOURS))
@@ -542,7 +540,7 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
 
     with atomic_store(path) as tmp:
         g = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        copy_image_pyramid(image, g, base_level=base_level, name=section, chunk=chunk, progress=progress)
+        write_pyramid(image, g, base_level=base_level, name=section, chunk=chunk, progress=progress)
         # instance labels: one value per observation, coloured by its predicted class
         props: dict[int, dict] = {}
         cols: dict[int, tuple] = {}
@@ -575,18 +573,18 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
                     p[f"{gname} mean"] = float(np.float32(prop_means[i, j]))
             props[i + 1] = p
         write_label_image(g, kind, shapes, level_shapes, um0, colors=cols, properties=props, chunk=chunk,
-                          extra={"stimage_nb": {"section": section, "kind": kind, "ids": "properties[].id"}})
+                          downsamples=level_ds, extra={"stimage_nb": {"section": section, "kind": kind, "ids": "properties[].id"}})
         if names and cls is not None:
             counts = np.bincount(cls[cls >= 0], minlength=len(names))
             write_label_image(g, "cell_types", shapes, level_shapes, um0, values=np.where(cls >= 0, cls + 1, 0),
                               colors={k + 1: colours[n] for k, n in enumerate(names)},
                               properties={k + 1: {"class": n, "n_observations": int(counts[k])}
-                                          for k, n in enumerate(names)}, chunk=chunk,
+                                          for k, n in enumerate(names)}, chunk=chunk, downsamples=level_ds,
                               extra={"stimage_nb": {"section": section, "classes": names,
                                                     "rule": "argmax of obsm['celltype_mean']"}})
         if genes:
             hl = heatmap_level if heatmap_level is not None else default_heatmap_level(
-                level_shapes, float(np.median(shapes.radius)) * 2 if len(shapes) else 1.0)
+                level_shapes, float(np.median(shapes.radius)) * 2 if len(shapes) else 1.0, level_ds)
             ale, epi = _layer(pred, K.ALEATORIC, genes), _layer(pred, K.EPISTEMIC, genes)
             channels: dict[str, np.ndarray] = {}
             colours_hex = []
@@ -598,7 +596,7 @@ def write_prediction_ome_zarr(pred: "anndata.AnnData", path: str | os.PathLike, 
                     channels[f"{gname} {q}"] = arr
                     colours_hex.append(QUANTITY_COLOURS[q])
             write_heatmaps(g, shapes, channels, level_shapes, um0, heatmap_level=hl, colours=colours_hex, chunk=chunk,
-                           meta={"section": section, "genes": genes, "quantities": list(QUANTITIES),
+                           downsamples=level_ds, meta={"section": section, "genes": genes, "quantities": list(QUANTITIES),
                                  "unit": f"expected UMI counts per {kind[:-1]}", "rendered_from": kind})
         g.attrs["stimage_nb"] = {
             "section": section, "source_image": str(image.source), "source_level": int(base_level),

@@ -78,3 +78,147 @@ def read_prediction(pred, *, strict: bool = False):
             pred.uns[K.UNS] = {}
         pred.uns[K.UNS].setdefault("section", src.name[: -len(".h5ad")] if src.name.endswith(".h5ad") else src.stem)
     return pred
+
+
+#: The per-observation results a model hands the writer, and where each goes in the AnnData.
+_MATRICES = {"mean": "X", "aleatoric_var": f"layers/{K.ALEATORIC}", "epistemic_var": f"layers/{K.EPISTEMIC}"}
+
+
+class PredictionWriter:
+    """Writes one prediction ``.h5ad`` as the results come, block of rows by block of rows (bounded memory).
+
+    ``X`` and both variance layers, the (n, genes) matrices, are HDF5 datasets filled in place by
+    :meth:`write`; only the small per-observation arrays (cell types, domain distance: n x cell types)
+    are kept until :meth:`close` writes ``obs``, ``var``, ``obsm`` and ``uns`` (through
+    ``anndata.io.write_elem``, so the file is what ``AnnData.write_h5ad`` writes and
+    :func:`read_prediction` reads). The file is written beside ``path`` and renamed into place by
+    :meth:`close`; an exception inside ``with`` leaves nothing behind.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` to write.
+    obs
+        The observations (index = ids; pixel centres, diameters...), in row order.
+    genes, celltypes
+        The ``var`` names and the cell-type columns of ``obsm["celltype_mean"/"celltype_std"]``.
+    spatial
+        (n, 2) centres in level-0 pixels (``obsm["spatial"]``).
+    domain
+        Whether results carry ``domain_distance``.
+    aleatoric
+        Whether to write ``layers["aleatoric_var"]`` (a model of point predictions has none).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, obs, genes, celltypes, spatial, domain: bool = False,
+                 aleatoric: bool = True):
+        import h5py
+        import numpy as np
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}.h5ad")
+        self.obs, self.genes, self.celltypes = obs, [str(g) for g in genes], [str(c) for c in celltypes]
+        self.spatial = np.asarray(spatial, dtype=np.float64)
+        n, G, C = len(obs), len(self.genes), len(self.celltypes)
+        self.n = n
+        self._f = h5py.File(self._tmp, "w")
+        self._f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        lay = self._f.create_group("layers")
+        lay.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        self._d = {}
+        for key, where in _MATRICES.items():
+            if key == "aleatoric_var" and not aleatoric:
+                continue
+            ds = self._f.create_dataset(where, shape=(n, G), dtype="float32")
+            ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            self._d[key] = ds
+        self.small = {"celltype_mean": np.full((n, C), np.nan, np.float32),
+                      "celltype_std": np.full((n, C), np.nan, np.float32)}
+        if domain:
+            self.small["domain_distance"] = np.full(n, np.nan, np.float32)
+        self.written = np.zeros(n, dtype=bool)
+        self._depth_sum = 0.0  # sum over rows of the predicted counts per row (sum over genes of the mean)
+
+    def write(self, idx, values: dict) -> None:
+        """Rows ``idx`` (any order) of each result (``mean``, ``aleatoric_var``, ``epistemic_var``: (k, genes);
+        ``celltype_mean``, ``celltype_std``: (k, cell types); ``domain_distance``: (k,))."""
+        import numpy as np
+
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        runs = np.split(np.arange(len(sidx)), np.flatnonzero(np.diff(sidx) != 1) + 1) if len(sidx) else []
+        self._depth_sum += float(np.asarray(values["mean"], dtype=np.float64).sum())
+        for key, ds in self._d.items():
+            v = np.asarray(values[key], dtype=np.float32)[order]
+            for r in runs:  # contiguous runs as slices: HDF5 writes them in one go
+                ds[int(sidx[r[0]]):int(sidx[r[-1]]) + 1] = v[r]
+        for key, arr in self.small.items():
+            arr[idx] = values[key]
+        self.written[idx] = True
+
+    def rescale_to_depth(self, depth: float, block: int = 4096) -> float:
+        """Rescale the rows written so far to a mean of ``depth`` predicted counts per row, in place, block by
+        block (:func:`stimage_nb.ensemble.rescale_to_depth`'s formulas: mean x f, epistemic x f^2, aleatoric
+        f mean + f^2 (aleatoric - mean)); returns the factor ``f``. Call once, after every row is written."""
+        import numpy as np
+
+        from ..errors import StimageInputError
+
+        if not depth > 0:
+            raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
+        now = self._depth_sum / self.n if self.n else 0.0
+        f = float(depth) / now if now > 0 else 1.0
+        for a in range(0, self.n, block):
+            b = min(self.n, a + block)
+            mean = self._d["mean"][a:b].astype(np.float64)
+            self._d["mean"][a:b] = (f * mean).astype(np.float32)
+            self._d["epistemic_var"][a:b] = (f * f * self._d["epistemic_var"][a:b].astype(np.float64)).astype(np.float32)
+            if "aleatoric_var" in self._d:
+                ale = self._d["aleatoric_var"][a:b].astype(np.float64)
+                self._d["aleatoric_var"][a:b] = (f * mean + f * f * (ale - mean)).astype(np.float32)
+        self._depth_sum *= f
+        return f
+
+    def close(self, uns: dict, obs_extra: dict | None = None) -> Path:
+        """Write the remaining elements and move the file into place; returns the path."""
+        import anndata as ad
+        import pandas as pd
+
+        if not self.written.all():
+            raise RuntimeError(f"{self.path}: {int((~self.written).sum())} of {self.n} rows were never written.")
+        obs = self.obs.copy()
+        if "domain_distance" in self.small:
+            obs[K.DOMAIN_DISTANCE] = self.small["domain_distance"]
+        for k, v in (obs_extra or {}).items():
+            obs[k] = v
+        f = self._f
+        write = ad.io.write_elem
+        write(f, "obs", obs)
+        write(f, "var", pd.DataFrame(index=pd.Index(self.genes)))
+        write(f, "obsm", {K.CELLTYPE_MEAN: pd.DataFrame(self.small["celltype_mean"], index=obs.index,
+                                                         columns=self.celltypes),
+                          K.CELLTYPE_STD: pd.DataFrame(self.small["celltype_std"], index=obs.index,
+                                                        columns=self.celltypes),
+                          K.SPATIAL: self.spatial})
+        for key in ("varm", "obsp", "varp"):
+            write(f, key, {})
+        write(f, "uns", {K.UNS: uns})
+        f.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the half-written file."""
+        try:
+            self._f.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,21 +1,37 @@
 """Readers that turn files on disk into :class:`~stimage_nb.io.section.Section` objects.
 
-- :func:`read_manifest`: a CSV with one row per section (the her2st bundle's ``sections.csv`` layout:
-  ``section,patient,image,counts,spots,um_per_px``; optional ``celltypes``, ``spot_diameter_um`` and
-  ``annotations`` (a QuPath GeoJSON: only spots inside its annotations are kept, ``obs["region"]`` names
-  them; see :func:`stimage_nb.qupath.restrict_to_regions`) columns; paths relative to the CSV). Rows
-  without counts are valid (prediction only). A row whose optional ``visium`` column names a Space
-  Ranger ``outs/`` folder is read by :func:`read_visium` (``image``: the full-resolution H&E, optional;
-  ``spots``, ``counts`` and ``um_per_px`` are then left empty), so Visium sections train and predict
-  through the same manifest and command line.
-- :func:`read_visium`: a 10x Space Ranger ``outs/`` folder.
-- :func:`read_anndata`: an AnnData with ``obsm["spatial"]`` plus an image.
+- :func:`read_manifest`: a CSV with one row per section. Paths are relative to the CSV. Columns:
+
+  - ``section`` (unique name), optional ``patient``, optional ``platform`` (``st``, ``visium``,
+    ``visium_hd``, ``xenium``, ``cosmx``, ``merscope``; :mod:`stimage_nb.io.platforms`);
+  - **her2st layout** (legacy ST; ``platform`` defaults to ``st``): ``image,counts,spots,um_per_px``;
+    optional ``celltypes`` and ``spot_diameter_um`` (default: the platform's, 100 µm for ST);
+  - **a platform's output**: ``outs`` names a Space Ranger ``outs/`` (Visium, Space Ranger 1-3), a Visium
+    HD ``outs/`` or ``binned_outputs/square_NNNum`` folder (``bin_um``: 2, 8 or 16, default 8), a Xenium
+    ``outs/`` (``image`` = the post-Xenium H&E, ``alignment`` = its Xenium Explorer alignment CSV, or
+    ``um_per_px`` when the H&E is registered to the Xenium frame), or an ``.h5ad`` of spots or cells
+    (``platform`` and ``image`` required; ``um_per_px``; ``xy_columns`` = the two ``obs`` columns holding
+    each point's image x (column) and y (row), in that order, default ``obsm["spatial"]``;
+    ``spot_diameter_um``). The platform of a folder is detected from its layout and must agree with
+    the ``platform`` column. ``visium`` is the older name of ``outs`` for Space Ranger folders.
+    ``image`` is optional for Visium/HD (default: the hires PNG); ``celltypes`` is a CSV/TSV keyed by
+    barcode/cell id (one label column, or proportions);
+  - **pseudo-spots**: ``pseudospot_um`` aggregates the row's cells or bins into pseudo-spots of that
+    diameter (``pseudospot_lattice``: ``hex``, the default, or ``square``;
+    :func:`stimage_nb.io.pseudospots.aggregate_pseudospots`);
+  - ``annotations``: a QuPath GeoJSON; only observations inside its annotations are kept and
+    ``obs["region"]`` names them (:func:`stimage_nb.qupath.restrict_to_regions`).
+
+  Rows without counts are valid (prediction only); rows of every kind mix in one manifest.
+- :func:`read_section_files`: one section in the her2st layout.
+- :func:`read_visium`, :func:`read_visium_hd` (:mod:`stimage_nb.io.visium`), :func:`read_xenium`
+  (:mod:`stimage_nb.io.xenium`).
+- :func:`read_anndata`: an AnnData with centres in ``obsm`` or two ``obs`` columns, plus an image.
 - :func:`read_wsi`: a whole-slide image (SVS/TIFF/OME-Zarr) with points on a regular grid over tissue.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,15 +42,20 @@ import pandas as pd
 
 from .. import _keys as K
 from ..errors import StimageInputError
+from . import platforms as P
 from .image import open_image
 from .ngff import check_um_per_px
-from .section import Section, check_counts, make_section_adata, select_genes
+from .platforms import check_platform
+from .pseudospots import aggregate_pseudospots
+from .section import Section, check_counts, make_section_adata, read_celltype_targets, select_genes
+from .visium import VISIUM_SPOT_UM, read_visium, read_visium_hd  # noqa: F401 (re-exported)
+from .xenium import read_xenium
 
 log = logging.getLogger(__name__)
 
 LEGACY_ST_SPOT_UM = 100.0  # legacy Spatial Transcriptomics spot diameter
-VISIUM_SPOT_UM = 55.0
 MANIFEST_COLUMNS = ("section", "image", "spots", "um_per_px")
+OUTS_COLUMNS = ("outs", "visium")  # a platform's output folder (or .h5ad); "visium": the older name
 
 
 def read_gene_list(path: str | os.PathLike) -> list[str]:
@@ -92,8 +113,12 @@ def _default_celltypes(base: Path, section: str, level: str = "major") -> Path |
 
 def read_section_files(name: str, *, image, spots, counts=None, um_per_px=None, patient=None, celltypes=None,
                        spot_diameter_um: float = LEGACY_ST_SPOT_UM, genes: Sequence[str] | None = None,
-                       drop_missing_genes: bool = False) -> Section:
-    """One section from an image, a spots table and (optionally) a counts table and cell-type proportions."""
+                       drop_missing_genes: bool = False, platform: str = P.ST) -> Section:
+    """One section from an image, a spots table and (optionally) a counts table and cell-type proportions.
+
+    The her2st layout (legacy ST, ``platform="st"`` unless told): spots table with ``x, y, pixel_x,
+    pixel_y`` (and ``selected``), counts indexed ``"{x}x{y}"``, proportions keyed the same way.
+    """
     spots_df = _read_spots(Path(spots))
     X = gene_names = None
     ids = spots_df.index
@@ -131,12 +156,37 @@ def read_section_files(name: str, *, image, spots, counts=None, um_per_px=None, 
                                genes=gene_names, celltypes=ct,
                                obs=pd.DataFrame({"array_x": sp["x"].to_numpy(), "array_y": sp["y"].to_numpy()}),
                                uns={"section": name, "patient": patient, "image": str(image),
-                                    "counts": str(counts) if counts else None, "um_per_px": um_per_px})
-    s = Section(name, adata, Path(image), um_per_px, patient)
+                                    "counts": str(counts) if counts else None, "um_per_px": um_per_px,
+                                    K.OBS_UNIT: P.obs_unit(platform)})
+    s = Section(name, adata, Path(image), um_per_px, patient, platform=platform)
     s, dropped = select_genes(s, genes, drop_missing=drop_missing_genes, source=counts)
     if dropped:
         s.adata.uns[K.UNS]["dropped_genes"] = dropped
     return s
+
+
+def _cell(row, col: str) -> str | None:
+    """A manifest cell as a stripped string, or None when the column is absent or the cell empty."""
+    if col not in row.index:
+        return None
+    v = row.get(col)
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    v = str(v).strip()
+    return None if v in ("", "nan", "NaN", "None") else v
+
+
+def _float_cell(path: Path, name: str, row, col: str) -> float | None:
+    v = _cell(row, col)
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        f = float("nan")
+    if not np.isfinite(f) or f <= 0:
+        raise StimageInputError(f"{path}: section {name}, column {col}: {v!r} is not a positive number.")
+    return f
 
 
 def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None, *,
@@ -158,6 +208,15 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
         (``celltypes/{level}/{section}-proportion.tsv`` beside the manifest).
     check_images
         Fail now (not mid-training) when an image file is missing.
+
+    Returns
+    -------
+    list of :class:`Section`, each with its ``platform`` set (``st`` for rows in the her2st layout).
+
+    Raises
+    ------
+    StimageInputError
+        A missing or unreadable file, column or value, naming the manifest, the section and the file.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -166,12 +225,17 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
         m = pd.read_csv(path, dtype=str)
     except Exception as e:  # noqa: BLE001
         raise StimageInputError(f"{path}: cannot read the manifest CSV ({e}).") from e
-    required = ("section",) if "visium" in m.columns else MANIFEST_COLUMNS
+    out_cols = [c for c in OUTS_COLUMNS if c in m.columns]
+    required = ("section",) if out_cols else MANIFEST_COLUMNS
     missing_cols = [c for c in required if c not in m.columns]
     if missing_cols:
         raise StimageInputError(f"{path}: manifest lacks columns {missing_cols}; expected at least "
-                                f"{list(MANIFEST_COLUMNS)} (plus optional counts, patient, celltypes, spot_diameter_um).")
+                                f"{list(MANIFEST_COLUMNS)} (plus optional counts, patient, celltypes, spot_diameter_um), "
+                                "or section + outs (a Visium/Visium HD/Xenium output or an .h5ad) + platform.")
     base = path.parent
+    if m["section"].isna().any() or m["section"].duplicated().any():
+        dup = m["section"][m["section"].duplicated()].tolist()
+        raise StimageInputError(f"{path}: every row needs a unique section name (empty or repeated: {dup or ['<empty>']}).")
     m = m.set_index("section", drop=False)
     if sections is not None:
         sections = [s for s in sections]
@@ -181,12 +245,28 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
         m = m.loc[sections]
     out = []
     for name, row in m.iterrows():
-        outs = _resolve(base, row.get("visium")) if "visium" in m.columns else None
-        if outs is not None:
-            sec = _manifest_visium_row(path, base, str(name), row, outs, genes, drop_missing_genes, check_images)
+        name = str(name)
+        plat = _cell(row, "platform")
+        plat = check_platform(plat, f"{path} (section {name}, column platform)") if plat is not None else None
+        given = [(c, _resolve(base, _cell(row, c))) for c in out_cols if _cell(row, c) is not None]
+        if len(given) > 1:
+            raise StimageInputError(f"{path}: section {name} names both {given[0][0]} and {given[1][0]}; use one.")
+        if given:
+            sec = _manifest_outs_row(path, base, name, row, given[0][0], given[0][1], plat, genes, drop_missing_genes,
+                                     check_images)
         else:
-            sec = _manifest_files_row(path, base, m.columns, str(name), row, genes, drop_missing_genes, check_images,
-                                      celltype_level)
+            sec = _manifest_files_row(path, base, m.columns, name, row, genes, drop_missing_genes, check_images,
+                                      celltype_level, out_cols[0] if out_cols else "visium", plat or P.ST)
+        patient = _cell(row, "patient")
+        if patient is not None:
+            sec.patient = patient
+            sec.adata.uns.setdefault(K.UNS, {})["patient"] = patient
+        d = _float_cell(path, name, row, "pseudospot_um")
+        if d is not None:
+            lat = _cell(row, "pseudospot_lattice") or "hex"
+            if lat not in ("hex", "square"):
+                raise StimageInputError(f"{path}: section {name}, column pseudospot_lattice: {lat!r} is not hex or square.")
+            sec = aggregate_pseudospots(sec, d, lattice=lat)
         ann = _resolve(base, row.get("annotations")) if "annotations" in m.columns else None
         if ann is not None:  # QuPath annotations: keep the spots inside them (Ignore*/exclude dropped)
             from ..qupath import restrict_to_regions
@@ -196,12 +276,46 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
     return out
 
 
+def manifest_platforms(path: str | os.PathLike) -> dict[str, str]:
+    """``{section: platform}`` of a manifest without reading any counts or image (for planning splits).
+
+    The ``platform`` column where given; else the layout of the ``outs``/``visium`` folder; else ``st``
+    (her2st-layout rows). Raises :class:`StimageInputError` for an unknown platform or an ``.h5ad`` row
+    without one, as :func:`read_manifest` would.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise StimageInputError(f"{path}: manifest not found.")
+    try:
+        m = pd.read_csv(path, dtype=str)
+    except Exception as e:  # noqa: BLE001
+        raise StimageInputError(f"{path}: cannot read the manifest CSV ({e}).") from e
+    if "section" not in m.columns:
+        raise StimageInputError(f"{path}: manifest lacks the column section.")
+    out = {}
+    for _, row in m.iterrows():
+        name = str(row["section"])
+        plat = _cell(row, "platform")
+        if plat is not None:
+            out[name] = check_platform(plat, f"{path} (section {name}, column platform)")
+            continue
+        src = next((_resolve(path.parent, _cell(row, c)) for c in OUTS_COLUMNS if _cell(row, c) is not None), None)
+        if src is None:
+            out[name] = P.ST
+        elif src.suffix == ".h5ad":
+            raise StimageInputError(f"{path}: section {name} is an AnnData ({src.name}); say which platform it comes from "
+                                    f"in the column platform (one of {sorted(P.PLATFORMS)}).")
+        else:
+            out[name] = P.detect_platform(src) or P.UNKNOWN
+    return out
+
+
 def _manifest_files_row(path: Path, base: Path, columns, name: str, row, genes, drop_missing_genes: bool,
-                        check_images: bool, celltype_level: str) -> Section:
+                        check_images: bool, celltype_level: str, outs_col: str, platform: str) -> Section:
     """One manifest row in the her2st layout (image, spots, counts, µm/px files)."""
     missing = [c for c in MANIFEST_COLUMNS if c not in columns]
     if missing:
-        raise StimageInputError(f"{path}: section {name} has no visium folder, so it needs the columns {missing}.")
+        raise StimageInputError(f"{path}: section {name} has no {outs_col} folder, so it needs the columns {missing}.")
     um = check_um_per_px(row.get("um_per_px"), f"{path} (section {name}, column um_per_px)")
     image = _resolve(base, row["image"])
     if image is None:
@@ -209,124 +323,100 @@ def _manifest_files_row(path: Path, base: Path, columns, name: str, row, genes, 
     if check_images and not image.exists():
         raise StimageInputError(f"{image}: image of section {name} not found (manifest {path}).")
     ct = _resolve(base, row.get("celltypes")) if "celltypes" in columns else _default_celltypes(base, name, celltype_level)
-    diam = row.get("spot_diameter_um")
-    diam = float(diam) if diam is not None and str(diam) not in ("", "nan") else LEGACY_ST_SPOT_UM
+    diam = _float_cell(path, name, row, "spot_diameter_um")
+    if diam is None:
+        if P.obs_unit(platform) in ("cell", "bin"):
+            raise StimageInputError(f"{path}: section {name} ({platform}) in the spots-table layout: give the cell/bin "
+                                    "diameter in the column spot_diameter_um.")
+        diam = P.PLATFORMS[platform].diameter_um or LEGACY_ST_SPOT_UM
     return read_section_files(
         name, image=image, spots=_resolve(base, row["spots"]), counts=_resolve(base, row.get("counts")),
         um_per_px=um, patient=row.get("patient") if "patient" in columns else None, celltypes=ct,
-        spot_diameter_um=diam, genes=genes, drop_missing_genes=drop_missing_genes)
+        spot_diameter_um=diam, genes=genes, drop_missing_genes=drop_missing_genes, platform=platform)
 
 
-def _manifest_visium_row(path: Path, base: Path, name: str, row, outs: Path, genes, drop_missing_genes: bool,
-                         check_images: bool) -> Section:
-    """One manifest row that names a Space Ranger ``outs/`` folder (column ``visium``)."""
-    if not outs.is_dir():
-        raise StimageInputError(f"{outs}: Visium outs/ folder of section {name} not found (manifest {path}).")
-    image = _resolve(base, row.get("image")) if "image" in row.index else None
+def _manifest_outs_row(path: Path, base: Path, name: str, row, col: str, src: Path, platform: str | None, genes,
+                       drop_missing_genes: bool, check_images: bool) -> Section:
+    """One manifest row naming a platform's output (column ``outs``, or ``visium`` for Space Ranger)."""
+    where = f"manifest {path}, section {name}"
+    if not src.exists():
+        what = "Visium outs/ folder" if col == "visium" else "platform output (column outs)"
+        raise StimageInputError(f"{src}: {what} of section {name} not found (manifest {path}).")
+    image = _resolve(base, _cell(row, "image"))
     if image is not None and check_images and not image.exists():
         raise StimageInputError(f"{image}: image of section {name} not found (manifest {path}).")
-    s = read_visium(outs, image=image, name=name, genes=genes, drop_missing_genes=drop_missing_genes)
-    patient = row.get("patient") if "patient" in row.index else None
-    if patient is not None and str(patient) not in ("", "nan"):
-        s.patient = str(patient)
-        s.adata.uns.setdefault(K.UNS, {})["patient"] = str(patient)
-    return s
-
-
-def _read_10x_h5(path: Path):
-    import h5py
-    import scipy.sparse as sp
-
-    try:
-        with h5py.File(path, "r") as f:
-            g = f["matrix"]
-            shape = tuple(g["shape"][:])
-            M = sp.csc_matrix((g["data"][:], g["indices"][:], g["indptr"][:]), shape=shape)
-            barcodes = [b.decode() for b in g["barcodes"][:]]
-            names = [b.decode() for b in g["features"]["name"][:]]
-            ids = [b.decode() for b in g["features"]["id"][:]]
-    except Exception as e:  # noqa: BLE001
-        raise StimageInputError(f"{path}: not a readable 10x feature-barcode matrix ({e}).") from e
-    return M.T.tocsr().astype(np.float32), barcodes, names, ids
-
-
-def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None = None, name: str | None = None,
-                genes: Sequence[str] | None = None, drop_missing_genes: bool = False,
-                in_tissue_only: bool = True) -> Section:
-    """A 10x Visium Space Ranger ``outs/`` folder as a Section.
-
-    ``image`` is the full-resolution H&E used for Space Ranger; without it the ``tissue_hires_image.png``
-    (or lowres, if hires is blank) is used and spot coordinates are scaled into its pixel frame
-    (``uns["stimage_nb"]["image_scale"]`` records the factor to full resolution). µm/px follows from the
-    55 µm spot diameter and ``spot_diameter_fullres``.
-    """
-    outs = Path(outs)
-    sp_dir = outs / "spatial"
-    h5 = outs / "filtered_feature_bc_matrix.h5"
-    if not h5.is_file():
-        raise StimageInputError(f"{outs}: no filtered_feature_bc_matrix.h5; is this a Space Ranger outs/ folder?")
-    X, barcodes, names, feat_ids = _read_10x_h5(h5)
-    check_counts(X, h5)
-    sf_path = sp_dir / "scalefactors_json.json"
-    try:
-        sf = json.loads(sf_path.read_text())
-    except Exception as e:  # noqa: BLE001
-        raise StimageInputError(f"{sf_path}: cannot read the scale factors ({e}).") from e
-    pos_path = next((p for p in (sp_dir / "tissue_positions.csv", sp_dir / "tissue_positions_list.csv") if p.is_file()), None)
-    if pos_path is None:
-        raise StimageInputError(f"{sp_dir}: no tissue_positions(.csv|_list.csv).")
-    header = pos_path.read_text().split("\n", 1)[0].startswith("barcode")
-    pos = pd.read_csv(pos_path, header=0 if header else None)
-    pos.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
-    pos = pos.set_index("barcode")
-    um_full = VISIUM_SPOT_UM / float(sf["spot_diameter_fullres"])
-    scale = 1.0
-    if image is None:
-        scale, image = None, None
-        for key, fname in (("tissue_hires_scalef", "tissue_hires_image.png"), ("tissue_lowres_scalef", "tissue_lowres_image.png")):
-            p = sp_dir / fname
-            if p.is_file() and _not_blank(p):
-                scale, image = float(sf[key]), p
-                break
+    celltypes = _resolve(base, _cell(row, "celltypes"))
+    um = _float_cell(path, name, row, "um_per_px")
+    if src.is_file():
+        if src.suffix != ".h5ad":
+            raise StimageInputError(f"{src}: column {col} of section {name} must name an output folder (Space Ranger / "
+                                    f"Visium HD / Xenium outs/) or an .h5ad file ({where}).")
+        if platform is None:
+            raise StimageInputError(f"{path}: section {name} is an AnnData ({src.name}); say which platform it comes from "
+                                    f"in the column platform (one of {sorted(P.PLATFORMS)}).")
         if image is None:
-            raise StimageInputError(f"{sp_dir}: no usable H&E image (hires/lowres PNGs missing or blank); "
-                                    "pass image= the full-resolution H&E.")
-    bc = [b for b in barcodes if b in pos.index]
-    if len(bc) == 0:
-        raise StimageInputError(f"{pos_path}: no barcode of {h5} is in the tissue positions.")
-    keep = pos.loc[bc]
-    sel = keep["in_tissue"].astype(int).to_numpy() == 1 if in_tissue_only else np.ones(len(bc), bool)
-    rows = np.array([barcodes.index(b) for b in bc])[sel]
-    keep = keep[sel]
-    xy = keep[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64) * scale
-    adata = make_section_adata(keep.index, xy, VISIUM_SPOT_UM, counts=X[rows], genes=names,
-                               obs=keep[["in_tissue", "array_row", "array_col"]].reset_index(drop=True),
-                               uns={"section": name or outs.name, "image": str(image), "image_scale": scale,
-                                    "um_per_px": um_full / scale, "platform": "visium"})
-    adata.var["gene_ids"] = np.asarray(feat_ids)
-    if adata.var_names.has_duplicates:
-        adata.var_names_make_unique()
-    s = Section(name or outs.name, adata, Path(image), um_full / scale, None, {"image_scale": scale})
-    s, dropped = select_genes(s, genes, drop_missing=drop_missing_genes, source=h5)
-    return s
-
-
-def _not_blank(p: Path) -> bool:
-    from PIL import Image
-
-    with Image.open(p) as im:
-        im.thumbnail((64, 64))
-        a = np.asarray(im.convert("L"))
-    return bool(a.std() > 1.0)
+            raise StimageInputError(f"{path}: section {name} is an AnnData ({src.name}) and needs its H&E in the column image.")
+        xy_cols = _cell(row, "xy_columns")
+        xy_cols = [c.strip() for c in xy_cols.split(",")] if xy_cols else None
+        diam = _float_cell(path, name, row, "spot_diameter_um") or P.PLATFORMS[platform].diameter_um
+        if diam is None:
+            raise StimageInputError(f"{path}: section {name} ({platform}): give the cell/spot diameter in the column "
+                                    "spot_diameter_um.")
+        return read_anndata(src, image, um_per_px=um, name=name, diameter_um=diam, xy_columns=xy_cols,
+                            platform=platform, celltypes=celltypes, genes=genes, drop_missing_genes=drop_missing_genes)
+    layout = P.detect_platform(src)
+    if layout is None:
+        raise StimageInputError(f"{src}: section {name}: not a Space Ranger (Visium), Visium HD or Xenium output folder "
+                                f"({where}).")
+    if col == "visium" and layout not in (P.VISIUM, P.VISIUM_HD):
+        raise StimageInputError(f"{src}: section {name}: the column visium names a {layout} folder; use the column outs.")
+    platform = platform or layout
+    if platform != layout:
+        raise StimageInputError(f"{src}: section {name}: the column platform says {platform!r}, but the folder is a "
+                                f"{layout} output ({where}).")
+    if platform == P.VISIUM:
+        return read_visium(src, image=image, name=name, genes=genes, drop_missing_genes=drop_missing_genes,
+                           celltypes=celltypes)
+    if platform == P.VISIUM_HD:
+        b = _float_cell(path, name, row, "bin_um")
+        return read_visium_hd(src, bin_um=int(b) if b else None, image=image, name=name, genes=genes,
+                              drop_missing_genes=drop_missing_genes, celltypes=celltypes)
+    return read_xenium(src, image=image, alignment=_resolve(base, _cell(row, "alignment")), um_per_px=um, name=name,
+                       genes=genes, drop_missing_genes=drop_missing_genes, celltypes=celltypes)
 
 
 def read_anndata(adata, image: str | os.PathLike, *, um_per_px: float | None = None, name: str | None = None,
-                 spatial_key: str = "spatial", diameter_um: float = VISIUM_SPOT_UM,
-                 celltype_key: str | None = None, genes=None, drop_missing_genes: bool = False) -> Section:
-    """An AnnData (object or ``.h5ad`` path) with centres in ``obsm[spatial_key]`` plus its image.
+                 spatial_key: str = "spatial", xy_columns: Sequence[str] | None = None,
+                 diameter_um: float = VISIUM_SPOT_UM, celltype_key: str | None = None,
+                 celltypes: str | os.PathLike | None = None, platform: str | None = None, genes=None,
+                 drop_missing_genes: bool = False) -> Section:
+    """An AnnData (object or ``.h5ad`` path) of spots or cells plus its image.
 
-    Counts are taken from ``layers["counts"]`` when present, else ``X``. ``celltype_key`` names an
-    ``obsm`` DataFrame of proportions or an ``obs`` column of per-cell labels.
+    Parameters
+    ----------
+    adata
+        The AnnData or its ``.h5ad``. Counts from ``layers["counts"]`` when present, else ``X``.
+    image, um_per_px
+        The H&E the coordinates refer to, and its µm/px (default: the image's own metadata).
+    spatial_key
+        ``obsm`` key of the (n, 2) centres, x (image column) then y (image row), in level-0 px.
+    xy_columns
+        Instead of ``obsm``: the two ``obs`` columns holding x (column) and y (row), **in that order**.
+        Conventions differ: HEST/DeepSpot-style Xenium files store ``x_pixel`` = image *row* and
+        ``y_pixel`` = image *column*, so they need ``xy_columns=("y_pixel", "x_pixel")``.
+    diameter_um
+        Spot or cell diameter (µm), unless ``obs["diameter_um"]`` has it.
+    celltype_key, celltypes
+        An ``obsm`` DataFrame of proportions or an ``obs`` column of labels; or a CSV/TSV keyed by
+        observation id (:func:`stimage_nb.io.section.read_celltype_targets`).
+    platform
+        Where the observations come from (:mod:`stimage_nb.io.platforms`); default: the AnnData's
+        ``uns["stimage_nb"]["platform"]``, else ``"unknown"``.
+
+    Raises
+    ------
+    StimageInputError
+        A missing/unreadable file, missing coordinates (naming what the AnnData has), bad counts.
     """
     import anndata as ad
 
@@ -335,9 +425,32 @@ def read_anndata(adata, image: str | os.PathLike, *, um_per_px: float | None = N
         p = Path(adata)
         if not p.is_file():
             raise StimageInputError(f"{p}: AnnData file not found.")
-        adata = ad.read_h5ad(p)
-    if spatial_key not in adata.obsm:
-        raise StimageInputError(f"{src}: no obsm[{spatial_key!r}] with spot/cell centres (have {list(adata.obsm)}).")
+        try:
+            adata = ad.read_h5ad(p)
+        except Exception as e:  # noqa: BLE001
+            raise StimageInputError(f"{p}: not a readable .h5ad ({type(e).__name__}: {e}).") from e
+    if xy_columns is not None:
+        xy_columns = list(xy_columns)
+        if len(xy_columns) != 2:
+            raise StimageInputError(f"{src}: xy_columns must name two obs columns (x = image column, y = image row), "
+                                    f"got {xy_columns}.")
+        missing = [c for c in xy_columns if c not in adata.obs]
+        if missing:
+            raise StimageInputError(f"{src}: no obs columns {missing} for the centres (obs has {list(adata.obs.columns)}).")
+        try:
+            xy = adata.obs[xy_columns].to_numpy(dtype=np.float64)
+        except ValueError as e:
+            raise StimageInputError(f"{src}: obs columns {xy_columns} must be numeric pixel coordinates ({e}).") from e
+    else:
+        if spatial_key not in adata.obsm:
+            raise StimageInputError(f"{src}: no obsm[{spatial_key!r}] with spot/cell centres (have obsm "
+                                    f"{list(adata.obsm)}, obs {list(adata.obs.columns)}); name the obs columns with "
+                                    "xy_columns (manifest column xy_columns).")
+        xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    if not np.all(np.isfinite(xy)):
+        raise StimageInputError(f"{src}: {int((~np.isfinite(xy)).any(axis=1).sum())} observations have no coordinates.")
+    if um_per_px is not None:
+        um_per_px = check_um_per_px(um_per_px, f"{src} (um_per_px of {image})")
     X = adata.layers["counts"] if "counts" in adata.layers else adata.X
     check_counts(X, src)
     ct = None
@@ -352,11 +465,21 @@ def read_anndata(adata, image: str | os.PathLike, *, um_per_px: float | None = N
             obs = pd.DataFrame({K.CELLTYPE_LABEL: labels.to_numpy()})
         else:
             raise StimageInputError(f"{src}: celltype_key {celltype_key!r} is neither in obsm nor obs.")
+    elif celltypes is not None:
+        ct, labels = read_celltype_targets(celltypes, adata.obs_names)
+        if labels is not None:
+            obs = pd.DataFrame({K.CELLTYPE_LABEL: labels.to_numpy()})
+    if platform is None:
+        uns_in = adata.uns.get(K.UNS)
+        platform = uns_in.get(K.PLATFORM) if isinstance(uns_in, dict) else None
+    platform = platform or P.UNKNOWN
     diam = adata.obs[K.DIAMETER_UM].to_numpy() if K.DIAMETER_UM in adata.obs else diameter_um
-    new = make_section_adata(adata.obs_names, np.asarray(adata.obsm[spatial_key])[:, :2], diam, counts=X,
-                             genes=list(adata.var_names), celltypes=ct, obs=obs,
-                             uns={"section": name or Path(str(src)).stem, "image": str(image), "um_per_px": um_per_px})
-    s = Section(name or Path(str(src)).stem, new, Path(image), um_per_px)
+    nm = name or Path(str(src)).stem
+    coords = f"obs[{xy_columns[0]!r}], obs[{xy_columns[1]!r}]" if xy_columns else f"obsm[{spatial_key!r}]"
+    new = make_section_adata(adata.obs_names, xy, diam, counts=X, genes=list(adata.var_names), celltypes=ct, obs=obs,
+                             uns={"section": nm, "image": str(image), "um_per_px": um_per_px,
+                                  K.OBS_UNIT: P.obs_unit(platform), "coordinates": coords})
+    s = Section(nm, new, Path(image), um_per_px, platform=platform)
     s, _ = select_genes(s, genes, drop_missing=drop_missing_genes, source=src)
     return s
 
@@ -373,7 +496,8 @@ def read_wsi(path: str | os.PathLike, *, um_per_px: float | None = None, spacing
     xy = grid_points(img, spacing_um=spacing_um, tissue_only=tissue_only)
     ids = [f"{int(round(x))}_{int(round(y))}" for x, y in xy]
     nm = name or Path(path).name.split(".")[0]
-    adata = make_section_adata(ids, xy, diameter_um, uns={"section": nm, "image": str(path), "um_per_px": img.um_per_px})
-    s = Section(nm, adata, Path(path), img.um_per_px)
+    adata = make_section_adata(ids, xy, diameter_um, uns={"section": nm, "image": str(path), "um_per_px": img.um_per_px,
+                                                          K.OBS_UNIT: P.obs_unit(P.IMAGE)})
+    s = Section(nm, adata, Path(path), img.um_per_px, platform=P.IMAGE)
     s.image = img
     return s

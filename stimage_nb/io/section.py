@@ -7,7 +7,12 @@ A :class:`Section` holds
   ``"{x}x{y}"`` of a legacy ST counts table or a Visium barcode), with their centres in the image's
   level-0 pixels (``obs.pixel_x/pixel_y`` and ``obsm["spatial"]``), their diameter in µm, raw counts
   in ``X`` (zero genes when the section has none) and soft cell-type targets in
-  ``obsm["celltype_proportions"]``.
+  ``obsm["celltype_proportions"]``;
+- ``platform``: where the observations come from (``"st"``, ``"visium"``, ``"visium_hd"``, ``"xenium"``,
+  ``"cosmx"``, ``"merscope"``, ``"image"``, ``"unknown"``; :mod:`stimage_nb.io.platforms`), also
+  recorded in ``adata.uns["stimage_nb"]["platform"]``. A keyword-only field: when it is not given, the
+  value already in ``uns`` is used (so a copy of a section's AnnData keeps its platform), else
+  ``"unknown"``.
 
 Every reader in :mod:`stimage_nb.io.readers` returns Sections, and every later step (tiling, training,
 prediction, export, OMERO) takes them.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,17 @@ class Section:
     patient: str | None = None
     meta: dict = field(default_factory=dict)
     _image: SlideImage | None = field(default=None, repr=False)
+    platform: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        uns = self.adata.uns.get(K.UNS)
+        if not isinstance(uns, dict):
+            uns = dict(uns or {})
+            self.adata.uns[K.UNS] = uns
+        if self.platform is None:
+            self.platform = uns.get(K.PLATFORM) or "unknown"
+        self.platform = str(self.platform).strip().lower()
+        uns[K.PLATFORM] = self.platform
 
     @property
     def image(self) -> SlideImage:
@@ -81,13 +97,12 @@ class Section:
         return float(np.median(self.adata.obs[K.DIAMETER_UM]))
 
     def __repr__(self) -> str:
-        return (f"Section({self.name!r}, patient={self.patient!r}, n_obs={self.adata.n_obs}, "
+        return (f"Section({self.name!r}, patient={self.patient!r}, platform={self.platform!r}, n_obs={self.adata.n_obs}, "
                 f"n_genes={self.adata.n_vars}, um_per_px={self.um_per_px}, image={str(self.image_path)!r})")
 
     def subset(self, mask) -> "Section":
         """A section restricted to some observations (boolean mask or ids)."""
-        return Section(self.name, self.adata[mask].copy(), self.image_path, self.um_per_px, self.patient,
-                       dict(self.meta), self._image)
+        return replace(self, adata=self.adata[mask].copy(), meta=dict(self.meta))
 
     def drop_outside_image(self, margin_px: float = 0.0) -> "Section":
         """Exclude points whose centre lies outside the image; count and report them."""
@@ -140,6 +155,57 @@ def make_section_adata(ids, xy, diameter_um, counts=None, genes=None, celltypes:
     return a
 
 
+def celltypes_from_labels(labels: pd.Series) -> pd.DataFrame:
+    """One-hot cell-type targets (float32, one column per label, sorted) from hard per-cell labels.
+
+    Missing labels (NaN/empty) give a row of NaN (no target).
+    """
+    lab = labels.astype("string").str.strip()
+    missing = lab.isna() | (lab == "")
+    cats = sorted(lab[~missing].unique().tolist())
+    out = pd.DataFrame(0.0, index=labels.index, columns=cats, dtype=np.float32)
+    for c in cats:
+        out.loc[(lab == c).fillna(False).to_numpy(), c] = 1.0
+    out.loc[missing.to_numpy(), :] = np.nan
+    return out
+
+
+def read_celltype_targets(path: str | os.PathLike, ids) -> tuple[pd.DataFrame, pd.Series | None]:
+    """Cell-type targets for observations ``ids`` from a CSV/TSV keyed by id (first column).
+
+    One column = hard labels, names or cluster numbers (e.g. Xenium Explorer's ``cell_id,group`` export or
+    Space Ranger's ``Barcode,Cluster``): returns one-hot proportions and the labels (as strings).
+    Several numeric columns = proportions (rows should sum to 1, e.g. a deconvolution's output). Ids
+    without a row get NaN (no target).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise StimageInputError(f"{p}: cell-type file not found.")
+    sep = "\t" if any(x in p.name.lower() for x in (".tsv", ".txt")) else ","
+    try:
+        df = pd.read_csv(p, sep=sep, index_col=0, dtype=str)  # labels as written ("1", not 1.0)
+    except Exception as e:  # noqa: BLE001
+        raise StimageInputError(f"{p}: cannot read the cell-type table ({type(e).__name__}: {e}).") from e
+    df.index = df.index.astype(str)
+    if df.shape[1] == 0:
+        raise StimageInputError(f"{p}: the cell-type table has an id column but no labels or proportions.")
+    ids = pd.Index([str(i) for i in ids])
+    n_hit = int(ids.isin(df.index).sum())
+    if n_hit == 0:
+        raise StimageInputError(f"{p}: none of its {len(df)} ids (e.g. {list(df.index[:2])}) match the observations "
+                                f"(e.g. {list(ids[:2])}).")
+    if n_hit < len(ids):
+        log.warning("%s: %d of %d observations have no cell type (NaN targets)", p, len(ids) - n_hit, len(ids))
+    if df.shape[1] == 1:
+        labels = df.iloc[:, 0].str.strip().replace("", np.nan).reindex(ids)
+        return celltypes_from_labels(labels), labels
+    try:
+        props = df.reindex(ids).astype(np.float32)
+    except ValueError as e:
+        raise StimageInputError(f"{p}: cell-type proportions must be numeric, or give a single label column ({e}).") from e
+    return props, None
+
+
 def check_counts(X, source: str | os.PathLike) -> None:
     """Refuse NaN or negative counts, naming the file."""
     import scipy.sparse as sp
@@ -177,5 +243,15 @@ def select_genes(section: Section, genes: list[str] | None, *, drop_missing: boo
     keep = [g for g in genes if g in have]
     a = section.adata[:, keep].copy()
     a.uns = section.adata.uns
-    return Section(section.name, a, section.image_path, section.um_per_px, section.patient, section.meta,
-                   section._image), missing
+    return replace(section, adata=a), missing
+
+
+def section_depth(section: Section, genes: list[str] | None = None) -> float:
+    """A section's sequencing depth: the mean over its spots of the counts summed over ``genes`` (default: all
+    its genes), at least 1. The mean, not the median, because the predicted means scale with it (on a shallow
+    section most spots hold a handful of counts and the median is a coarse integer)."""
+    import scipy.sparse as sp
+
+    X = section.adata.X if genes is None else section.adata[:, list(genes)].X
+    tot = np.asarray(X.sum(axis=1)).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).sum(1)
+    return max(float(np.mean(tot)) if len(tot) else 0.0, 1.0)

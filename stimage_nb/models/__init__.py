@@ -6,8 +6,11 @@
 - :mod:`.features`: frozen extractors (:class:`KMeansExtractor`, handcrafted statistics, a timm backbone)
   and :class:`FeatureStack`, the offline default's ``"kmeans+handcrafted"`` features
 - :mod:`.model`: :class:`STModel` (one ensemble member) and :func:`build_model`
+- :mod:`.encoders`: the registry of pathology foundation encoders (UNI, Virchow2, H-optimus...), built from
+  timm and loaded offline from local files
 """
 
+from . import encoders
 from .backbone import (
                        create_backbone,
                        hub_reachable,
@@ -22,7 +25,7 @@ from .features import (
                        build_stack,
                        parse_extractor,
 )
-from .heads import CellTypeHead, NBHead, labels_to_targets, soft_cross_entropy
+from .heads import CellTypeHead, MLPHead, NBHead, labels_to_targets, soft_cross_entropy
 from .model import Output, STModel, build_model
 from .nb import moment_init, nb_log_prob, nb_nll, nb_variance, to_torch_distribution
 
@@ -31,6 +34,7 @@ __all__ = [
                        "FeatureStack",
                        "HandcraftedExtractor",
                        "KMeansExtractor",
+                       "MLPHead",
                        "NBHead",
                        "Output",
                        "STModel",
@@ -38,6 +42,7 @@ __all__ = [
                        "build_model",
                        "build_stack",
                        "create_backbone",
+                       "encoders",
                        "hub_reachable",
                        "labels_to_targets",
                        "load_local_weights",

@@ -8,6 +8,10 @@
 - ``"pretrained"`` (alias ``"timm"``): the timm pretrained weights of the backbone name;
 - a timm name with a tag (``"resnet50.a1_in1k"``) or an ``"hf-hub:org/repo"`` id.
 
+A registered pathology foundation encoder (``"uni"``, ``"virchow2"``, ``"hf-hub:bioptimus/H-optimus-0"``...,
+see :mod:`stimage_nb.models.encoders`) is built from the registry's timm architecture and arguments, so
+its local weights (a file or a downloaded Hugging Face folder) load without any network access.
+
 Hub downloads are attempted only when the hub answers within a few seconds; offline (no answer, or
 ``HF_HUB_OFFLINE=1``) only the local Hugging Face cache is consulted, and when the weights are not
 there :class:`~stimage_nb.errors.WeightsUnavailableError` is raised at once, saying how to provide a
@@ -100,19 +104,24 @@ def _check_name(name: str) -> None:
 
 
 def create_backbone(name: str, weights: str | os.PathLike | None = "none", *, hub_timeout: float = HUB_TIMEOUT_S,
-                    **kwargs) -> nn.Module:
+                    init: bool = True, **kwargs) -> nn.Module:
     """A timm backbone that returns pooled features (``num_classes=0``).
 
     Parameters
     ----------
     name
-        timm model name (``"resnet18"``, ``"test_resnet"``, ``"hf-hub:org/repo"``...).
+        timm model name (``"resnet18"``, ``"test_resnet"``, ``"hf-hub:org/repo"``...) or a registered
+        encoder (``"uni"``, ``"virchow2"``...; :mod:`stimage_nb.models.encoders`).
     weights
         See the module docstring.
     hub_timeout
         Seconds to wait for the model hub before treating the machine as offline.
+    init
+        ``False`` with ``weights="none"``: skip the random initialisation of a registered encoder because
+        a complete state dict is loaded next (rebuilding a saved ensemble).
     **kwargs
-        Passed to :func:`timm.create_model` (e.g. ``dynamic_img_size=True`` for ViTs).
+        Passed to :func:`timm.create_model` (e.g. ``dynamic_img_size=True`` for ViTs); for a registered
+        encoder, arguments that replace the registry's.
 
     Returns
     -------
@@ -121,6 +130,11 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "none", *, hu
     """
     import timm
 
+    from .encoders import find_encoder, load_encoder
+
+    entry = find_encoder(name)
+    if entry is not None:
+        return load_encoder(entry, weights, overrides=kwargs or None, init=init, hub_timeout=hub_timeout)
     _check_name(name)
     kwargs = dict(kwargs)
     kwargs["num_classes"] = 0
@@ -131,7 +145,7 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "none", *, hu
         return timm.create_model(name, pretrained=False, **kwargs)
     if is_local_weights(w):
         model = timm.create_model(name, pretrained=False, **kwargs) if not name.startswith("hf-hub:") else \
-            _from_hub(name, None, hub_timeout, pretrained=False, **kwargs)
+            _hub_model_offline(name, w, hub_timeout, **kwargs)
         load_local_weights(model, w)
         return model
     if w.lower() in ("pretrained", "timm"):
@@ -147,6 +161,33 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "none", *, hu
     if w.split(".")[0] != name.split(".")[0]:
         raise StimageInputError(f"weights {w!r} are for architecture {w.split('.')[0]!r}, not the backbone {name!r}.")
     return _from_hub(w, None, hub_timeout, **kwargs)
+
+
+def _hub_model_offline(name: str, weights: str, hub_timeout: float, **kwargs) -> nn.Module:
+    """The architecture of an ``hf-hub:`` model whose weights are local: from the downloaded folder's
+    ``config.json`` when there is one (no network), else from timm's hub config (the local cache offline)."""
+    import timm
+
+    from .encoders import resolve_weights
+
+    src = resolve_weights(weights)
+    cfg = src.config or {}
+    if cfg.get("architecture"):
+        pcfg = cfg.get("pretrained_cfg") or {}
+        args = {**(cfg.get("model_args") or {}), **kwargs}
+        if "global_pool" in pcfg:
+            args.setdefault("global_pool", pcfg["global_pool"])
+        model = timm.create_model(cfg["architecture"], pretrained=False, **args)
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}),
+                                **{k: v for k, v in pcfg.items() if k in ("mean", "std", "input_size")}}
+        return model
+    try:
+        return _from_hub(name, None, hub_timeout, pretrained=False, **kwargs)
+    except WeightsUnavailableError as e:
+        raise WeightsUnavailableError(
+            f"{name} is not a registered encoder (`stimage-nb encoders`) and timm needs the hub's config.json to build "
+            f"it, which is not available offline. Pass the downloaded Hugging Face folder (with config.json) as "
+            f"--weights instead of the bare file {weights}, or a registered encoder name as --backbone.") from e
 
 
 def _from_hub(name: str, hf_hub_id: str | None, hub_timeout: float, pretrained: bool = True, **kwargs) -> nn.Module:
@@ -176,30 +217,15 @@ def _from_hub(name: str, hf_hub_id: str | None, hub_timeout: float, pretrained: 
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a local weights file (safetensors, or a torch state dict loaded without pickle code)."""
+    """Tensors of a local weights file or Hugging Face folder (safetensors, or a torch state dict loaded
+    with ``torch.load(weights_only=True)``, which executes no pickled code)."""
+    from .encoders import read_tensors, resolve_weights
+
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise WeightsUnavailableError(f"{p}: weights file not found. Pass an existing .safetensors file, "
                                       "or --weights none to train from scratch.")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(p))
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-            sd = obj
-            for key in ("state_dict", "model", "model_state_dict"):
-                if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                    sd = sd[key]
-    except WeightsUnavailableError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise WeightsUnavailableError(f"{p}: cannot read the weights ({type(e).__name__}: {e}). Provide a "
-                                      ".safetensors file (safetensors.torch.save_file(model.state_dict(), path)).") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsUnavailableError(f"{p}: not a state dict of tensors.")
-    return sd
+    return read_tensors(resolve_weights(p))
 
 
 def load_local_weights(model: nn.Module, path: str | os.PathLike, *, strict_missing: bool = True) -> dict:

@@ -179,6 +179,8 @@ class TimmExtractor(nn.Module):
         super().__init__()
         from .backbone import normalisation_of
 
+        # a registered encoder knows the arguments that rebuild it (its config.json's, not only the caller's)
+        kwargs = getattr(backbone, "build_kwargs", kwargs)
         self.backbone, self.name, self.kwargs = backbone, str(name), dict(kwargs or {})
         self.num_features = int(backbone.num_features)
         m, s = normalisation_of(backbone)
@@ -186,9 +188,13 @@ class TimmExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std if std is not None else s, dtype=torch.float32).view(1, 3, 1, 1))
 
     def config(self) -> dict:
-        arch = (getattr(self.backbone, "pretrained_cfg", None) or {}).get("architecture")
-        return {"name": self.name, "architecture": arch, "kwargs": self.kwargs, "num_features": self.num_features,
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        pcfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        out = {"name": self.name, "architecture": pcfg.get("architecture"), "kwargs": self.kwargs,
+               "num_features": self.num_features, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        if pcfg.get("encoder"):  # a registered foundation encoder: its name, pooling and native input
+            out["encoder"] = {"name": pcfg["encoder"], "output": pcfg.get("output"),
+                              "input_px": int(pcfg["input_size"][-1]), "um_per_px": pcfg.get("um_per_px")}
+        return out
 
     def forward(self, x01: Tensor) -> Tensor:
         x = (x01 - self.mean.to(x01.dtype)) / self.std.to(x01.dtype)
@@ -238,19 +244,26 @@ class FeatureStack(nn.Module):
                 **{c: self.branches[c].config() for c in self.components}}
 
     @classmethod
-    def from_config(cls, cfg: dict, weights: str | None = "none", **create_kw) -> FeatureStack:
-        """An unfitted stack of the recorded shapes (load its ``state_dict`` to restore the fitted state)."""
+    def from_config(cls, cfg: dict, weights: str | None = "none", *, init: bool = True, **create_kw) -> FeatureStack:
+        """An unfitted stack of the recorded shapes (load its ``state_dict`` to restore the fitted state).
+
+        ``init=False``: a registered encoder's memory is allocated without random initialisation (the
+        caller loads the complete state dict next)."""
         comps = list(cfg["components"])
         timm = None
         if "timm" in comps:
             from .backbone import create_backbone
+            from .encoders import find_encoder
 
             t = cfg["timm"]
             name = t["name"]
-            if name.startswith("hf-hub:") and t.get("architecture") and weights in (None, "none"):
+            if find_encoder(name) is None and name.startswith("hf-hub:") and t.get("architecture") \
+                    and weights in (None, "none"):
                 name_to_build = t["architecture"]  # no hub access needed: the weights come from the state dict
             else:
                 name_to_build = name
+            if find_encoder(name) is not None:
+                create_kw = {**create_kw, "init": init}
             bb = create_backbone(name_to_build, weights, **dict(t.get("kwargs") or {}), **create_kw)
             timm = TimmExtractor(bb, name, t.get("kwargs"), mean=t.get("mean"), std=t.get("std"))
         return cls(comps, kmeans=cfg.get("kmeans"), timm=timm)

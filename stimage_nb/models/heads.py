@@ -5,7 +5,12 @@
   untrained head already predicts each gene's average), and the dispersion θ is a learned per-gene
   parameter (initialised by the method of moments). With ``rank=k > 0`` the map is low-rank,
   ``W = W_dec W_enc`` (features -> k -> genes, the decoder without bias), which shares a few
-  expression programmes across genes (the offline default uses k = 8).
+  expression programmes across genes (the offline default uses k = 8). With ``composition=True`` the mean
+  is factorised as a spot's depth times its composition: ``log mu_g = s(f) + log_softmax(W f + b)_g``, a
+  scalar depth head ``s`` (how many counts the spot holds, from the image) and a composition over the genes
+  that sums to one, so the gene-specific part cannot absorb the spot's depth gene by gene.
+- :class:`MLPHead`: the two-layer ReLU regression head of Path2Space (a point prediction per gene, no
+  count distribution), so that published model's members run here.
 - :class:`CellTypeHead`: softmax over cell types, trained by cross-entropy against soft targets
   (per-spot proportions) or one-hot labels; rows with NaN targets are ignored.
 """
@@ -35,11 +40,16 @@ class NBHead(nn.Module):
     rank
         ``0``: a full linear map features -> genes (``linear``). ``k > 0``: ``encoder`` (features -> k,
         with bias) then ``linear`` (k -> genes, no bias).
+    composition
+        Factorise the mean into a scalar depth head and a softmax composition over the genes (module
+        docstring).
     """
 
-    def __init__(self, in_features: int, n_genes: int, dropout: float = 0.0, rank: int = 0):
+    def __init__(self, in_features: int, n_genes: int, dropout: float = 0.0, rank: int = 0,
+                 composition: bool = False):
         super().__init__()
         self.rank = int(rank)
+        self.composition = bool(composition)
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, not {rank}")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -47,6 +57,9 @@ class NBHead(nn.Module):
         self.linear = nn.Linear(self.rank or in_features, n_genes, bias=not self.rank)
         self.log_mean_bias = nn.Parameter(torch.zeros(n_genes))
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        if self.composition:
+            self.depth = nn.Linear(in_features, 1)
+            self.log_total_bias = nn.Parameter(torch.zeros(()))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -57,17 +70,26 @@ class NBHead(nn.Module):
         nn.init.normal_(self.linear.weight, std=0.01)
         if self.linear.bias is not None:
             nn.init.zeros_(self.linear.bias)
+        if self.composition:
+            nn.init.normal_(self.depth.weight, std=0.01)
+            nn.init.zeros_(self.depth.bias)
 
     @torch.no_grad()
     def init_from_counts(self, counts: Tensor) -> None:
-        """Set the log-mean bias to log(mean count) and θ to its moment estimate, per gene."""
+        """Set the log-mean bias to log(mean count) and θ to its moment estimate, per gene (with a
+        composition head: the log of the mean total as the depth bias, the composition at the mean)."""
         log_mu, log_theta = moment_init(counts.float().cpu())
         self.log_mean_bias.copy_(log_mu.to(self.log_mean_bias.device))
+        if self.composition:
+            self.log_total_bias.fill_(float(torch.logsumexp(log_mu, 0)))
         self.log_theta.copy_(log_theta.clamp(*LOG_THETA_RANGE).to(self.log_theta.device))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(log_mu (n, genes), log_theta (genes,))``."""
-        eta = self.linear(self.encoder(self.dropout(features))).float() + self.log_mean_bias
+        f = self.dropout(features)
+        eta = self.linear(self.encoder(f)).float() + self.log_mean_bias
+        if self.composition:
+            eta = torch.log_softmax(eta, dim=-1) + self.depth(f).float() + self.log_total_bias
         return eta.clamp(max=MAX_LOG_MEAN), self.log_theta.clamp(*LOG_THETA_RANGE)
 
     @staticmethod
@@ -107,6 +129,25 @@ class CellTypeHead(nn.Module):
     def loss(logits: Tensor, targets: Tensor) -> Tensor:
         """See :func:`soft_cross_entropy`."""
         return soft_cross_entropy(logits, targets)
+
+
+class MLPHead(nn.Module):
+    """Two-layer ReLU regression head: ``relu(W1 dropout(relu(W0 f + b0)) + b1)``, one output per gene.
+
+    The gene-expression model of Path2Space (Shulman et al., Cell 2026; ``MLP_regression_relu_two`` of the
+    companion code ``ge_model/path2space/model_mlp.py``), with its state-dict keys ``layer0.0.{weight,bias}``
+    and ``layer1.0.{weight,bias}``, so its published ``model_trained.pth`` files load as they are. It predicts
+    a point value per gene (non-negative), not a count distribution.
+    """
+
+    def __init__(self, in_features: int, hidden: int, n_genes: int, dropout: float = 0.2):
+        super().__init__()
+        self.layer0 = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.layer1 = nn.Sequential(nn.Linear(hidden, n_genes), nn.ReLU())
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Predicted values (n, genes), float32."""
+        return self.layer1(self.layer0(features)).float()
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

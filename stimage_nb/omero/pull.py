@@ -785,7 +785,8 @@ def pull_section(conn, image_id: int, *, name: str | None = None, counts: str | 
         if found is not None:
             X, gene_names, csrc = found
     uns = {"section": nm, "patient": patient, "image": str(slide.path), "um_per_px": slide.um_per_px,
-           "image_scale": scale, "counts": csrc, "omero": uns_omero, "platform": "omero"}
+           "image_scale": scale, "counts": csrc, "omero": uns_omero, "source": "omero",
+           "platform": str(anns.map_value("platform") or "unknown").lower()}
     adata = make_section_adata(ids, xy.reshape(-1, 2), np.asarray(diam, dtype=np.float64), counts=X, genes=gene_names,
                                obs=obs, uns=uns)
     if X is not None:

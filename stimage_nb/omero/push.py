@@ -745,7 +745,8 @@ def _record_pairs(pred, src, run_id, fp, opts, plan, *, state, n_rois=None, tabl
     prov = _prov(pred)
     ct = list(pred.obsm[K.CELLTYPE_MEAN].columns) if K.CELLTYPE_MEAN in pred.obsm else []
     pairs = [("run_id", run_id), ("state", state), ("section", prov.get("section", "")),
-             ("patient", prov.get("patient", "")), ("observations", pred.n_obs), ("genes", pred.n_vars),
+             ("patient", prov.get("patient", "")), ("platform", prov.get("platform", "")),
+             ("observations", pred.n_obs), ("genes", pred.n_vars),
              ("cell types", ", ".join(map(str, ct))), ("colour", plan.colour_legend),
              ("backbone", prov.get("backbone", "")), ("members", prov.get("n_members", "")),
              ("weights sha256", prov.get("weights_sha256", "")), ("predicted", prov.get("created", "")),

@@ -87,7 +87,7 @@ def plan_tables(pred, *, run_id: str, max_columns: int = MAX_COLUMNS, with_roi: 
                 continue
             specs.append(TableSpec(f"{prefix}{qname} {p + 1}of{n_parts}", qname,
                                    [genes[i] for i in idx], pred.n_obs, _dense_cols(M, idx), with_roi))
-    if celltypes and K.CELLTYPE_MEAN in pred.obsm:
+    if celltypes and K.CELLTYPE_MEAN in pred.obsm and pred.obsm[K.CELLTYPE_MEAN].shape[1]:  # none: no empty table
         mean = pred.obsm[K.CELLTYPE_MEAN]
         names = [str(c) for c in mean.columns]
         std = pred.obsm.get(K.CELLTYPE_STD)

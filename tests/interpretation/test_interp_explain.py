@@ -83,6 +83,54 @@ def test_explainers_run_on_timm_backbones_too(timm_ens, her2st_manifest):
     assert additivity_error(p) < 1e-6
 
 
+def test_gradient_module_averages_as_predict_tiles_does(timm_ens, her2st_manifest):
+    """The gradient explainer's model (EnsembleMeanModule) is the ensemble's predictive mean: plain, in a
+    published model's group order (``meta["mean_groups"]``), and over regression members (point values,
+    e.g. an imported Path2Space model), whose log is refused with a clear error; the randomised-heads
+    copy of such an ensemble re-draws its regression heads and keeps the background handling."""
+    import torch
+
+    from stimage_nb.ensemble import Ensemble
+    from stimage_nb.interpretation._explain import _float_tiles
+    from stimage_nb.interpretation._game import EnsembleMeanModule, TilePredictor
+    from stimage_nb.io.readers import read_manifest
+    from stimage_nb.models.model import STModel
+    from stimage_nb.tiles import extract_tiles
+
+    sec = read_manifest(her2st_manifest, ["C6"], genes=timm_ens.genes)[0]
+    tiles = extract_tiles(sec.image, sec.xy[:4], timm_ens.tile_um, timm_ens.out_px, cache=False)
+    idx = np.arange(3)
+    geo = dict(genes=timm_ens.genes, tile_um=timm_ens.tile_um, out_px=timm_ens.out_px)
+
+    def both(ens, output):
+        with torch.no_grad():
+            mod = EnsembleMeanModule(ens, idx, output)(_float_tiles(ens, tiles, None)).numpy()
+        ref = ens.predict_tiles(tiles, stain_source=None)["mean"][:, idx]
+        return mod, (np.log(ref) if output == "log_mean" else ref)
+
+    grouped = Ensemble(timm_ens.members, celltypes=timm_ens.celltypes, meta={"mean_groups": [[0], [1, 2]]}, **geo)
+    for ens in (timm_ens, grouped):
+        for output in ("log_mean", "mean"):
+            mod, ref = both(ens, output)
+            assert np.allclose(mod, ref, rtol=1e-4, atol=1e-5), (output, np.abs(mod - ref).max())
+    assert not np.allclose(both(grouped, "mean")[1], both(timm_ens, "mean")[1])  # the order matters here
+
+    m0 = timm_ens.members[0]
+    torch.manual_seed(0)
+    reg = [STModel(m0.backbone, len(timm_ens.genes), 0, backbone_name=m0.backbone_name, head="mlp", hidden=16).eval()
+           for _ in range(2)]
+    for m in reg:  # a positive bias keeps the ReLU outputs away from 0
+        torch.nn.init.constant_(m.mlp.layer1[0].bias, 1.0)
+    reg_ens = Ensemble(reg, celltypes=[], background="white", **geo)
+    mod, ref = both(reg_ens, "mean")
+    assert np.allclose(mod, ref, rtol=1e-4, atol=1e-5) and (ref > 0).all()
+    with pytest.raises(StimageInputError, match="point values"):
+        TilePredictor(reg_ens, timm_ens.genes[:1], None, output="log_mean")
+    rnd = randomised_heads(reg_ens, seed=3)
+    assert rnd.background == "white" and not rnd.has_distribution
+    assert not np.allclose(rnd.predict_tiles(tiles, stain_source=None)["mean"][:, idx], ref)
+
+
 def test_gradient_needs_a_differentiable_model(frozen_ens, c6):
     assert not is_differentiable(frozen_ens)
     with pytest.raises(StimageInputError, match="differentiable"):

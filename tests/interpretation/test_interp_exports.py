@@ -62,6 +62,19 @@ def test_ome_zarr_labels_and_heatmaps_reread_with_ome_zarr_py(tmp_path, attr_c6,
     x, y = attr_c6.nuclei.table.loc[nid, ["x", "y"]] / 4.0
     arr = np.asarray(lab.levels[0][int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3])
     assert ids[nid] in arr
+    # one label level per image level, each of its shape, the nucleus where the level's downsample puts it
+    import zarr
+
+    grp = zarr.open_group(str(store), mode="r")
+    img_ds = [d["path"] for d in grp.attrs["multiscales"][0]["datasets"]]
+    lab_ms = grp["labels/nuclei"].attrs["multiscales"][0]["datasets"]
+    assert len(lab_ms) == len(img_ds) >= 2
+    for li, d in enumerate(lab_ms):
+        assert grp["labels/nuclei"][d["path"]].shape == grp[img_ds[li]].shape[1:]
+    ds1 = lab_ms[1]["coordinateTransformations"][0]["scale"][0] / lab_ms[0]["coordinateTransformations"][0]["scale"][0]
+    c1 = np.asarray(grp["labels/nuclei"][lab_ms[1]["path"]][int(y / ds1) - 2:int(y / ds1) + 3,
+                                                              int(x / ds1) - 2:int(x / ds1) + 3])
+    assert ids[nid] in c1
     hm = read_heatmaps(store)
     assert hm.channels == [f"SHAP{s} {gg}" for gg in attr_c6.genes for s in ("+", "-")]
     assert hm.colours[:2] == ["FF0000", "0000FF"]

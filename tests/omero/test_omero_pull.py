@@ -214,6 +214,7 @@ def test_pull_section_from_rois_and_an_omero_table(server, session_on, he_crop, 
     left = xy[:, 0] < 700
     assert list(a.obs[K.REGION].astype(str)) == ["Tumor" if v else "" for v in left]
     assert a.uns[K.UNS]["omero"]["image_id"] == iid and a.uns[K.UNS]["image_scale"] == 1.0
+    assert sec.platform == "unknown" and a.uns[K.UNS]["source"] == "omero"  # no `platform` map annotation
     assert a.uns[K.UNS]["counts"].startswith("omero://fake-omero.test/annotation/")
     # the tiles of a pulled section are the same physical content as the local image's
     t_local = sec.image.read_physical(*a.obsm[K.SPATIAL][0], 150.0, 64)
@@ -249,10 +250,11 @@ def test_pull_section_from_an_attached_tsv_and_skips_pushed_predictions(server, 
     comment.setTextValue(__import__("omero").rtypes.rstring("scanned 2019, re-stained"))
     gw.getUpdateService().saveAndReturnObject(M.image_link(iid, comment), ctx)
     gw.getUpdateService().saveAndReturnObject(
-        M.image_link(iid, M.map_annotation({"patient": "C", "stain": "H&E"}, ns="lab/metadata")), ctx)
+        M.image_link(iid, M.map_annotation({"patient": "C", "stain": "H&E", "platform": "ST"}, ns="lab/metadata")), ctx)
     sec = P.pull_section(sess, iid, progress=False)
     assert list(sec.adata.obs_names) == names and "pred-roi" not in sec.adata.obs_names
     assert sec.patient == "C" and sec.adata.uns[K.UNS]["patient"] == "C"
+    assert sec.platform == "st" and sec.adata.uns[K.UNS]["platform"] == "st"
     kept = json.loads(sec.adata.uns[K.UNS]["omero"]["annotations"])
     assert [c["text"] for c in kept["comments"]] == ["scanned 2019, re-stained"]
     assert ["stain", "H&E"] in kept["maps"][0]["pairs"]

@@ -1,0 +1,122 @@
+"""The recipe options chosen with the validation harness: background handling, depth offsets and a given
+section depth, the depth x composition NB head, members that leave a group out (real her2st tiles)."""
+
+from __future__ import annotations
+
+import _modelkit as kit
+import numpy as np
+import pytest
+import torch
+
+from stimage_nb.ensemble import Ensemble, rescale_to_depth
+from stimage_nb.errors import StimageInputError
+from stimage_nb.models.heads import NBHead
+from stimage_nb.stain import whiten_background
+from stimage_nb.tiles import extract_tiles
+from stimage_nb.train import TrainConfig, _bag
+
+
+def _tiles(name="C4"):
+    s = kit.sections((name,))[0]
+    return extract_tiles(s.image, s.xy, 150.0, kit.OUT_PX)
+
+
+def test_composition_head_is_depth_times_composition():
+    s = kit.sections(("C3",))[0]
+    counts = torch.from_numpy(np.asarray(s.adata.X.todense(), dtype=np.float32))
+    head = NBHead(16, counts.shape[1], rank=4, composition=True)
+    head.init_from_counts(counts)
+    f = torch.randn(len(counts), 16)
+    log_mu, _ = head(f)
+    # at initialisation: the gene means, whatever the features (weights ~0)
+    assert torch.allclose(log_mu.mean(0), torch.log(counts.mean(0).clamp_min(1e-3)), atol=0.05)
+    # the total of a spot is the depth head alone; the composition sums to one
+    depth = (head.depth(f) + head.log_total_bias).squeeze(1)
+    assert torch.allclose(torch.logsumexp(log_mu, 1), depth, atol=1e-4)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 1.0)
+    log_mu2, _ = head(f)
+    assert torch.allclose(torch.logsumexp(log_mu2, 1), depth, atol=1e-4)  # a new composition keeps the depth
+
+
+def test_a_given_depth_rescales_each_negative_binomial_exactly():
+    ens = Ensemble.load(kit.tiny_run(), "cpu")
+    one = Ensemble([ens.members[0]], genes=ens.genes, celltypes=ens.celltypes, tile_um=ens.tile_um,
+                   out_px=ens.out_px, stain=ens.stain)
+    tiles = _tiles()
+    p = one.predict_tiles(tiles)
+    theta = p["mean"].astype(np.float64) ** 2 / (p["aleatoric_var"] - p["mean"]).astype(np.float64)
+    q = one.predict_tiles(tiles, depth=123.0)
+    f = q["depth_factor"]
+    assert q["mean"].sum(1).mean() == pytest.approx(123.0, rel=1e-5)
+    mu = f * p["mean"].astype(np.float64)
+    assert np.allclose(q["mean"], mu, rtol=1e-5)
+    assert np.allclose(q["aleatoric_var"], mu + mu ** 2 / theta, rtol=1e-4)  # same dispersion, new mean
+    # the ensemble: epistemic scales with f^2, member outputs with the same f
+    e = ens.predict_tiles(tiles, member=1)
+    r = rescale_to_depth(e, 50.0)
+    g = r["depth_factor"]
+    assert np.allclose(r["epistemic_var"], g * g * e["epistemic_var"], rtol=1e-5)
+    assert np.allclose(r["member_mean"], g * e["member_mean"], rtol=1e-5)
+    assert not np.allclose(e["member_mean"], e["mean"])
+    with pytest.raises(StimageInputError):
+        rescale_to_depth(e, 0.0)
+
+
+def test_a_black_background_is_the_glass_again():
+    ens = Ensemble.load(kit.tiny_run(), "cpu")
+    t = _tiles("C2")
+    glass = t.min(-1) > 225
+    assert 0.01 < glass.mean() < 0.9
+    white, black = t.copy(), t.copy()
+    white[glass], black[glass] = 255, 0
+    ens.background = "white"
+    a, b = ens.predict_tiles(white), ens.predict_tiles(black)
+    assert np.allclose(a["mean"], b["mean"], rtol=1e-6)
+    ens.background = "keep"
+    c = ens.predict_tiles(black)
+    assert not np.allclose(a["mean"], c["mean"], rtol=1e-3)
+    assert np.array_equal(whiten_background(torch.from_numpy(black)).numpy(), whiten_background(black))
+
+
+def test_depth_offsets_train_sections_of_other_depths_together(tmp_path):
+    from stimage_nb.io.section import section_depth
+    from stimage_nb.train import train
+
+    secs = kit.sections(("B4", "C3"))
+    d = {s.name: section_depth(s) for s in secs}
+    assert d["C3"] > 2.5 * d["B4"]  # patient B was sequenced far shallower (30 genes, 40 spots here)
+    cfg = kit.tiny_frozen_config(depth="section", background="white", members=2, epochs=30)
+    ens = train(secs, genes=kit.genes(), out=tmp_path / "run", val_sections=[], config=cfg, progress=False)
+    assert ens.reference_depth == pytest.approx(np.median(list(d.values())))
+    assert ens.meta["section_depths"] == pytest.approx(d)
+    # at the reference depth the predicted depth of each section is near the reference, not the section's own:
+    # the offsets took the sequencing depth out of what the heads learned
+    t = {s.name: extract_tiles(s.image, s.xy, 150.0, kit.OUT_PX) for s in secs}
+    pb, pc = ens.predict_tiles(t["B4"]), ens.predict_tiles(t["C3"])
+    ratio = pc["mean"].sum(1).mean() / pb["mean"].sum(1).mean()
+    assert ratio < 0.5 * d["C3"] / d["B4"]
+    loaded = Ensemble.load(tmp_path / "run")
+    assert loaded.background == "white" and loaded.reference_depth == pytest.approx(ens.reference_depth)
+
+
+def test_members_that_leave_a_group_out():
+    cfg = TrainConfig(member_data="groups", members=4)
+    group = np.repeat([0, 1, 2], 5)
+    rows = [set(_bag(cfg, i, 15, group).tolist()) for i in range(4)]
+    assert rows[0] == set(range(5, 15)) and rows[1] == set(range(5)) | set(range(10, 15))
+    assert rows[3] == rows[0]  # four members, three groups: cycled
+    assert set(_bag(TrainConfig(), 0, 15, group).tolist()) == set(range(15))
+    for bad in (dict(background="grey"), dict(depth="spot"), dict(member_data="half")):
+        with pytest.raises(StimageInputError):
+            TrainConfig(**bad)
+
+
+def test_the_train_command_reaches_the_recipe_options():
+    from stimage_nb.cli import build_parser
+
+    base = ["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"]
+    cfg = TrainConfig.from_cli(build_parser().parse_args(base + ["--background", "keep", "--depth", "none",
+                                                                 "--composition", "off", "--member-data", "groups"]))
+    assert (cfg.background, cfg.depth, cfg.composition, cfg.member_data) == ("keep", "none", False, "groups")
+    assert TrainConfig.from_cli(build_parser().parse_args(base)) == TrainConfig()
