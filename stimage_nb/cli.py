@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     io_convert.add_cli(sub)
     gdc_cli.add_cli(sub)
     outcomes_cli.add_cli(sub)
+    from . import interpretation  # stimage-nb interpret (shap is imported only when it runs)
+
+    interpretation.add_cli(sub)
     return parser
 
 

@@ -224,3 +224,22 @@ def test_03_cross_platform_validation_runs_in_smoke_mode(tmp_path):
     assert _n_images(nb) >= 5, "figures: correlations, calibration, acquisitions, maps, sparsification"
     assert re.search(r"held-out B4 \(fold test_B\): ensemble -?\d\.\d{3} vs ridge baseline -?\d\.\d{3}", text)
     assert re.search(r"\d+ genes measured on both platforms", text) and "train_st_test_xenium" in text
+
+
+@pytest.mark.slow
+def test_04_interpretation_runs_in_smoke_mode(tmp_path):
+    nb = _execute(ROOT / "notebooks" / "04_interpretation_shap.ipynb", tmp_path)
+    text = _text(nb)
+    out = tmp_path / "out"
+    # every step left its product: attributions, the QuPath cells and the OME-Zarr store
+    assert (out / "attributions-smoke" / "C6" / "attributions.json").is_file()
+    assert (out / "exports-smoke" / "C6.nuclei.geojson").is_file()
+    assert (out / "exports-smoke" / "C6.attributions.ome.zarr" / "labels" / "nuclei").is_dir()
+    assert _n_images(nb) >= 4, "figures: shap bar plot, side by side, curves, summary"
+    assert _has_widget(nb), "the overlay viewer is displayed"
+    assert re.search(r"additivity error \d\.\de[+-]\d+", text), "the summary states the additivity check"
+    assert re.search(r"deletion gap vs random [+-]\d\.\d{3} \[", text)
+    from stimage_nb.interpretation import read_attributions
+
+    attr = read_attributions(out / "attributions-smoke" / "C6")
+    assert len(attr.spots) == 2 and len(attr.genes) == 4 and (attr.spots["n_nuclei"] > 10).all()

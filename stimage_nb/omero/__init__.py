@@ -10,11 +10,13 @@ Importing this package works without it; the functions raise an ImportError that
 ...     om.push_predictions(conn, 1234, "pred/C3.h5ad", colour_by="ERBB2")
 
 Modules: :mod:`~.connection` (credentials, errors), :mod:`~.browse`, :mod:`~.pull`, :mod:`~.push`,
-:mod:`~.tables`, :mod:`~.model` (omero.model objects), :mod:`~.cli` (``stimage-nb omero ...``).
+:mod:`~.tables`, :mod:`~.model` (omero.model objects), :mod:`~.attributions` (nucleus attributions as
+polygon ROIs), :mod:`~.cli` (``stimage-nb omero ...``).
 """
 
 from __future__ import annotations
 
+from .attributions import push_attributions
 from .browse import list_datasets, list_images, list_projects
 from .connection import (
     OmeroAuthError,
@@ -32,4 +34,4 @@ from .push import list_runs, push_predictions, remove_run
 __all__ = ["connect", "OmeroSession", "Secret", "OmeroError", "OmeroAuthError", "OmeroConnectionError",
            "OmeroNotFoundError", "OmeroPermissionError", "list_projects", "list_datasets", "list_images",
            "image_info", "pull_image", "pull_rois", "pull_annotations", "pull_section", "push_predictions",
-           "list_runs", "remove_run"]
+           "list_runs", "remove_run", "push_attributions"]

@@ -6,6 +6,7 @@
     stimage-nb omero pull IMAGE_ID [IMAGE_ID ...] [--out DIR] [--section] [--target-um-per-px 0.5]
     stimage-nb omero push --pred PRED_DIR|FILE.h5ad --image ID|SECTION=ID [...] [--colour-by ERBB2] [--dry-run]
     stimage-nb omero rm   --image ID --run RUN_ID [--dry-run]
+    stimage-nb omero push-attributions --attributions OUT/SECTION --image ID [--gene G] [--dry-run]
 
 Connection options (any sub-command): ``--host``, ``--port``, ``--user``, ``--group``, ``--insecure``,
 ``--cli-login``; defaults from ``OMERO_HOST``/``OMERO_PORT``/``OMERO_USER``/``OMERO_GROUP``. The password
@@ -221,6 +222,16 @@ def _cmd_push(a) -> int:
     return 0
 
 
+def _cmd_push_attributions(a) -> int:
+    from .attributions import push_attributions
+
+    with _connect(a) as conn:
+        res = push_attributions(conn, a.image, a.attributions, gene=a.gene, run_id=a.run_id, batch_size=a.batch_size,
+                                force=a.force, dry_run=a.dry_run, progress=not a.quiet)
+    print(json.dumps(res, default=str))
+    return 0
+
+
 def _cmd_rm(a) -> int:
     from .push import remove_run
 
@@ -248,7 +259,7 @@ def _guard(fn):
 
 
 def add_cli(subparsers) -> None:
-    """Register ``stimage-nb omero {ls,pull,push,rm}``."""
+    """Register ``stimage-nb omero {ls,pull,push,push-attributions,rm}``."""
     parent = _conn_parent()
     om = subparsers.add_parser("omero", help="OMERO: browse, pull images/annotations, push predictions",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,6 +306,18 @@ def add_cli(subparsers) -> None:
                    "(without a host: an offline plan)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_guard(_cmd_push))
+
+    p = sub.add_parser("push-attributions", parents=[parent],
+                       help="push nucleus attributions (stimage-nb interpret) as polygon ROIs")
+    p.add_argument("--attributions", required=True, type=Path, help="OUT/<section> folder of `stimage-nb interpret`")
+    p.add_argument("--image", required=True, type=int, help="the section's OMERO image")
+    p.add_argument("--gene", help="gene whose attribution colours the ROIs (default: the first explained)")
+    p.add_argument("--run-id", help="default: the model's run id + '.shap'")
+    p.add_argument("--batch-size", type=int, default=500, help="ROIs per save call")
+    p.add_argument("--force", action="store_true", help="replace the run's ROIs even if identical")
+    p.add_argument("--dry-run", action="store_true", help="show what would be written; write nothing")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_guard(_cmd_push_attributions))
 
     p = sub.add_parser("rm", parents=[parent], help="delete everything a run pushed onto an image")
     p.add_argument("--image", required=True, type=int)

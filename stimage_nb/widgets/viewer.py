@@ -10,7 +10,8 @@ Two layers:
 - :class:`OverlayViewer` is the panel around it (ipywidgets): gene / cell-type search, a toggle
   between the predictive mean, aleatoric and epistemic uncertainty (and the observed counts when
   given, and the domain-shift score when the prediction has one), opacity, the values of a clicked spot, and buttons to export QuPath GeoJSON and to push
-  to OMERO.
+  to OMERO. Given attributions (:mod:`stimage_nb.interpretation`), a clicked spot's nuclei are drawn
+  coloured by their attribution to the shown gene.
 
 Everything the panel does is visible as trait values (``status``, ``feature``, ``mode``,
 ``spot_info``, ``last_export``, ``last_push``), so tests drive it without a browser.
@@ -251,6 +252,13 @@ class SlideCanvas(anywidget.AnyWidget):
     selected = t.Int(-1).tag(sync=True)
     view = t.Dict().tag(sync=True)
     height = t.Int(520).tag(sync=True)
+    #: polygons drawn over the spots (a clicked spot's nuclei coloured by attribution): float32 x, y vertices
+    #: (level-0 px), int32 start of each polygon in them (n + 1 entries), float32 value per polygon
+    shapes = t.Bytes(b"").tag(sync=True)
+    shape_offsets = t.Bytes(b"").tag(sync=True)
+    shape_values = t.Bytes(b"").tag(sync=True)
+    shape_lut = t.Bytes(b"").tag(sync=True)
+    shape_limit = t.Float(1.0).tag(sync=True)
 
     #: number of tiles served so far (not synced; for tests and diagnostics)
     tiles_served = t.Int(0)
@@ -346,6 +354,17 @@ class SlideCanvas(anywidget.AnyWidget):
         """Reset the view to the whole slide (the browser computes the fitting zoom)."""
         self.view = {}
 
+    def set_shapes(self, polygons, values, limit: float, lut: bytes) -> None:
+        """Polygons (each (k, 2), level-0 px) filled by value on a LUT over ``[-limit, limit]``; none clears."""
+        polys = [np.asarray(p, dtype=np.float32).reshape(-1, 2) for p in (polygons or [])]
+        offs = np.cumsum([0] + [len(p) for p in polys]).astype(np.int32)
+        with self.hold_sync():
+            self.shapes = np.concatenate(polys).tobytes() if polys else b""
+            self.shape_offsets = offs.tobytes() if polys else b""
+            self.shape_values = np.asarray(values, dtype=np.float32).ravel().tobytes() if polys else b""
+            self.shape_limit = float(limit) if limit and np.isfinite(limit) else 1.0
+            self.shape_lut = lut if polys else b""
+
 
 # ---------------------------------------------------------------------------------------- panel
 class OverlayViewer(widgets.VBox):
@@ -371,6 +390,11 @@ class OverlayViewer(widgets.VBox):
         Override the export / push functions (``exporter(pred, path) -> Path``,
         ``pusher(pred, conn, image_id, dry_run) -> dict``); by default those of
         :mod:`stimage_nb.qupath` and :mod:`stimage_nb.omero`.
+    attributions
+        :class:`~stimage_nb.interpretation.Attributions` of this section (or the folder ``stimage-nb
+        interpret`` wrote): clicking an explained spot draws its nuclei coloured by their attribution
+        to the shown gene (red raises, blue lowers its prediction; the first explained gene when the
+        shown one was not explained) and lists the attribution in ``spot_info["attribution"]``.
     """
 
     status = t.Unicode("")
@@ -385,7 +409,7 @@ class OverlayViewer(widgets.VBox):
     def __init__(self, pred, image=None, *, observed=None, feature: str | None = None, mode: str = "mean",
                  opacity: float = 0.7, export_dir=None, omero=None, omero_image_id: int | None = None,
                  exporter: Callable | None = None, pusher: Callable | None = None, height: int = 520,
-                 tile_format: str = "jpeg"):
+                 tile_format: str = "jpeg", attributions=None):
         self._pred_path = Path(pred) if isinstance(pred, (str, os.PathLike)) else None
         self.pred = read_prediction(pred)
         self.features = FeatureValues(self.pred, observed)
@@ -397,6 +421,11 @@ class OverlayViewer(widgets.VBox):
         self.omero_image_id = omero_image_id
         self._exporter = exporter
         self._pusher = pusher
+        if attributions is not None and not hasattr(attributions, "spots"):
+            from ..interpretation import read_attributions
+
+            attributions = read_attributions(attributions)
+        self.attributions = attributions
 
         self.canvas = SlideCanvas(self.slide, tile_format=tile_format, height=height)
         xy = np.asarray(self.pred.obsm[K.SPATIAL], dtype=np.float64)
@@ -535,6 +564,8 @@ class OverlayViewer(widgets.VBox):
         if i < 0 or i >= self.pred.n_obs:
             self.spot_info = {}
             self.info.value = "<i>click a spot to see its values</i>"
+            if self.attributions is not None:
+                self.canvas.set_shapes([], [], 1.0, b"")
             return
         sid = str(self.pred.obs_names[i])
         xy = np.asarray(self.pred.obsm[K.SPATIAL])[i]
@@ -560,9 +591,36 @@ class OverlayViewer(widgets.VBox):
             p = info["domain_percentile"]
             dom = (f"domain shift: further from the training data than {100 * p:.0f}% of held-out tiles"
                    + (" <b>(unfamiliar)</b>" if p > 0.95 else "") + "<br>")
+        att = self._attribution_info(sid)
+        if att:
+            self.spot_info = {**info, "attribution": att}
         self.info.value = (f"<b>spot {html.escape(sid)}</b> ({info['x']:.0f}, {info['y']:.0f}) px<br>"
                            f"<b>{html.escape(self.feature)}</b><table>{rows}</table>"
-                           + (f"top cell types<ul style='margin:0'>{cts}</ul>" if cts else "") + dom)
+                           + (f"top cell types<ul style='margin:0'>{cts}</ul>" if cts else "") + dom
+                           + (_attribution_html(att) if att else ""))
+
+    def _attribution_info(self, sid: str) -> dict:
+        """The clicked spot's attribution (and its nuclei drawn on the canvas), or {} when not explained."""
+        attr = self.attributions
+        if attr is None:
+            return {}
+        if sid not in attr.spots.index:
+            self.canvas.set_shapes([], [], 1.0, b"")
+            return {}
+        gene = self.feature if self.feature in attr.genes else attr.genes[0]
+        players, vals = attr.matrix(sid)
+        g = list(attr.genes).index(gene)
+        v = vals[:-1, g]
+        pos = attr.nuclei.table.index.get_indexer(players[:-1])
+        lim = float(np.abs(v).max()) if len(v) else 1.0
+        self.canvas.set_shapes([attr.nuclei.polygons[k] for k in pos], v, lim or 1.0, colormap_lut("RdBu_r"))
+        row = attr.spots.loc[sid]
+        order = np.argsort(v)
+        return {"gene": gene, "output": attr.output, "method": attr.method, "n_nuclei": int(len(v)),
+                "prediction": float(row[f"prediction:{gene}"]), "base": float(row[f"base:{gene}"]),
+                "nuclei_sum": float(v.sum()), "background": float(vals[-1, g]),
+                "top_positive": [(players[k], float(v[k])) for k in order[::-1][:3] if v[k] > 0],
+                "top_negative": [(players[k], float(v[k])) for k in order[:3] if v[k] < 0]}
 
     def _section_name(self) -> str:
         return str(_provenance(self.pred).get("section") or (self._pred_path.stem if self._pred_path else "section"))
@@ -603,6 +661,17 @@ class OverlayViewer(widgets.VBox):
         self.last_push = res
         self.status = ("OMERO push (dry run): " if dry else "pushed to OMERO: ") + _summarise(res)
         return res
+
+
+def _attribution_html(att: dict) -> str:
+    import html
+
+    unit = "log expected counts" if att["output"] == "log_mean" else "expected counts"
+    return (f"<hr style='margin:4px 0'><b>why {html.escape(att['gene'])}?</b> ({html.escape(att['method'])}, "
+            f"{unit})<br>prediction {att['prediction']:.3g} = base {att['base']:.3g} + {att['n_nuclei']} nuclei "
+            f"{att['nuclei_sum']:+.3g} + background {att['background']:+.3g}<br>"
+            "<span style='color:#b2182b'>red</span> nuclei raise it, <span style='color:#2166ac'>blue</span> "
+            "lower it")
 
 
 def _summarise(res: dict) -> str:

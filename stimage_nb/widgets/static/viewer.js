@@ -8,6 +8,9 @@
 //   points (float32 x,y pairs, level-0 px), radius_px, values (float32, NaN = not drawn)
 //   vmin, vmax, lut (256x4 uint8 RGBA), legend, opacity, show_overlay, selected, view {cx,cy,zoom}
 //   height (css px)
+//   shapes (float32 x,y vertices, level-0 px), shape_offsets (int32, start of each polygon; n+1 entries),
+//   shape_values (float32), shape_lut (256x4 uint8 RGBA over [-shape_limit, shape_limit]): a clicked spot's
+//   nuclei coloured by attribution, drawn over the spots
 // Custom messages: JS -> Python {type:"tiles", tiles:[{level,col,row}]};
 //                  Python -> JS {type:"tile", level, col, row, mime} + one buffer (encoded tile).
 
@@ -72,6 +75,7 @@ function render({ model, el }) {
   let pts = new Float32Array(0);
   let vals = new Float32Array(0);
   let lut = new Uint8Array(0);
+  let shp = new Float32Array(0), shpOff = new Int32Array(0), shpVal = new Float32Array(0), shpLut = new Uint8Array(0);
   let view = null;              // {cx, cy, zoom}: level-0 px at the centre; css px per level-0 px
   let cssW = 0, cssH = 0, dpr = 1;
   let frame = 0;
@@ -116,6 +120,39 @@ function render({ model, el }) {
     vals = toFloat32(model.get("values"));
     lut = toBytes(model.get("lut"));
     schedule();
+  }
+
+  function loadShapes() {
+    shp = toFloat32(model.get("shapes"));
+    const ob = toBytes(model.get("shape_offsets")).slice();
+    shpOff = new Int32Array(ob.buffer, 0, Math.floor(ob.byteLength / 4));
+    shpVal = toFloat32(model.get("shape_values"));
+    shpLut = toBytes(model.get("shape_lut"));
+    schedule();
+  }
+
+  function drawShapes() {
+    const n = Math.min(shpOff.length - 1, shpVal.length);
+    if (n <= 0 || shpLut.length < 1024) return;
+    const lim = model.get("shape_limit") || 1;
+    ctx.globalAlpha = Math.max(0.35, Math.min(1, model.get("opacity")));
+    ctx.lineWidth = 0.6;
+    ctx.strokeStyle = "rgba(0,0,0,0.8)";
+    for (let i = 0; i < n; i++) {
+      const a = shpOff[i], b = shpOff[i + 1];
+      if (b - a < 3) continue;
+      const k = Math.max(0, Math.min(255, Math.round((0.5 + 0.5 * shpVal[i] / lim) * 255))) * 4;
+      ctx.fillStyle = `rgb(${shpLut[k]},${shpLut[k + 1]},${shpLut[k + 2]})`;
+      ctx.beginPath();
+      for (let j = a; j < b; j++) {
+        const [sx, sy] = toScreen(shp[2 * j], shp[2 * j + 1]);
+        if (j === a) ctx.moveTo(sx, sy); else ctx.lineTo(sx, sy);
+      }
+      ctx.closePath();
+      ctx.fill();
+      ctx.stroke();
+    }
+    ctx.globalAlpha = 1;
   }
 
   function resize() {
@@ -243,6 +280,7 @@ function render({ model, el }) {
       }
       drawLegend(vmin, vmax);
     }
+    if (model.get("show_overlay")) drawShapes();
     drawScaleBar(im);
   }
 
@@ -371,6 +409,8 @@ function render({ model, el }) {
     ["change:opacity", schedule], ["change:show_overlay", schedule], ["change:radius_px", schedule],
     ["change:selected", schedule], ["change:view", onView], ["change:height", resize],
     ["msg:custom", onCustom],
+    ["change:shapes", loadShapes], ["change:shape_values", loadShapes], ["change:shape_offsets", loadShapes],
+    ["change:shape_lut", loadShapes], ["change:shape_limit", schedule],
   ];
   for (const [ev, fn] of handlers) model.on(ev, fn);
   const ro = new ResizeObserver(() => resize());
@@ -378,6 +418,7 @@ function render({ model, el }) {
 
   onView();
   loadOverlay();
+  loadShapes();
   loadOverview();
   resize();
   schedule();
