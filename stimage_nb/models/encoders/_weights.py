@@ -121,19 +121,11 @@ def read_tensors(src: WeightsSource) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- provenance
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sha256_of(path: str | os.PathLike) -> str:
-    """sha256 of a file (cached per path, size and modification time)."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    """sha256 of a file (cached per path, size and modification time): :func:`stimage_nb.io.provenance.sha256_file`."""
+    from ...io.provenance import sha256_file
+
+    return sha256_file(path)
 
 
 def provenance(src: WeightsSource) -> dict:
