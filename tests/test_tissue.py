@@ -114,3 +114,18 @@ def test_predict_image_puts_a_grid_over_the_whole_field_region(data_dir, tmp_pat
     img = open_image(data_dir / FIELD, um_per_px=0.69)
     m, ds = tissue_mask(img)
     assert in_mask(np.asarray(a.obsm["spatial"]), m, ds).all()
+
+
+def test_the_xenium_lung_h_and_e_cells_lie_on_the_tissue_mask(data_dir):
+    """Another organ, scanner and resolution (Xenium lung H&E at 2.125 µm/px, the fixture's swapped x/y):
+    the cells the instrument found lie on the mask, and the mask is not the whole image either."""
+    import anndata as ad
+
+    fx = data_dir / "fixtures" / "xenium_lung"
+    a = ad.read_h5ad(fx / "NCBI858.h5ad")
+    img = open_image(fx / "NCBI858.jpg", um_per_px=2.125, cache=False)
+    mask, ds = tissue_mask(img)
+    x, y = a.obs["y_pixel"].to_numpy(float), a.obs["x_pixel"].to_numpy(float)  # swapped in this fixture
+    on = mask[(y / ds).astype(int).clip(0, mask.shape[0] - 1), (x / ds).astype(int).clip(0, mask.shape[1] - 1)]
+    assert on.mean() >= 0.95, f"only {on.mean():.0%} of the Xenium cells lie on the tissue mask"
+    assert mask.mean() < 0.98  # the image's bare areas are not tissue
