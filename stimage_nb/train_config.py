@@ -1,0 +1,319 @@
+"""The training recipe: :class:`TrainConfig`, everything that defines a training run, and its defaults.
+
+The defaults are the package's offline default method (chosen by the validation harness, README); the
+mode (frozen fast path or full fine-tuning) sets the optimiser's defaults (:data:`MODE_DEFAULTS`).
+:func:`stimage_nb.train.train` runs a config; the run directory records it (``run.json``), so a run is
+resumed only with the same recipe (:data:`RESUMABLE_FIELDS` may change between the two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import asdict, dataclass, field
+
+from .augment import AugmentConfig
+from .errors import StimageInputError
+from .models.features import DEFAULT_EXTRACTOR
+
+log = logging.getLogger(__name__)
+
+#: Settings that may change between an interrupted run and its resumption.
+RESUMABLE_FIELDS = {"device", "amp", "channels_last", "progress", "eval_batch_size"}
+
+#: Defaults that depend on the mode: the offline default's frozen fast path vs full fine-tuning.
+MODE_DEFAULTS = {
+    "frozen": dict(epochs=150, batch_size=1024, lr=3e-3, weight_decay=1e-2, patience=20, stain="macenko", dropout=0.2,
+                   rank=8, early_stop="none"),
+    "finetune": dict(epochs=12, batch_size=32, lr=1e-3, weight_decay=1e-4, patience=4, stain="macenko", dropout=0.1,
+                     rank=0, early_stop="loss"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. The defaults are the package's offline default method.
+
+    The offline default (``frozen=True``, ``extractor="kmeans+handcrafted"``; measured in
+    ``docs/offline_default.md``): every tile (150 µm at 112 px, Macenko-normalised per section to the
+    training sections' stain; ``docs/robustness.md``) is described once by frozen features — k-means
+    convolutional features learned from the training sections' own tiles plus 40 handcrafted
+    colour/texture statistics, standardised with the training spots' mean/SD — and each member trains
+    a low-rank (k = 8) negative-binomial head and a cell-type head on them (AdamW lr 3e-3, weight decay
+    1e-2, cosine, full batch, 150 epochs, the last kept; the validation sections are scored every
+    epoch). ``frozen=False`` fine-tunes the timm ``backbone`` end to end.
+
+    Settings left ``None`` take the default of the mode (:data:`MODE_DEFAULTS`) when the config is
+    built; ``to_dict()`` records the resolved values. As on the command line, naming a ``backbone``
+    alone means fine-tuning it: ``TrainConfig()`` is the offline default, ``TrainConfig(backbone=
+    "resnet18")`` fine-tunes resnet18, ``TrainConfig(backbone="resnet18", frozen=True)`` trains heads
+    on its frozen features.
+
+    Attributes
+    ----------
+    frozen
+        ``True``: frozen features (``extractor``) computed once, only the heads are trained.
+        ``False``: full fine-tuning of the timm ``backbone``. ``None``: frozen unless a ``backbone``
+        is named without an ``extractor``; a registered pathology foundation encoder (``"uni"``,
+        ``"uni,virchow2"``...; :mod:`stimage_nb.models.encoders`) is always frozen unless ``frozen=False``.
+    extractor
+        Frozen feature branches joined by ``+``: ``kmeans`` (Coates & Ng k-means filters fitted on the
+        training tiles), ``handcrafted`` (the baseline's 40 statistics), ``timm`` (the frozen timm
+        ``backbone`` with ``weights``, e.g. a pathology foundation model in a local safetensors file).
+        ``None``: ``"timm"`` when a backbone is named, else ``"kmeans+handcrafted"``. Recorded as
+        ``""`` when fine-tuning.
+    kmeans_k, kmeans_patches
+        Number of k-means centroids (features: 2 K) and of random training patches they are fitted on.
+    member_features
+        ``"shared"``: all members use one fitted frozen feature stack (only the heads differ).
+        ``"per_member"``: member ``i`` fits its own k-means dictionary (seed ``seed + i``, its own random
+        patch sample), so members see different features and disagree more (a larger epistemic
+        variance); costs one k-means fit and feature pass per member. Only matters with a ``kmeans``
+        branch; see ``docs/offline_default.md``.
+    backbone
+        timm model name or registered encoder (fine-tuned, or the ``timm`` extractor branch; ``None``:
+        resnet18); several names separated by commas are cycled over the members (members that differ by
+        encoder: ``"uni,virchow2"``).
+    weights
+        ``"none"`` (train from scratch), a local ``.safetensors``/``.bin`` file or downloaded Hugging Face
+        folder, ``"pretrained"``, a timm ``name.tag`` or ``"hf-hub:org/repo"`` (see
+        :func:`stimage_nb.models.create_backbone`); with several backbones, one per backbone separated by
+        commas (:meth:`weights_for`).
+    backbone_kwargs
+        Extra arguments for :func:`timm.create_model`.
+    tile_um, out_px
+        Tile side in µm (``None``: 1.5 x the spot diameter) and in pixels after resampling. ``"auto"``/
+        ``None`` (the defaults): a registered encoder's own input (``input_px`` pixels at its ``um_per_px``;
+        UNI: 224 px = 112 µm), else 150 µm at 112 px; giving only one keeps the other from the encoder
+        (``out_px`` alone keeps its µm/px).
+    epochs, batch_size, lr, weight_decay, patience
+        Optimisation (AdamW, warm-up then cosine schedule, early stopping after ``patience`` epochs
+        without a better validation criterion; the best epoch is kept). A batch size at least the
+        number of training spots is full-batch training.
+    early_stop
+        The validation criterion for early stopping and for the epoch that is kept: ``"loss"`` (NB NLL
+        + cell-type loss), ``"pearson"`` (mean over genes of the Pearson correlation of log1p predicted
+        means with log1p counts on the validation sections), or ``"none"`` (both are still computed
+        and logged every epoch, but the run trains all epochs and keeps the last one). The frozen path
+        uses ``"none"``: on her2st its validation NLL is flat within noise after ~10 epochs, and its
+        validation correlation peaks at epochs 4–6 (a depth-only fit, CP10k correlation ~0) before the
+        annealed epochs learn gene-specific signal, so selecting on either picked early epochs that
+        were 0.02–0.04 worse on the held-out sections than the recipe's fixed 150 epochs.
+    rank
+        Rank of the NB head's gene map (0: a full linear head).
+    bagging
+        Train each member on a bootstrap sample of the training spots (more diverse members, so a
+        larger epistemic variance when they share frozen features).
+    members, seed
+        Ensemble size; member ``i`` is seeded from ``seed`` and ``i``.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    frozen_views
+        Dihedral views per tile whose features are cached for the frozen path (1 or 8).
+    val_sections
+        Default validation sections when the caller names none.
+    amp, channels_last
+        bf16 autocast and channels_last memory format where the device's fast paths are on (CUDA;
+        :func:`stimage_nb.devices.fast_paths`).
+    stain
+        ``"macenko"`` or ``"none"``.
+    augment
+        :class:`~stimage_nb.augment.AugmentConfig` fields (fine-tuning only).
+    celltype_weight
+        Weight of the cell-type loss relative to the gene NLL.
+    dropout
+        Dropout on the features before the heads.
+    background
+        ``"white"``: a black, masked background (an exported crop) is turned into white glass in every
+        tile before stain normalisation and features, at training and prediction
+        (:func:`stimage_nb.stain.whiten_background`); ``"keep"``: tiles as read.
+    depth
+        ``"section"``: the NB mean of a spot is its section's sequencing depth times a rate the heads
+        predict from the image (``log mu = log(D_section / D_ref) + heads(x)``, ``D`` = mean counts per
+        spot over the genes, ``D_ref`` = the training sections' median), so sections sequenced at other
+        depths train together and a prediction can be given the depth of the section it is for
+        (``predict_section(..., depth=...)``); ``"none"``: the heads predict counts at whatever depth the
+        training sections had.
+    composition
+        The NB head's mean factorised as the spot's depth (a scalar head on the image features) times a
+        composition over the genes (a softmax), :class:`stimage_nb.models.heads.NBHead`; with
+        ``depth="section"`` the section's sequencing depth multiplies both: ``mu = D_section / D_ref x
+        depth(x) x composition(x)``.
+    member_data
+        ``"all"``: every member trains on all training spots (or a bootstrap sample with ``bagging``).
+        ``"groups"``: member ``i`` leaves out one group of training spots, the training sections in turn
+        (a spatial quarter of the section when there is only one), so members differ in what they learned
+        from and disagree more where the data they lacked matters (a larger epistemic variance off the
+        training data).
+    """
+
+    frozen: bool | None = None
+    extractor: str | None = None
+    kmeans_k: int = 128
+    kmeans_patches: int = 60000
+    member_features: str = "shared"
+    backbone: str | None = None
+    weights: str = "none"
+    backbone_kwargs: dict = field(default_factory=dict)
+    tile_um: float | str | None = "auto"
+    out_px: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    head_lr: float | None = None
+    weight_decay: float | None = None
+    rank: int | None = None
+    early_stop: str | None = None
+    bagging: bool = False
+    members: int = 5
+    seed: int = 0
+    device: str = "auto"
+    frozen_views: int = 1
+    patience: int | None = None
+    val_sections: list[str] | None = None
+    amp: bool = True
+    channels_last: bool = True
+    stain: str | None = None
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+    celltype_weight: float = 1.0
+    dropout: float | None = None
+    eval_batch_size: int = 256
+    background: str = "keep"
+    depth: str = "none"
+    member_data: str = "all"
+    composition: bool = False
+
+    def __post_init__(self):
+        named = self.backbone is not None
+        encs = _registered(self.backbone) if named else []
+        if self.frozen is None:
+            self.frozen = bool(self.extractor) or not named or bool(encs)
+        self._resolve_geometry(encs)
+        if self.extractor is None:
+            self.extractor = ("timm" if named else DEFAULT_EXTRACTOR) if self.frozen else ""
+        if self.backbone is None:
+            self.backbone = "resnet18"
+        for k, v in MODE_DEFAULTS["frozen" if self.frozen else "finetune"].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.frozen:
+            from .models.features import parse_extractor
+
+            self.extractor = "+".join(parse_extractor(self.extractor))
+            if self.kmeans_k < 2 or self.kmeans_patches < self.kmeans_k:
+                raise StimageInputError(f"invalid k-means settings: kmeans_k={self.kmeans_k}, "
+                                        f"kmeans_patches={self.kmeans_patches}")
+        if self.member_features not in ("shared", "per_member"):
+            raise StimageInputError(f"member_features must be 'shared' or 'per_member', not {self.member_features!r}")
+        if self.early_stop not in ("loss", "pearson", "none"):
+            raise StimageInputError(f"early_stop must be 'loss', 'pearson' or 'none', not {self.early_stop!r}")
+        if self.rank < 0:
+            raise StimageInputError(f"rank must be >= 0 (0: full NB head), not {self.rank}")
+        if self.stain not in ("macenko", "none"):
+            raise StimageInputError(f"stain must be 'macenko' or 'none', not {self.stain!r}")
+        if self.background not in ("keep", "white"):
+            raise StimageInputError(f"background must be 'keep' or 'white', not {self.background!r}")
+        if self.depth not in ("none", "section"):
+            raise StimageInputError(f"depth must be 'none' or 'section', not {self.depth!r}")
+        if self.member_data not in ("all", "groups"):
+            raise StimageInputError(f"member_data must be 'all' or 'groups', not {self.member_data!r}")
+        if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
+            raise StimageInputError(f"invalid training config: members={self.members}, epochs={self.epochs}, "
+                                    f"batch_size={self.batch_size}, out_px={self.out_px}")
+        ws = [w.strip() for w in str(self.weights).split(",")]
+        if len(ws) > 1 and len(ws) != len(self.backbones):
+            raise StimageInputError(f"{len(ws)} weights for {len(self.backbones)} backbones ({self.backbone}): give one "
+                                    "weights entry per backbone, in the same order, separated by commas.")
+        if self.frozen_views not in (1, 8):
+            raise StimageInputError("frozen_views must be 1 or 8")
+        if isinstance(self.augment, AugmentConfig):
+            self.augment = self.augment.to_dict()
+
+    @property
+    def backbones(self) -> list[str]:
+        return [b.strip() for b in str(self.backbone).split(",") if b.strip()]
+
+    def weights_for(self, backbone: str) -> str:
+        """The weights of one backbone: ``weights`` itself, or its entry in a comma-separated list aligned
+        with ``backbone`` (``backbone="uni,virchow2", weights="uni.safetensors,virchow2_dir"``)."""
+        names = self.backbones
+        ws = [w.strip() for w in str(self.weights).split(",")]
+        if len(names) > 1 and len(ws) == len(names):
+            return ws[names.index(backbone)]
+        return str(self.weights)
+
+    def _resolve_geometry(self, encs) -> None:
+        """Tile µm and px: the user's, else the registered encoders' own (they must agree), else 150 µm/112 px."""
+        um = self.tile_um
+        if isinstance(um, str):
+            if um.strip().lower() != "auto":
+                try:
+                    um = float(um)
+                except ValueError:
+                    raise StimageInputError(f"tile_um must be a number of µm, None or 'auto', not {um!r}") from None
+            else:
+                um = "auto"
+        if not encs:
+            self.out_px = 112 if self.out_px is None else self.out_px
+            self.tile_um = 150.0 if um == "auto" else um
+            return
+        geo = {(e.input_px, e.um_per_px) for e in encs}
+        if len(geo) > 1 and (self.out_px is None or um == "auto"):
+            desc = ", ".join(f"{e.name}: {e.input_px} px at {e.um_per_px:g} µm/px" for e in encs)
+            raise StimageInputError(f"the encoders were trained on different tiles ({desc}); members of one ensemble "
+                                    "share one tile geometry: give --tile-um and --out-px (TrainConfig tile_um/out_px).")
+        px, res = next(iter(geo))
+        if self.out_px is None:
+            self.out_px = int(px)
+        self.tile_um = float(self.out_px) * float(res) if um == "auto" else um
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise StimageInputError(f"unknown training settings {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_cli(cls, args) -> "TrainConfig":
+        """A config from ``stimage-nb train`` arguments; options left unset keep the defaults."""
+        d = {}
+        for name in ("backbone", "weights", "epochs", "members", "device", "seed", "tile_um", "out_px",
+                     "batch_size", "lr", "patience", "rank", "kmeans_k", "stain"):
+            v = getattr(args, name, None)
+            if v is not None:
+                d[name] = v
+        # --backbone NAME alone fine-tunes it; with --frozen its frozen features are used; --extractor
+        # names frozen branches (a 'timm' branch is the --backbone). See TrainConfig.frozen/extractor.
+        if getattr(args, "extractor", None):
+            d["extractor"] = args.extractor
+        if getattr(args, "frozen", False):
+            d["frozen"] = True
+        if getattr(args, "finetune", False):
+            d["frozen"] = False
+        if getattr(args, "bagging", False):
+            d["bagging"] = True
+        if getattr(args, "member_features", None):
+            d["member_features"] = args.member_features
+        for name in ("background", "depth", "member_data"):
+            if getattr(args, name, None):
+                d[name] = getattr(args, name)
+        if getattr(args, "composition", None) in ("on", "off"):
+            d["composition"] = args.composition == "on"
+        if getattr(args, "val_sections", None):
+            v = args.val_sections
+            d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
+        return cls(**d)
+
+
+def _registered(backbone: str | None) -> list:
+    """The registry entries of ``backbone`` when every comma-separated name is a registered encoder, else []."""
+    from .models.encoders import find_encoder
+
+    names = [b.strip() for b in str(backbone or "").split(",") if b.strip()]
+    entries = [find_encoder(n) for n in names]
+    return entries if names and all(entries) else []
