@@ -264,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             command = f"omero {a.omero_command}"
         logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
+        if not a.verbose:  # the cluster's own bookkeeping (workers starting, ports) is not the user's business
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+            import warnings
+
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
         return int(a.func(a) or 0)
     except BaseException as e:  # noqa: BLE001 - the one place every failure becomes one line
         if isinstance(e, SystemExit):  # argparse (--help, usage errors) and sys.exit in commands

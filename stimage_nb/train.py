@@ -172,6 +172,9 @@ def _load_sections(manifest, sections, val_sections, genes, drop_missing_genes) 
                 raise StimageInputError(f"train() takes a manifest path or a list of Sections, got {type(s).__name__}")
     with_counts = [s for s in all_secs if s.has_counts]
     if not with_counts:
+        if genes is not None and any((s.adata.uns.get(K.UNS) or {}).get("counts") for s in all_secs):
+            raise StimageInputError(f"{src}: none of the {len(genes)} requested genes is in the sections' counts "
+                                    f"(e.g. {list(genes)[:5]}); check the gene list (symbols as in the counts tables).")
         raise StimageInputError(f"{src}: no section has counts; training needs spatial counts.")
     by_name = {s.name: s for s in with_counts}
     no_counts = [s.name for s in all_secs if not s.has_counts and (sections is None or s.name in (sections or []))]
@@ -716,13 +719,15 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         pre = _load_sections(manifest, sections, val_sections, None, True)[0] if needs_sections(genes) else None
         panel = resolve_genes(genes, sections=pre)
         genes = list(panel.genes)
-        if _members is None:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(json.loads(panel.to_json()), out / "gene_panel.json")
+    else:
+        panel = None
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_s, val_s = _load_sections(manifest, sections, val_sections, genes, drop_missing_genes)
+    if panel is not None and _members is None:  # only once the sections and genes are known good: a run that
+        out.mkdir(parents=True, exist_ok=True)  # fails on its input leaves nothing behind
+        write_json(json.loads(panel.to_json()), out / "gene_panel.json")
     genes_used = train_s[0].genes
     celltypes = _celltypes_of(train_s + val_s)
     tile_um = float(cfg.tile_um) if cfg.tile_um else float(np.median([s.diameter_um for s in train_s])) * 1.5

@@ -93,6 +93,7 @@ def _cases(d: Path, h: Path, closed: str) -> list[tuple[str, list[str], dict, st
         ("bad µm/px", ["shift", "--manifest", str(d / "m_bad_um.csv"), "--sections", "C3", "--out", "o"], {},
          "um_per_px"),
         ("model missing", ["predict", "--model", str(d / "nope"), "--manifest", M, "--out", "o"], {}, "ensemble.json"),
+        ("image is a folder", ["convert", str(d), "--out", "o"], {}, "a folder, not an image"),
         ("model corrupt", ["predict", "--model", str(d / "model_bad"), "--manifest", M, "--out", "o"], {},
          "ensemble.json"),
         ("prediction corrupt (evaluate)", ["evaluate", "--pred", str(d / "pred_bad"), "--manifest", M,

@@ -129,3 +129,19 @@ def test_the_xenium_lung_h_and_e_cells_lie_on_the_tissue_mask(data_dir):
     on = mask[(y / ds).astype(int).clip(0, mask.shape[0] - 1), (x / ds).astype(int).clip(0, mask.shape[1] - 1)]
     assert on.mean() >= 0.95, f"only {on.mean():.0%} of the Xenium cells lie on the tissue mask"
     assert mask.mean() < 0.98  # the image's bare areas are not tissue
+
+
+def test_a_greyscale_slide_has_its_tissue_found_by_texture_and_darkness(data_dir, caplog):
+    """The 16-bit greyscale field case (tissue along the bottom, glass above): without stain colour the
+    tissue is found by texture and darkness against the glass, with a warning that the model sees an
+    unfamiliar image; the same in 8 bits."""
+    grey = data_dir / "field_cases" / "png_16bit_grey"
+    masks = []
+    for name in ("C3_crop_grey16.png", "reference_8bit.png"):
+        with caplog.at_level("WARNING", logger="stimage_nb.io.tissue"):
+            mask, _ = tissue_mask(open_image(grey / name, um_per_px=0.69, cache=False))
+        assert "no colour (greyscale)" in caplog.text
+        h = mask.shape[0]
+        assert mask[: h // 3].mean() < 0.02 and mask[-h // 8:].mean() > 0.8  # glass on top, tissue at the bottom
+        masks.append(mask)
+    assert (masks[0] == masks[1]).mean() > 0.99

@@ -206,3 +206,19 @@ def test_mixed_backbones_and_hard_cell_labels(tmp_path):
     tiles = np.random.default_rng(0).integers(0, 255, (4, kit.OUT_PX, kit.OUT_PX, 3), dtype=np.uint8)
     a, b = ens.to("cpu").predict_tiles(tiles, stain_source=None), back.predict_tiles(tiles, stain_source=None)
     assert np.array_equal(a["mean"], b["mean"]) and np.all(a["epistemic_var"] > 0)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_run_refused_for_its_genes_leaves_nothing_behind(her2st_manifest, tmp_path, drop):
+    """Genes the counts lack: the error names them (or, when dropping leaves none, says so, not 'no counts'),
+    and the output folder is not created, so nothing half-written is left (not even the gene panel)."""
+    genes = tmp_path / "genes.txt"
+    genes.write_text("NOTAGENE1\nFAKEGENE2\n")
+    out = tmp_path / "run"
+    with pytest.raises(StimageInputError) as e:
+        train(her2st_manifest, genes=str(genes), out=out, sections=["C4"], val_sections=["C5"],
+              drop_missing_genes=drop, config=TrainConfig(epochs=1, members=1), progress=False)
+    msg = str(e.value)
+    assert ("none of the 2 requested genes" in msg) if drop else ("NOTAGENE1" in msg and "FAKEGENE2" in msg)
+    assert "no section has counts" not in msg
+    assert not out.exists()

@@ -129,6 +129,12 @@ def _cmd_predict(a) -> int:
           f"an earlier run), {s['n_failed']} failed -> {res.out}")
     for f in s["failed"]:
         print(f"  failed: {f['slide_id']}: {f['error']}")
+    if s["n_failed"]:  # a script must see it without reading status.csv; the good slides are done and kept
+        from ..errors import StimageInputError
+
+        raise StimageInputError(f"{s['n_failed']} of {s['n_slides']} slides failed (each one's error is in "
+                                f"{res.out}/status.csv; the other slides are done and kept); fix them and re-run with "
+                                "--retry-failed")
     return 0
 
 

@@ -76,7 +76,7 @@ def _extract_processor(kind: str, extract_dir: str):
     return (pooch.Unzip if kind == "zip" else pooch.Untar)(extract_dir=extract_dir)
 
 
-def _explain(ds: Dataset, f: DataFile, url: str, exc: BaseException) -> str:
+def _explain(ds: Dataset, f: DataFile, url: str, exc: BaseException, root: Path | None = None) -> str:
     """One line: which file, from where, what went wrong, and what to do."""
     import requests
 
@@ -89,9 +89,10 @@ def _explain(ds: Dataset, f: DataFile, url: str, exc: BaseException) -> str:
         what = "no connection (offline, a firewall, or the server is down)"
     else:
         what = f"{type(exc).__name__}: {one_line(exc, 200)}"
-    return (f"cannot download {ds.name} file {f.path} from {url}: {what}. Files already fetched are kept, so running "
-            f"`stimage-nb fetch-data --dataset {ds.name}` again resumes; offline, point {ENV_DATA} at a copy of the "
-            "data bundle instead")
+    where = f" under {root}" if root is not None else ""
+    return (f"cannot download {ds.name} file {f.path} from {url}: {what}. Files already fetched{where} are kept, so "
+            "running the same `stimage-nb fetch-data` command again resumes; offline, copy the dataset's files "
+            f"there from a machine that has them, or point {ENV_DATA} at a folder that holds them")
 
 
 def _fetch_file(ds: Dataset, f: DataFile, root: Path, bases: Sequence[str], *, progress: bool, retries: int) -> Path:
@@ -124,11 +125,12 @@ def _fetch_file(ds: Dataset, f: DataFile, root: Path, bases: Sequence[str], *, p
             return target
         except (ValueError, requests.exceptions.RequestException) as e:
             last = e
-            log.warning("%s", _explain(ds, f, url, e))
+            if base != bases[-1]:  # the last failure is the error itself: said once, not twice
+                log.warning("%s: %s; trying the next mirror", url, one_line(e, 200))
         finally:
             _remove_partials(raw.parent)
     assert last is not None
-    raise DataUnavailableError(_explain(ds, f, f"{bases[0].rstrip('/')}/{f.remote}", last)) from last
+    raise DataUnavailableError(_explain(ds, f, f"{bases[0].rstrip('/')}/{f.remote}", last, root)) from last
 
 
 def _remove_partials(folder: Path) -> None:

@@ -61,8 +61,7 @@ def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=No
 
     ens = Ensemble.load(model, device=device)
     secs = read_manifest(manifest, sections, genes=ens.genes, drop_missing_genes=True)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)  # made only once the spots and genes are known good (below)
     record = {"model": str(model), "explainer": explainer, "output": output, "genes": list(genes), "sections": {}}
     given = _csv(spots) if isinstance(spots, str) else spots
     known = {s.name for s in secs}
@@ -125,6 +124,7 @@ def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=No
                                         progress=progress)
             rec["files"] = {k: str(v) for k, v in paths.items()}
         record["sections"][sec.name] = rec
+    out.mkdir(parents=True, exist_ok=True)
     if faithfulness_check:
         fj = {"model": str(model), "explainer": explainer, "output": output, "genes": list(genes),
               "sections": {k: v.get("faithfulness") for k, v in record["sections"].items()}}

@@ -321,6 +321,10 @@ def open_levels(path: Path) -> LevelReader:
     path = Path(path)
     if is_ome_zarr(path):
         return NgffLevels(path)
+    if path.is_dir():  # a folder that is not an OME-Zarr store (an MRXS's data folder, a Visium outs/, ...)
+        raise SlideReadError(f"{path}: a folder, not an image, and not an OME-Zarr store (no .zattrs/zarr.json with "
+                             "'multiscales'); give the slide file itself (for MIRAX, the .mrxs beside its folder) or "
+                             "the OME-Zarr store's root.", source=str(path))
     suffix = path.suffix.lower()
     if suffix in NOT_LAZY:
         vendor = _openslide_vendor(path)
@@ -354,7 +358,8 @@ def open_levels(path: Path) -> LevelReader:
         tif.close()
     if vendor is not None:
         return OpenSlideLevels(path, vendor)
-    raise not_lazy_error(path, f"{suffix or 'suffix-less'} files", " (not a format a slide reader recognises)")
+    raise not_lazy_error(path, f"{suffix} files" if suffix else "files without a suffix",
+                         " (not a format a slide reader recognises)")
 
 
 def _openslide_vendor(path: Path) -> str | None:

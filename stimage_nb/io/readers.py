@@ -133,9 +133,10 @@ def read_section_files(name: str, *, image, spots, counts=None, um_per_px=None, 
                 f"{spots} (e.g. {list(spots_df.index[:3])}). Counts rows must be indexed '{{x}}x{{y}}' by the "
                 "array coordinates of the spots file.")
         n_c, n_s = len(cdf) - len(common), len(spots_df) - len(common)
-        if n_c or n_s:
-            log.warning("%s: %d count rows have no spot and %d selected spots have no counts; using the %d "
-                        "that match", name, n_c, n_s, len(common))
+        if n_c or n_s:  # a few unmatched rows are normal (her2st's selections); many suggest the wrong files
+            lvl = logging.INFO if len(common) >= 0.9 * max(len(cdf), len(spots_df)) else logging.WARNING
+            log.log(lvl, "%s: %d count rows have no spot and %d selected spots have no counts; using the %d "
+                    "that match", name, n_c, n_s, len(common))
         ids = pd.Index([i for i in spots_df.index if i in set(common)])
         cdf = cdf.loc[ids]
         try:

@@ -7,9 +7,13 @@ reader (:func:`stimage_nb.io.readers.read_wsi`) lays its observation points out 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .image import SlideImage
+
+log = logging.getLogger(__name__)
 
 #: Texture (local SD of the grey level, 0–1 scale, in the ``window_um`` window) below which a thumbnail pixel
 #: is smooth like bare glass. Measured on the bundle: glass 0.001–0.003 on every her2st section, the
@@ -20,6 +24,9 @@ GLASS_TEXTURE = 0.008
 GLASS_MIN_AREA_UM2 = 200.0 * 200.0
 #: Least share of the thumbnail that must be glass for its texture and stain to serve as the background.
 MIN_GLASS_FRACTION = 0.01
+#: Saturation (99th percentile of the smoothed thumbnail) below which an image has no stain colour: a
+#: greyscale scan (or a colour image converted to grey). H&E is far above it (bundle: 0.3-0.6).
+GREY_SATURATION = 0.03
 
 
 def tissue_mask(image: SlideImage, max_px: int = 2048, *, texture_k: float = 6.0, stain_k: float = 3.0,
@@ -64,6 +71,11 @@ def tissue_mask(image: SlideImage, max_px: int = 2048, *, texture_k: float = 6.0
     fs = ndi.gaussian_filter(f, (sigma, sigma, 0))
     mx, mn = fs.max(axis=2), fs.min(axis=2)
     sat = (mx - mn) / np.maximum(mx, 1e-6)
+    if float(np.percentile(sat, 99)) < GREY_SATURATION:  # no colour: stain is darkness against the glass
+        log.warning("%s: the image has no colour (greyscale); tissue is found by texture and darkness, and a model "
+                    "trained on colour H&E sees an image unlike its training data (check the domain-shift score)",
+                    getattr(image, "source", image))
+        sat = 1.0 - fs.mean(axis=2)
     smooth = tex < GLASS_TEXTURE
     lab, n = ndi.label(smooth)
     sizes = ndi.sum(smooth, lab, range(1, n + 1)) if n else np.zeros(0)

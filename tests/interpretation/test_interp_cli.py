@@ -48,3 +48,4 @@ def test_bad_requests_exit_2_with_one_line(tmp_path, frozen_run, her2st_manifest
                "--quiet", "--out", str(tmp_path / "x"), *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # a refused request leaves no output folder behind
