@@ -42,6 +42,7 @@ from .domain import DomainModel
 from .errors import StimageInputError
 from .models.model import STModel, build_model
 from .stain import BACKGROUNDS, MacenkoNormalizer, normalizer_from_dict, whiten_background
+from .uncertainty import scale_prediction
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +129,9 @@ def rescale_to_depth(pred: dict, depth: float) -> dict:
     """
     if not depth > 0:
         raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
-    mean = pred["mean"].astype(np.float64)
-    now = float(mean.sum(1).mean()) if mean.size else 0.0
+    now = float(pred["mean"].astype(np.float64).sum(1).mean()) if pred["mean"].size else 0.0
     f = float(depth) / now if now > 0 else 1.0
-    out = dict(pred)
-    out["mean"] = (f * mean).astype(np.float32)
-    out["aleatoric_var"] = (f * mean + f * f * (pred["aleatoric_var"] - mean)).astype(np.float32)
-    out["epistemic_var"] = (f * f * pred["epistemic_var"]).astype(np.float32)
-    if "member_mean" in pred:
-        mm = pred["member_mean"].astype(np.float64)
-        out["member_mean"] = (f * mm).astype(np.float32)
-        out["member_aleatoric_var"] = (f * mm + f * f * (pred["member_aleatoric_var"] - mm)).astype(np.float32)
+    out = scale_prediction(pred, f)
     out["depth_factor"] = f
     return out
 

@@ -29,7 +29,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 from urllib.parse import unquote
 
 from .errors import StimageInputError
@@ -171,3 +171,18 @@ def name_of_file(path, suffix: str) -> str:
     """The name a file was written for: its name without ``suffix``, decoded (the inverse of :func:`file_stem`)."""
     n = getattr(path, "name", str(path))
     return original_name(n[: -len(suffix)] if suffix and n.endswith(suffix) else n)
+
+
+def make_unique(names: Sequence[str]) -> list[str]:
+    """``names`` with repeats made unique by suffixes ``-1``, ``-2``, ... in order of appearance (the first
+    keeps its name): ``["a", "b", "a"] -> ["a", "b", "a-1"]``."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        if n in seen:
+            seen[n] += 1
+            out.append(f"{n}-{seen[n]}")
+        else:
+            seen[n] = 0
+            out.append(n)
+    return out

@@ -678,16 +678,9 @@ def _unique_ids(points: pd.DataFrame, path: Path) -> list[str]:
         dup = s[s.duplicated()].unique()[:3].tolist()
         log.warning("%s: %d object names are repeated (e.g. %s); suffixes -1, -2, ... make them unique",
                     path, int(s.duplicated().sum()), dup)
-        counts: dict[str, int] = {}
-        out = []
-        for v in ids:
-            if v in counts:
-                counts[v] += 1
-                out.append(f"{v}-{counts[v]}")
-            else:
-                counts[v] = 0
-                out.append(v)
-        ids = out
+        from .names import make_unique
+
+        ids = make_unique(ids)
     return [str(i) for i in ids]
 
 

@@ -1,4 +1,5 @@
-"""The variance of weighted means of per-spot predictive distributions (pseudo-bulk, smoothing).
+"""The variance of weighted means of per-spot predictive distributions (pseudo-bulk, smoothing), and the
+exact rescaling of a prediction to another sequencing depth (:func:`scale_prediction`).
 
 The variance of a mean of per-spot predictive distributions
 ------------------------------------------------------------
@@ -75,3 +76,20 @@ def weighted_mean_var(W, mean, aleatoric, epistemic, *, epistemic_mode: str = "c
     va = np.asarray(W2 @ A)
     ve = np.asarray(W @ np.sqrt(np.clip(E, 0, None))) ** 2 if epistemic_mode == "correlated" else np.asarray(W2 @ E)
     return m, va, ve
+
+
+def scale_prediction(pred: dict, f: float) -> dict:
+    """Every NB mean of ``pred`` (any rows of :meth:`stimage_nb.ensemble.Ensemble.predict_tiles` output) times ``f``, dispersions
+    kept: mean x f, epistemic variance x f^2, aleatoric ``f mean + f^2 (aleatoric - mean)`` (also the single
+    member's ``member_*``). What :func:`stimage_nb.ensemble.rescale_to_depth` applies, block by block where rows stream."""
+    out = dict(pred)
+    mean = pred["mean"].astype(np.float64)
+    out["mean"] = (f * mean).astype(np.float32)
+    if "aleatoric_var" in pred:
+        out["aleatoric_var"] = (f * mean + f * f * (pred["aleatoric_var"] - mean)).astype(np.float32)
+    out["epistemic_var"] = (f * f * pred["epistemic_var"]).astype(np.float32)
+    if "member_mean" in pred:
+        mm = pred["member_mean"].astype(np.float64)
+        out["member_mean"] = (f * mm).astype(np.float32)
+        out["member_aleatoric_var"] = (f * mm + f * f * (pred["member_aleatoric_var"] - mm)).astype(np.float32)
+    return out

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import StimageInputError
+from ..names import make_unique
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..io.image import SlideImage
@@ -237,7 +238,7 @@ class Nuclei:
             raise ValueError("nothing to concatenate")
         table = pd.concat([p.table for p in parts]) if any(len(p) for p in parts) else parts[0].table
         polys = tuple(q for p in parts for q in p.polygons)
-        table = table.set_axis(_unique(list(map(str, table.index))))
+        table = table.set_axis(make_unique(list(map(str, table.index))))
         return cls(table, polys, parts[0].um_per_px, parts[0].source, dict(parts[0].params))
 
 
@@ -245,19 +246,6 @@ def _nucleus_id(x: float, y: float) -> str:
     """``"nuc_<x>_<y>"`` from a level-0 centroid, rounded so that the same nucleus measured from two
     origins (a tile and its neighbour) gets the same id despite floating-point noise."""
     return f"nuc_{int(math.floor(round(float(x), 4) + 0.5))}_{int(math.floor(round(float(y), 4) + 0.5))}"
-
-
-def _unique(ids: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for i in ids:
-        if i in seen:
-            seen[i] += 1
-            out.append(f"{i}-{seen[i]}")
-        else:
-            seen[i] = 0
-            out.append(i)
-    return out
 
 
 # ====================================================================== colour deconvolution
@@ -422,7 +410,7 @@ def measure_labels(labels: np.ndarray, H: np.ndarray | None, um_per_px: float, *
         xy = _outline(r.image)
         polys.append(((xy + [origin[0] + minc, origin[1] + minr]) * downsample).astype(np.float64))
     table = pd.DataFrame(rows, columns=["x", "y", *MORPHOLOGY], dtype=np.float64)
-    table.index = pd.Index(_unique([_nucleus_id(x, y) for x, y in
+    table.index = pd.Index(make_unique([_nucleus_id(x, y) for x, y in
                                     zip(table["x"], table["y"])]), name="nucleus")
     return table, polys
 
@@ -614,7 +602,7 @@ def segment_slide(image: "SlideImage", *, boxes: np.ndarray | None = None, param
         bar.close()
     out = Nuclei.concat(parts)
     tab = out.table
-    tab.index = pd.Index(_unique([_nucleus_id(x, y) for x, y in zip(tab["x"], tab["y"])]),
+    tab.index = pd.Index(make_unique([_nucleus_id(x, y) for x, y in zip(tab["x"], tab["y"])]),
                          name="nucleus")
     params_out = {"method": method, **p.to_dict(), "level": int(level), "cell_px": int(cell_px),
                   "source_image": str(image.source)}

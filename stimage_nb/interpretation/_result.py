@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..ensemble import write_json
 from ..errors import StimageInputError
 from ._game import BACKGROUND
 from ._nuclei import MORPHOLOGY, Nuclei
@@ -145,22 +146,10 @@ class Attributions:
         _write_csv(nt, d / "nuclei.csv", index=True)
         meta = {**self.to_json(), "nuclei": {"source": self.nuclei.source, "um_per_px": self.nuclei.um_per_px,
                                              "params": self.nuclei.params}}
-        tmp = d / f"attributions.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=1, default=_default))
-        os.replace(tmp, d / "attributions.json")
+        write_json(meta, d / "attributions.json")
         return d
 
 
-def _default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def _write_csv(df: pd.DataFrame, path: Path, index: bool) -> None:

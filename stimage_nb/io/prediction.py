@@ -231,9 +231,9 @@ class PredictionWriter:
 
     def rescale_to_depth(self, depth: float, block: int = 4096) -> float:
         """Rescale the rows written so far to a mean of ``depth`` predicted counts per row, in place, block by
-        block (:func:`stimage_nb.ensemble.rescale_to_depth`'s formulas: mean x f, epistemic x f^2, aleatoric
-        f mean + f^2 (aleatoric - mean)); returns the factor ``f``. Call once, after every row is written."""
-        import numpy as np
+        block (:func:`stimage_nb.uncertainty.scale_prediction`, the formulas of
+        :func:`~stimage_nb.ensemble.rescale_to_depth`); returns the factor ``f``. Call once, after every row is
+        written."""
 
         from ..errors import StimageInputError
 
@@ -241,14 +241,13 @@ class PredictionWriter:
             raise StimageInputError(f"a section's depth must be positive counts per spot, not {depth!r}")
         now = self._depth_sum / self.n if self.n else 0.0
         f = float(depth) / now if now > 0 else 1.0
+        from ..uncertainty import scale_prediction
+
         for a in range(0, self.n, block):
             b = min(self.n, a + block)
-            mean = self._d["mean"][a:b].astype(np.float64)
-            self._d["mean"][a:b] = (f * mean).astype(np.float32)
-            self._d["epistemic_var"][a:b] = (f * f * self._d["epistemic_var"][a:b].astype(np.float64)).astype(np.float32)
-            if "aleatoric_var" in self._d:
-                ale = self._d["aleatoric_var"][a:b].astype(np.float64)
-                self._d["aleatoric_var"][a:b] = (f * mean + f * f * (ale - mean)).astype(np.float32)
+            scaled = scale_prediction({k: ds[a:b] for k, ds in self._d.items()}, f)
+            for k, ds in self._d.items():
+                ds[a:b] = scaled[k]
         self._depth_sum *= f
         return f
 

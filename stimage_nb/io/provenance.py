@@ -65,10 +65,9 @@ def _resolve(base: Path, value) -> Path | None:
 
 
 def _read_rows(manifest: Path) -> pd.DataFrame:
-    try:
-        m = pd.read_csv(manifest, dtype=str)
-    except Exception as e:  # noqa: BLE001
-        raise StimageInputError(f"{manifest}: cannot read the manifest CSV ({e}).") from e
+    from .readers import read_manifest_table
+
+    m = read_manifest_table(manifest)
     if "section" not in m.columns:
         raise StimageInputError(f"{manifest}: the manifest has no 'section' column.")
     return m.set_index("section", drop=False)

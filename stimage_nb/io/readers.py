@@ -220,12 +220,7 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
         A missing or unreadable file, column or value, naming the manifest, the section and the file.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise StimageInputError(f"{path}: manifest not found.")
-    try:
-        m = pd.read_csv(path, dtype=str)
-    except Exception as e:  # noqa: BLE001
-        raise StimageInputError(f"{path}: cannot read the manifest CSV ({e}).") from e
+    m = read_manifest_table(path)
     out_cols = [c for c in OUTS_COLUMNS if c in m.columns]
     required = ("section",) if out_cols else MANIFEST_COLUMNS
     missing_cols = [c for c in required if c not in m.columns]
@@ -277,6 +272,23 @@ def read_manifest(path: str | os.PathLike, sections: Iterable[str] | None = None
     return out
 
 
+def read_manifest_table(path: str | os.PathLike) -> pd.DataFrame:
+    """The manifest CSV as strings (one row per section), nothing else read.
+
+    Raises
+    ------
+    StimageInputError
+        The file is missing or is not a readable CSV.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise StimageInputError(f"{path}: manifest not found.")
+    try:
+        return pd.read_csv(path, dtype=str)
+    except Exception as e:  # noqa: BLE001 - any reader error is a bad file for the user
+        raise StimageInputError(f"{path}: cannot read the manifest CSV ({e}).") from e
+
+
 def manifest_platforms(path: str | os.PathLike) -> dict[str, str]:
     """``{section: platform}`` of a manifest without reading any counts or image (for planning splits).
 
@@ -285,12 +297,7 @@ def manifest_platforms(path: str | os.PathLike) -> dict[str, str]:
     without one, as :func:`read_manifest` would.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise StimageInputError(f"{path}: manifest not found.")
-    try:
-        m = pd.read_csv(path, dtype=str)
-    except Exception as e:  # noqa: BLE001
-        raise StimageInputError(f"{path}: cannot read the manifest CSV ({e}).") from e
+    m = read_manifest_table(path)
     if "section" not in m.columns:
         raise StimageInputError(f"{path}: manifest lacks the column section.")
     out = {}
