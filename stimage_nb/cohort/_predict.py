@@ -118,7 +118,6 @@ def _slide_section(ensemble, image, *, slide_id: str, grid_um: float | None, um_
     pulled = pulled_source(image) or {}
     if pulled.get("image_scale"):  # an OMERO image pulled at a lower resolution level
         s.meta["image_scale"] = float(pulled["image_scale"])
-        s.adata.uns.setdefault(K.UNS, {})["image_scale"] = float(pulled["image_scale"])
     if s.adata.n_obs == 0:
         s.image.close()
         raise StimageInputError(f"{image}: no tissue found on the slide (stimage_nb.io.tissue.tissue_mask); "
@@ -126,7 +125,7 @@ def _slide_section(ensemble, image, *, slide_id: str, grid_um: float | None, um_
     if annotations:
         from ..qupath import assign_regions
 
-        assign_regions(s.adata, annotations)
+        assign_regions(s.adata, annotations, image_scale=float(s.meta.get("image_scale") or 1.0))
     return s, step
 
 
