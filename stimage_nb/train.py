@@ -53,6 +53,7 @@ from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, versions, write_js
 from .errors import StimageInputError
 from .io.section import Section, section_depth, select_genes
 from .models.heads import labels_to_targets, soft_cross_entropy
+from .models.library_size import fit_library_size, log_library_size, set_library_size, shrink_composition
 from .models.model import STModel, build_model
 from .models.nb import nb_nll
 from .stain import MacenkoNormalizer
@@ -343,10 +344,11 @@ def _evaluate(model: STModel, data: _Data, cfg: TrainConfig, device, feats: torc
     """Validation (loss, mean per-gene Pearson of log1p means vs log1p counts)."""
     model.eval()
     losses, mus = [], []
+    lib = log_library_size(data.counts) if cfg.library_size == "ridge" else None
 
     def run(i, j):
-        if feats is not None:
-            out = model.heads(feats[0, i:j])
+        if feats is not None:  # with library_size="ridge" the composition is scored at the observed library sizes
+            out = model.heads(feats[0, i:j], lib[i:j] if lib is not None else None)
         else:
             with autocast(device, cfg.amp):
                 f = model.features(to_float(data.tiles[i:j], channels_last(device, cfg.channels_last)))
@@ -521,6 +523,12 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     c0 = train_d.counts[rows_d]
     if train_d.offset is not None:
         c0 = c0 * torch.exp(-train_d.offset[rows_d])[:, None]
+    # library_size="ridge": the composition is trained at the spots' observed library sizes (models.library_size),
+    # and initialised (rates, dispersions) from the counts scaled to the mean library size, as the offset sees them
+    lib_tr = log_library_size(train_d.counts) if cfg.library_size == "ridge" else None
+    if lib_tr is not None:
+        lib = lib_tr[rows_d]
+        c0 = c0 * torch.exp(torch.log(torch.exp(lib).mean()) - lib)[:, None]
     model.nb.init_from_counts(c0)
     if model.celltype is not None:
         model.celltype.reset_parameters()
@@ -586,7 +594,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                 try:
                     if cfg.frozen:
                         views = torch.randint(0, feats_tr.shape[0], (len(idx),), generator=g).to(device)
-                        out_ = model.heads(feats_tr[views, idx_d])
+                        out_ = model.heads(feats_tr[views, idx_d], lib_tr[idx_d] if lib_tr is not None else None)
                     else:
                         x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
                         with autocast(device, cfg.amp):
@@ -653,10 +661,34 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
         log.info("member %d: early stop; best epoch %d (val %.4f)", i, best_epoch, best_val)
     final = json.loads(sp.read_text())
     final.update({"done": True, "stopped_early": bool(stop_early or (val_d is not None and bad >= cfg.patience))})
+    if cfg.library_size == "ridge":
+        final["library_size"] = _finish_composition(model, cfg, i, train_d, feats_tr, rows, mdir)
     write_json(final, sp)
     for cb in callbacks:
         cb.on_member_end(state)
     return final
+
+
+def _finish_composition(model: STModel, cfg: TrainConfig, i: int, train_d: _Data, feats_tr: torch.Tensor,
+                        rows: torch.Tensor, mdir: Path) -> dict:
+    """library_size="ridge": the kept weights, with the depth head regressed from the features (member ``i``'s
+    bootstrap sample) and the composition shrunk by ``cfg.composition_shrinkage``; written to
+    ``final.safetensors`` (what the ensemble is assembled from). Deterministic, so a crash before the member's
+    state says ``done`` only repeats it."""
+    from safetensors.torch import load_file
+
+    best = mdir / "best.safetensors"
+    st = json.loads((mdir / "state.json").read_text())
+    _load_member_state(model, load_file(str(best if best.is_file() else mdir / st["model_file"])), True)
+    f0 = feats_tr[0]
+    fit = fit_library_size(f0.float().cpu().numpy(), log_library_size(train_d.counts).cpu().numpy(), train_d.section,
+                           train_d.group, rows=rows.cpu().numpy(), seed=_seed(cfg.seed, i, "library_size"))
+    set_library_size(model.nb, fit)
+    shrink_composition(model.nb, f0[rows.to(f0.device)], cfg.composition_shrinkage)
+    save_state_dict(_snapshot(_member_state(model, True)), mdir / "final.safetensors")
+    log.info("member %d: log library size ridge alpha %g, grouped CV R^2 %.3f; composition shrunk by %g", i,
+             fit.alpha, fit.cv_r2, cfg.composition_shrinkage)
+    return {**fit.summary(), "composition_shrinkage": cfg.composition_shrinkage}
 
 
 # ---------------------------------------------------------------------- the public entry point
@@ -918,8 +950,8 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
     members, info = [], []
     for i, st in enumerate(mstates):
         mdir = _member_dir(out, i)
-        best = mdir / "best.safetensors"
-        sd = load_file(str(best if best.is_file() else mdir / st["model_file"]))
+        best, final = mdir / "best.safetensors", mdir / "final.safetensors"
+        sd = load_file(str(final if final.is_file() else best if best.is_file() else mdir / st["model_file"]))
         if cfg.frozen:  # heads on the shared fitted extractor
             stack = stacks[_stack_id(cfg, st["backbone"], i)][0].cpu()
             m = STModel(stack, len(genes), len(celltypes), backbone_name=stack.name,
@@ -932,7 +964,8 @@ def _assemble(out: Path, cfg: TrainConfig, mstates: list[dict], genes, celltypes
         info.append({"member": i, "seed": _seed(cfg.seed, i, "init"), "weights": cfg.weights_for(st["backbone"]),
                      "best_epoch": st["best_epoch"], "early_stop": cfg.early_stop,
                      **_val_summary(cfg, st),
-                     "epochs_run": len(st["history"]), "stopped_early": st.get("stopped_early", False)})
+                     "epochs_run": len(st["history"]), "stopped_early": st.get("stopped_early", False),
+                     **({"library_size": st["library_size"]} if "library_size" in st else {})})
     meta = {"run_id": run["run_id"], "training_data": run.get("training_data"), "train_sections": [s.name for s in train_s],
             "val_sections": [s.name for s in val_s],
             "train_patients": sorted({str(s.patient) for s in train_s if s.patient}),

@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 RESUMABLE_FIELDS = {"device", "amp", "channels_last", "progress", "eval_batch_size"}
 
 #: Defaults that depend on the mode: the offline default's frozen fast path vs full fine-tuning.
+#: (``library_size`` and ``composition_shrinkage`` follow from the resolved ``composition``/``depth``: see TrainConfig.)
 MODE_DEFAULTS = {
     "frozen": dict(epochs=150, batch_size=1024, lr=3e-3, weight_decay=1e-2, patience=20, stain="macenko", dropout=0.2,
-                   rank=8, early_stop="none"),
+                   rank=8, early_stop="none", composition=True),
     "finetune": dict(epochs=12, batch_size=32, lr=1e-3, weight_decay=1e-4, patience=4, stain="macenko", dropout=0.1,
-                     rank=0, early_stop="loss"),
+                     rank=0, early_stop="loss", composition=False),
 }
 
 
@@ -41,7 +42,13 @@ class TrainConfig:
     colour/texture statistics, standardised with the training spots' mean/SD — and each member trains
     a low-rank (k = 8) negative-binomial head and a cell-type head on them (AdamW lr 3e-3, weight decay
     1e-2, cosine, full batch, 150 epochs, the last kept; the validation sections are scored every
-    epoch). ``frozen=False`` fine-tunes the timm ``backbone`` end to end.
+    epoch). The NB mean is a spot's library size times a composition over the genes
+    (``composition=True``): the composition is trained at each spot's observed library size, the library
+    size is regressed from the same features by ridge (``library_size="ridge"``, each member on a
+    bootstrap sample of the spots), and the composition's deviations from the mean composition are
+    shrunk by ``composition_shrinkage=0.25``. Chosen by leave-one-patient-out and simulated acquisitions
+    (README, "Validation"; ``benchmarks/validate_her2st.py``). ``frozen=False`` fine-tunes the timm
+    ``backbone`` end to end (per-gene NB head).
 
     Settings left ``None`` take the default of the mode (:data:`MODE_DEFAULTS`) when the config is
     built; ``to_dict()`` records the resolved values. As on the command line, naming a ``backbone``
@@ -136,9 +143,28 @@ class TrainConfig:
         training sections had.
     composition
         The NB head's mean factorised as the spot's depth (a scalar head on the image features) times a
-        composition over the genes (a softmax), :class:`stimage_nb.models.heads.NBHead`; with
+        composition over the genes (a softmax), :class:`stimage_nb.models.heads.NBHead` (``None``: on for
+        the frozen path, off when fine-tuning); with
         ``depth="section"`` the section's sequencing depth multiplies both: ``mu = D_section / D_ref x
         depth(x) x composition(x)``.
+    library_size
+        With a composition head, how a spot's library size (its counts over the genes) is modelled.
+        ``"ridge"``: the composition is trained with each spot's *observed* library size as the NB offset
+        (so a spot's depth never leaks into the gene-specific part), and the log library size, centred per
+        section, is regressed from the frozen features by ridge (penalty by grouped CV over the training
+        sections, or quarters of a single section; member ``i`` refits it on its own bootstrap sample, so
+        the members disagree about depth where the features extrapolate: epistemic variance). Its offset
+        is the median over the training sections of their mean log library size, so an undirected
+        prediction is at the training depth (``predict(..., depth=...)`` rescales it). ``"joint"``: the
+        depth head is trained with the composition through the genes' likelihood. ``None``: ``"ridge"``
+        on the frozen path with a composition head and ``depth="none"``, else ``"joint"``. ``"ridge"``
+        needs the frozen path and ``depth="none"`` (it already models every spot's depth).
+    composition_shrinkage
+        A factor in (0, 1] applied after training to the composition's low-rank map (``W -> s W``), which
+        pulls every spot's predicted composition toward the training mean composition: the
+        composition learned from one patient transfers only partly to another (README, "Validation":
+        1.0 loses to the ridge baseline across patients, 0.25 beats it and keeps the depth-normalised
+        correlation). ``None``: 0.25 with ``library_size="ridge"``, else 1.0.
     member_data
         ``"all"``: every member trains on all training spots (or a bootstrap sample with ``bagging``).
         ``"groups"``: member ``i`` leaves out one group of training spots, the training sections in turn
@@ -181,7 +207,9 @@ class TrainConfig:
     background: str = "keep"
     depth: str = "none"
     member_data: str = "all"
-    composition: bool = False
+    composition: bool | None = None
+    library_size: str | None = None
+    composition_shrinkage: float | None = None
 
     def __post_init__(self):
         named = self.backbone is not None
@@ -215,6 +243,20 @@ class TrainConfig:
             raise StimageInputError(f"background must be 'keep' or 'white', not {self.background!r}")
         if self.depth not in ("none", "section"):
             raise StimageInputError(f"depth must be 'none' or 'section', not {self.depth!r}")
+        if self.library_size is None:
+            self.library_size = "ridge" if (self.frozen and self.composition and self.depth == "none") else "joint"
+        if self.library_size not in ("ridge", "joint"):
+            raise StimageInputError(f"library_size must be 'ridge' or 'joint', not {self.library_size!r}")
+        if self.library_size == "ridge" and not (self.frozen and self.composition and self.depth == "none"):
+            raise StimageInputError("library_size='ridge' needs the frozen path, a composition head (composition=True) "
+                                    "and depth='none' (it models every spot's depth itself); use library_size='joint'.")
+        if self.composition_shrinkage is None:
+            self.composition_shrinkage = 0.25 if self.library_size == "ridge" else 1.0
+        self.composition_shrinkage = float(self.composition_shrinkage)
+        if not 0 < self.composition_shrinkage <= 1:
+            raise StimageInputError(f"composition_shrinkage must be in (0, 1], not {self.composition_shrinkage}")
+        if self.composition_shrinkage != 1 and not self.composition:
+            raise StimageInputError("composition_shrinkage applies to a composition head (composition=True)")
         if self.member_data not in ("all", "groups"):
             raise StimageInputError(f"member_data must be 'all' or 'groups', not {self.member_data!r}")
         if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
@@ -304,6 +346,10 @@ class TrainConfig:
                 d[name] = getattr(args, name)
         if getattr(args, "composition", None) in ("on", "off"):
             d["composition"] = args.composition == "on"
+        if getattr(args, "library_size", None):
+            d["library_size"] = args.library_size
+        if getattr(args, "composition_shrinkage", None) is not None:
+            d["composition_shrinkage"] = args.composition_shrinkage
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)

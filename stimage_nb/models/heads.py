@@ -8,7 +8,10 @@
   expression programmes across genes (the offline default uses k = 8). With ``composition=True`` the mean
   is factorised as a spot's depth times its composition: ``log mu_g = s(f) + log_softmax(W f + b)_g``, a
   scalar depth head ``s`` (how many counts the spot holds, from the image) and a composition over the genes
-  that sums to one, so the gene-specific part cannot absorb the spot's depth gene by gene.
+  that sums to one, so the gene-specific part cannot absorb the spot's depth gene by gene. Given a spot's
+  observed log library size (``forward(features, log_library=...)``) as a GLM offset, the same rates are
+  trained without the depth head, which is then fitted apart (``TrainConfig(library_size="ridge")``,
+  :mod:`stimage_nb.models.library_size`).
 - :class:`MLPHead`: the two-layer ReLU regression head of Path2Space (a point prediction per gene, no
   count distribution), so that published model's members run here.
 - :class:`CellTypeHead`: softmax over cell types, trained by cross-entropy against soft targets
@@ -84,12 +87,24 @@ class NBHead(nn.Module):
             self.log_total_bias.fill_(float(torch.logsumexp(log_mu, 0)))
         self.log_theta.copy_(log_theta.clamp(*LOG_THETA_RANGE).to(self.log_theta.device))
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(log_mu (n, genes), log_theta (genes,))``."""
+    def forward(self, features: Tensor, log_library: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return ``(log_mu (n, genes), log_theta (genes,))``.
+
+        ``log_library`` (n,): with a composition head, the spots' observed log library sizes (log counts over
+        the genes), used as a GLM offset instead of the depth head: ``log mu = W f + b + log_library - c``
+        with ``c`` the log mean library size of the training spots (``log_total_bias`` as initialised by
+        :meth:`init_from_counts`, not trained here). The per-gene rates are free to sum to more or less
+        than one at a spot (how far its counts over the panel stray from its composition's); without
+        ``log_library`` the same rates are normalised into a composition (softmax) times the depth head.
+        """
         f = self.dropout(features)
         eta = self.linear(self.encoder(f)).float() + self.log_mean_bias
-        if self.composition:
+        if self.composition and log_library is None:
             eta = torch.log_softmax(eta, dim=-1) + self.depth(f).float() + self.log_total_bias
+        elif self.composition:  # a GLM offset: the rates are normalised to a composition only at prediction
+            eta = eta + (log_library.float() - self.log_total_bias.detach())[:, None]
+        elif log_library is not None:
+            raise ValueError("log_library needs a composition head (composition=True)")
         return eta.clamp(max=MAX_LOG_MEAN), self.log_theta.clamp(*LOG_THETA_RANGE)
 
     @staticmethod

@@ -111,10 +111,12 @@ class STModel(nn.Module):
         """Whether the member predicts a count distribution (NB head) rather than a point value."""
         return self.head_kind == "nb"
 
-    def heads(self, features: Tensor) -> Output:
+    def heads(self, features: Tensor, log_library: Tensor | None = None) -> Output:
+        """The heads' outputs for pooled features; ``log_library``: the spots' observed log library sizes
+        in place of the depth head of a composition head (:meth:`NBHead.forward`)."""
         if self.head_kind == "mlp":
             return Output(None, None, None, self.mlp(features))
-        log_mu, log_theta = self.nb(features)
+        log_mu, log_theta = self.nb(features, log_library)
         return Output(log_mu, log_theta, self.celltype(features) if self.celltype is not None else None)
 
     def forward(self, x01: Tensor) -> Output:
