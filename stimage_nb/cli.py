@@ -29,7 +29,8 @@ def _add_train(sub) -> None:
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--backbone", default=None,
                    help="timm model name to fine-tune end to end (e.g. resnet18; default: the offline default, "
-                        "frozen k-means + handcrafted features with low-rank NB heads). With --frozen or "
+                        "frozen k-means + handcrafted features; NB mean = a library size regressed from the image x a "
+                        "low-rank composition over the genes). With --frozen or "
                         "--extractor timm: its frozen features. A registered pathology encoder (uni, virchow2, "
                         "h-optimus-0...; `stimage-nb encoders`) gives frozen features, tiles at its own µm/px "
                         "and size; several, comma-separated, are cycled over the members (uni,virchow2)")

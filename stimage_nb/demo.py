@@ -92,7 +92,8 @@ class DemoPlan:
 
 #: The full demo: 769 genes, trained on C2-C5 (C5 for early stopping), tested on C6 and B4, with the
 #: package's offline default (:class:`stimage_nb.train.TrainConfig` defaults: frozen k-means +
-#: handcrafted features, low-rank NB head, 5 members; see docs/offline_default.md). On 2 cores: ~1 min
+#: handcrafted features, NB mean = library size from the image x a low-rank composition, 5 members; see
+#: docs/offline_default.md). On 2 cores: ~1 min
 #: converting the six JPEGs to OME-Zarr on a fresh machine, ~1-4 min training (k-means filters,
 #: features, 5 heads), under a minute to predict, evaluate (with the ridge baseline) and draw, and about
 #: a minute for the robustness check (four shifted copies of C6 written, predicted and scored).

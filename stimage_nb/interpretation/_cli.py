@@ -182,8 +182,10 @@ def add_cli(sub) -> None:
                         "recursion, cut at the budget), lime, gradient (timm models)")
     p.add_argument("--max-evals", type=int, default=None,
                    help=f"model evaluations per spot (gradient: samples); default {DEFAULT_MAX_EVALS}")
-    p.add_argument("--output", default="log_mean", choices=["log_mean", "mean"],
-                   help="explain the log of the predictive mean (default) or the mean (expected counts)")
+    p.add_argument("--output", default="log_mean", choices=["log_mean", "mean", "log_share"],
+                   help="explain the log of the predictive mean (default), the mean (expected counts), or the log "
+                        "of the gene's share of the spot's predicted counts (log_share: depth-normalised, the "
+                        "gene-specific part without the library size all genes share)")
     p.add_argument("--nuclei", type=Path, default=None, help="QuPath GeoJSON of cells/detections to use as nuclei")
     p.add_argument("--nuclei-method", default="watershed", choices=["watershed", "stardist", "cellpose"],
                    help="segmentation without --nuclei (stardist/cellpose need --nuclei-model)")

@@ -249,7 +249,10 @@ def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | N
         Model evaluations per spot (``"gradient"``: gradient samples); default
         :data:`DEFAULT_MAX_EVALS`.
     output
-        ``"log_mean"`` (log expected counts; default) or ``"mean"`` (expected counts).
+        ``"log_mean"`` (log expected counts; default), ``"mean"`` (expected counts) or ``"log_share"`` (log of
+        the gene's share of the spot's predicted panel counts: depth-normalised; not with ``"gradient"``).
+        With the default recipe a spot's library size, shared by every gene, dominates ``log_mean``;
+        ``log_share`` explains what is specific to the gene.
     nuclei
         :class:`~stimage_nb.interpretation.Nuclei` of the slide (e.g. :func:`segment_slide` or
         :func:`nuclei_from_qupath`), a QuPath GeoJSON path, or ``None`` to segment the spots' tiles
@@ -282,6 +285,9 @@ def explain(ensemble, section, *, genes: Sequence[str], spots: Sequence[str] | N
         raise StimageInputError("name at least one gene to explain (--genes G1,G2).")
     if method == "gradient":
         require_differentiable(ensemble)
+        if output == "log_share":
+            raise StimageInputError("the gradient explainer explains log_mean or mean; explain log_share with the "
+                                    "permutation, partition or lime explainer.")
     t0 = time.perf_counter()
     sec = section.drop_outside_image()
     image = sec.image

@@ -35,7 +35,7 @@ from ..errors import StimageInputError
 log = logging.getLogger(__name__)
 
 BACKGROUND = "background"
-OUTPUTS = ("log_mean", "mean")
+OUTPUTS = ("log_mean", "mean", "log_share")
 FILLS = ("background", "white", "mean")
 
 
@@ -254,8 +254,10 @@ class TilePredictor:
     stain_source
         The section's stain estimate (:meth:`Ensemble.stain_source`), used for every masked tile.
     output
-        ``"log_mean"``: log of the ensemble's predictive mean (expected counts); ``"mean"``: the mean.
-        An ensemble of point predictors (regression heads, e.g. an imported Path2Space model) predicts
+        ``"log_mean"``: log of the ensemble's predictive mean (expected counts); ``"mean"``: the mean;
+        ``"log_share"``: log of the gene's share of the spot's predicted counts over the model's panel
+        (``log(mean_g / sum_genes mean)``, depth-normalised: what the default's composition predicts, without
+        the spot's library size that every gene shares). An ensemble of point predictors (regression heads, e.g. an imported Path2Space model) predicts
         no expected counts, so only ``"mean"`` (its averaged point values) is explained.
     batch_size
         Tiles per forward pass (halved automatically if the GPU runs out of memory).
@@ -269,7 +271,7 @@ class TilePredictor:
     def __init__(self, ensemble, genes, stain_source, *, output: str = "log_mean", batch_size: int = 64):
         if output not in OUTPUTS:
             raise StimageInputError(f"output must be one of {list(OUTPUTS)}, not {output!r}")
-        if output == "log_mean" and not ensemble.has_distribution:
+        if output in ("log_mean", "log_share") and not ensemble.has_distribution:
             raise StimageInputError("this model predicts point values (regression heads, e.g. an imported Path2Space "
                                     "model), not expected counts, so their log is not defined; explain its values "
                                     "with --output mean (output=\"mean\").")
@@ -296,7 +298,11 @@ class TilePredictor:
         if len(tiles) == 0:
             return np.zeros((0, len(self.genes)))
         self.n_evals += len(tiles)
-        return self.transform(self.predict(tiles)["mean"][:, self.idx])
+        mean = self.predict(tiles)["mean"]
+        if self.output == "log_share":
+            m = np.asarray(mean, dtype=np.float64)
+            return np.log(np.maximum(m[:, self.idx], 1e-300)) - np.log(np.maximum(m.sum(1, keepdims=True), 1e-300))
+        return self.transform(mean[:, self.idx])
 
 
 def is_differentiable(ensemble) -> bool:

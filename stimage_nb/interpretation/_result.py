@@ -29,7 +29,9 @@ FORMAT = "stimage_nb.attributions"
 FORMAT_VERSION = 1
 UNITS = {"log_mean": "log of the predictive mean (log expected counts); Shapley values sum to "
                      "log(prediction) - log(base value)",
-         "mean": "predictive mean (expected counts); Shapley values sum to prediction - base value"}
+         "mean": "predictive mean (expected counts); Shapley values sum to prediction - base value",
+         "log_share": "log of the gene's share of the spot's predicted counts over the panel (depth-normalised); "
+                      "Shapley values sum to log(share) - log(base share)"}
 
 
 def value_column(gene: str) -> str:
@@ -52,7 +54,7 @@ class Attributions:
         ``"lime"`` (LIME's weighted linear surrogate over the same
         players) or ``"gradient"`` (``shap.GradientExplainer`` pixel attributions summed per player).
     output
-        ``"log_mean"`` or ``"mean"``: what was explained (:data:`UNITS`).
+        ``"log_mean"``, ``"mean"`` or ``"log_share"``: what was explained (:data:`UNITS`).
     values
         Long table: ``spot``, ``player`` (nucleus id or ``"background"``), ``gene``, ``value``.
     spots

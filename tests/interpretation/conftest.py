@@ -65,7 +65,7 @@ def c6(her2st_manifest, frozen_ens):
 
 
 @functools.lru_cache(maxsize=None)
-def _attributions(method: str, spots: tuple, max_evals: int):
+def _attributions(method: str, spots: tuple, max_evals: int, output: str = "log_mean"):
     from stimage_nb._settings import her2st_manifest
     from stimage_nb.ensemble import Ensemble
     from stimage_nb.interpretation import explain
@@ -74,10 +74,16 @@ def _attributions(method: str, spots: tuple, max_evals: int):
     ens = Ensemble.load(_frozen_run(), "cpu")
     sec = read_manifest(her2st_manifest(), ["C6"], genes=ens.genes)[0]
     return explain(ens, sec, genes=ens.genes[:2], spots=list(spots), method=method, max_evals=max_evals,
-                   progress=False)
+                   progress=False, output=output)
 
 
 @pytest.fixture(scope="session")
 def attr_c6():
     """Partition attributions of two genes at three real C6 spots (shared by several tests; read-only)."""
     return _attributions("partition", ("19x13", "14x21", "12x20"), 300)
+
+
+@pytest.fixture(scope="session")
+def attr_c6_share():
+    """The same spots and genes, explaining the depth-normalised output (log of the gene's share)."""
+    return _attributions("partition", ("19x13", "14x21", "12x20"), 300, "log_share")
