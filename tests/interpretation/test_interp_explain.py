@@ -81,6 +81,9 @@ def test_explainers_run_on_timm_backbones_too(timm_ens, her2st_manifest):
     p = explain(timm_ens, sec, genes=timm_ens.genes[:1], spots=[spot], method="partition", max_evals=60,
                 nuclei=g.nuclei, progress=False)
     assert additivity_error(p) < 1e-6
+    with pytest.raises(StimageInputError, match="log_share"):  # the gradient module explains log_mean/mean only
+        explain(timm_ens, sec, genes=timm_ens.genes[:1], spots=[spot], method="gradient", output="log_share",
+                nuclei=g.nuclei, progress=False)
 
 
 def test_gradient_module_averages_as_predict_tiles_does(timm_ens, her2st_manifest):
