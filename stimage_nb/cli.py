@@ -55,11 +55,13 @@ def _add_train(sub) -> None:
                         "default: on for the frozen path, off when fine-tuning")
     p.add_argument("--library-size", default=None, choices=["ridge", "joint"],
                    help="with a composition head: the composition trained at each spot's observed library size and "
-                        "the library size regressed from the image by ridge (ridge, the frozen default), or a depth "
-                        "head trained jointly through the genes' likelihood (joint)")
+                        "the library size regressed from the image by ridge (ridge, the frozen default; needs "
+                        "--depth none), or a depth head trained jointly through the genes' likelihood (joint: the "
+                        "default with --depth section; without a composition head, e.g. fine-tuning, it does nothing)")
     p.add_argument("--composition-shrinkage", type=float, default=None,
                    help="factor (0, 1] on the fitted composition's deviations from the mean composition "
-                        "(default 0.25 with --library-size ridge, chosen by leave-one-patient-out; 1 = as fitted)")
+                        "(default 0.25 with --library-size ridge, chosen by leave-one-patient-out; 1 = as fitted; "
+                        "values other than 1 need --library-size ridge)")
     p.add_argument("--member-data", default=None, choices=["all", "groups"],
                    help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None)

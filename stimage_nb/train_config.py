@@ -164,7 +164,8 @@ class TrainConfig:
         pulls every spot's predicted composition toward the training mean composition: the
         composition learned from one patient transfers only partly to another (README, "Validation":
         1.0 loses to the ridge baseline across patients, 0.25 beats it and keeps the depth-normalised
-        correlation). ``None``: 0.25 with ``library_size="ridge"``, else 1.0.
+        correlation). ``None``: 0.25 with ``library_size="ridge"``, else 1.0; another value than 1 needs
+        ``library_size="ridge"`` (it is applied when the library size is fitted).
     member_data
         ``"all"``: every member trains on all training spots (or a bootstrap sample with ``bagging``).
         ``"groups"``: member ``i`` leaves out one group of training spots, the training sections in turn
@@ -247,16 +248,23 @@ class TrainConfig:
             self.library_size = "ridge" if (self.frozen and self.composition and self.depth == "none") else "joint"
         if self.library_size not in ("ridge", "joint"):
             raise StimageInputError(f"library_size must be 'ridge' or 'joint', not {self.library_size!r}")
-        if self.library_size == "ridge" and not (self.frozen and self.composition and self.depth == "none"):
-            raise StimageInputError("library_size='ridge' needs the frozen path, a composition head (composition=True) "
-                                    "and depth='none' (it models every spot's depth itself); use library_size='joint'.")
+        if self.library_size == "ridge":
+            why = ("fine-tuning (it regresses the library size on frozen features; add --frozen)" if not self.frozen
+                   else "--composition off (it needs the composition head)" if not self.composition
+                   else f"--depth {self.depth} (it models every spot's depth itself; use --depth none)"
+                   if self.depth != "none" else None)
+            if why:
+                raise StimageInputError(f"--library-size ridge (library_size='ridge') cannot be used with {why}.")
         if self.composition_shrinkage is None:
             self.composition_shrinkage = 0.25 if self.library_size == "ridge" else 1.0
         self.composition_shrinkage = float(self.composition_shrinkage)
         if not 0 < self.composition_shrinkage <= 1:
-            raise StimageInputError(f"composition_shrinkage must be in (0, 1], not {self.composition_shrinkage}")
-        if self.composition_shrinkage != 1 and not self.composition:
-            raise StimageInputError("composition_shrinkage applies to a composition head (composition=True)")
+            raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) must be in (0, 1], not "
+                                    f"{self.composition_shrinkage}")
+        if self.composition_shrinkage != 1 and self.library_size != "ridge":
+            raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) applies with --library-size ridge "
+                                    f"(the frozen default); this run uses library_size={self.library_size!r}"
+                                    f"{'' if self.composition else ' and no composition head'}.")
         if self.member_data not in ("all", "groups"):
             raise StimageInputError(f"member_data must be 'all' or 'groups', not {self.member_data!r}")
         if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:

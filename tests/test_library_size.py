@@ -115,15 +115,20 @@ def test_the_default_recipe_and_its_checks():
     for bad in (dict(library_size="ridge", depth="section"), dict(library_size="ridge", composition=False),
                 dict(library_size="ridge", backbone="resnet18"), dict(composition_shrinkage=0.0),
                 dict(composition_shrinkage=2.0), dict(composition=False, composition_shrinkage=0.5),
+                dict(library_size="joint", composition_shrinkage=0.5),  # applied only where the size is fitted
                 dict(library_size="observed")):
         with pytest.raises(StimageInputError):
             TrainConfig(**bad)
     from stimage_nb.cli import build_parser
 
     base = ["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"]
-    c = TrainConfig.from_cli(build_parser().parse_args(base + ["--library-size", "joint",
+    c = TrainConfig.from_cli(build_parser().parse_args(base + ["--library-size", "ridge",
                                                                "--composition-shrinkage", "0.5"]))
-    assert (c.library_size, c.composition_shrinkage) == ("joint", 0.5)
+    assert (c.library_size, c.composition_shrinkage) == ("ridge", 0.5)
+    with pytest.raises(StimageInputError, match="--depth section"):  # says which condition the user broke
+        TrainConfig(library_size="ridge", depth="section")
+    with pytest.raises(StimageInputError, match="fine-tuning"):
+        TrainConfig(library_size="ridge", backbone="resnet18")
 
 
 def test_training_on_real_tiles_regresses_the_library_size_per_member(tmp_path):

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ._game import BACKGROUND, TilePredictor, build_game, randomised_heads
-from ._result import Attributions
+from ._result import UNITS, Attributions
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _comparison(x: pd.Series, seed: int) -> dict:
 
 def _summary(attr: Attributions, scores: pd.DataFrame, sanity: pd.DataFrame, steps: int, n_random: int, seed: int) -> dict:
     out: dict = {"section": attr.section, "method": attr.method, "output": attr.output,
-                 "units": "area between curves, in the explained output's units (log expected counts for log_mean)",
+                 "units": "area between curves, in the explained output's units (" + UNITS.get(attr.output, attr.output) + ")",
                  "steps": int(steps), "n_random_orders": int(n_random), "genes": {}, "overall": {}}
     for gene, d in scores.groupby("gene", sort=False):
         out["genes"][gene] = {kind: {"vs_random": _comparison(dk["gap_random"], seed),
