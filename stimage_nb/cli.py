@@ -26,7 +26,7 @@ def _add_train(sub) -> None:
                         "list file, one symbol per line)")
     p.add_argument("--drop-missing-genes", action="store_true", help="drop listed genes absent from the counts")
     p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it holds a run)")
-    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
     p.add_argument("--backbone", default=None,
                    help="timm model name to fine-tune end to end (e.g. resnet18; default: the offline default, "
                         "frozen k-means + handcrafted features; NB mean = a library size regressed from the image x a "
@@ -64,7 +64,7 @@ def _add_train(sub) -> None:
                         "values other than 1 need --library-size ridge)")
     p.add_argument("--member-data", default=None, choices=["all", "groups"],
                    help="members train on all spots (all) or each leaves one training section out (groups)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 150 frozen, 12 fine-tuned)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per training step (default: 1024 frozen, 32 fine-tuned; lower it if the GPU runs out of memory)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 frozen, 1e-3 fine-tuned)")
