@@ -35,7 +35,6 @@ finishes in a minute or two on a CPU; its numbers mean nothing beyond "the pipel
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import platform
@@ -47,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from . import _keys as K
+from .atomic import save_figure, write_json, write_text
 from .names import file_stem
 
 log = logging.getLogger(__name__)
@@ -154,14 +154,8 @@ def _predict(run_dir: Path, manifest: Path, pred_dir: Path, sections: list[str],
 
 
 def _savefig(fig, path: Path, dpi: int = 100) -> Path:
-    import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=dpi)
 
 
 def _best_genes(per_gene: pd.DataFrame, section: str, n: int) -> list[tuple[str, float]]:
@@ -539,14 +533,10 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     }
     text = _report(out, metrics, maps, info)
     report = out / "report.md"
-    tmp = report.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, report)
+    write_text(report, text)
     summary = {"report": str(report), "elapsed_s": time.perf_counter() - t_start, "cpu_s": info["cpu_s"],
                "cpu_count": os.cpu_count(), "timings": timings,
                "quick": quick, "run_id": run_id}
-    tmp = out / f".demo{sfx}.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / f"demo{sfx}.json")
+    write_json(out / f"demo{sfx}.json", summary, indent=1)
     log.info("demo finished in %.1f min: %s", summary["elapsed_s"] / 60, report)
     return report

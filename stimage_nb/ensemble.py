@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_atomic
+from .atomic import write_json as _write_json
 from .devices import autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
 from .errors import StimageInputError
@@ -82,20 +84,12 @@ def save_state_dict(module_or_sd, path: str | os.PathLike, metadata: dict | None
 
     sd = module_or_sd.state_dict() if hasattr(module_or_sd, "state_dict") else module_or_sd
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(sd, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
     """Write JSON atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
-    return path
+    return _write_json(path, obj, indent=1, default=_json_default)
 
 
 def _json_default(o):

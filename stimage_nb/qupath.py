@@ -56,6 +56,7 @@ import pandas as pd
 
 from . import _keys as K
 from ._colours import class_colours, qupath_int_to_rgb
+from .atomic import atomic_path
 from .errors import StimageInputError
 from .names import looks_encoded, original_name, safe_name
 
@@ -260,21 +261,14 @@ def _iter_features(pred, cols: list[_Col], *, object_type: str = "auto", image_s
 
 def _write_stream(feats, path: Path) -> int:
     """Write a FeatureCollection from an iterator of feature texts (gzip for ``*.gz``), atomically."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as raw:
-            fh = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) if path.name.endswith(".gz") else raw
-            fh.write(b'{"type":"FeatureCollection","features":[')
-            for k, f in enumerate(feats):
-                fh.write((",\n" if k else "\n").encode() + f.encode("utf-8"))
-            fh.write(b"\n]}\n")
-            if fh is not raw:
-                fh.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        fh = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) if path.name.endswith(".gz") else raw
+        fh.write(b'{"type":"FeatureCollection","features":[')
+        for k, f in enumerate(feats):
+            fh.write((",\n" if k else "\n").encode() + f.encode("utf-8"))
+        fh.write(b"\n]}\n")
+        if fh is not raw:
+            fh.close()
     return path.stat().st_size
 
 

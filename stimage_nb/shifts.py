@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from . import _keys as K
+from .atomic import write_text
 from .errors import StimageInputError
 from .io.ngff import check_um_per_px, downsample, write_ome_zarr
 from .io.section import Section, make_section_adata
@@ -343,10 +344,7 @@ def _write_shifted(img, shift: Shift, path: Path, name: str, overwrite: bool, re
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)
 
 
 def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts: Sequence[Shift],

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ._settings import cache_dir
+from .atomic import write_atomic
 from .io.image import SlideImage
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,7 @@ def extract_tiles(image: SlideImage, xy: np.ndarray, tile_um: float, out_px: int
         if bar is not None:
             bar.close()
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
-        np.save(tmp, out)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: np.save(tmp, out))
         _cache.enforce_limit(keep=[path])
     return out
 

@@ -646,8 +646,8 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                          "best_epoch": best_epoch, "bad_epochs": bad, "history": list(history), "model_file": mfile,
                          "optim_file": ofile, "optim": ometa, "model_config": model.config(), "done": False}
             pending = writer.submit(_write_checkpoint, mdir, model_snap, otensors, new_state, improved)
-            log.info("member %d epoch %d: train %.4f val %.4f%s", i, epoch, train_loss, val_loss,
-                     " *" if improved else "")
+            log.info("member %d epoch %d: train %.4f%s%s", i, epoch, train_loss,
+                     f" val {val_loss:.4f}" if np.isfinite(val_loss) else "", " *" if improved else "")
             state.epoch, state.train_loss, state.val_loss, state.val_pearson = epoch, train_loss, val_loss, val_r
             state.best_val, state.best_epoch, state.history = best_val, best_epoch, history
             for cb in callbacks:
@@ -667,6 +667,19 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     for cb in callbacks:
         cb.on_member_end(state)
     return final
+
+
+def _warn_random_weights(cfg: TrainConfig) -> None:
+    """A timm backbone that the run uses (fine-tuned, or as the frozen ``timm`` branch) with ``weights="none"``
+    starts from random weights: legitimate (tests, training from scratch) but rarely what a user means."""
+    from .models.encoders import find_encoder
+
+    if cfg.frozen and "timm" not in cfg.extractor:
+        return
+    for b in cfg.backbones:
+        if find_encoder(b) is None and cfg.weights_for(b).strip().lower() in ("none", ""):
+            log.warning("backbone %r starts from random weights (weights='none'): give --weights pretrained for "
+                        "timm's ImageNet weights, or a local weights file", b)
 
 
 def _finish_composition(model: STModel, cfg: TrainConfig, i: int, train_d: _Data, feats_tr: torch.Tensor,
@@ -770,6 +783,7 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         return Ensemble.load(out, device)
     if not val_s:
         log.warning("no validation sections: training runs all %d epochs without early stopping", cfg.epochs)
+    _warn_random_weights(cfg)
     cbs = list(callbacks or [])
     if progress and not any(isinstance(c, ProgressCallback) for c in cbs):
         cbs.insert(0, ProgressCallback())

@@ -62,7 +62,10 @@ class ProgressCallback(Callback):
     def on_epoch_end(self, state):
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(train=f"{state.train_loss:.4f}", val=f"{state.val_loss:.4f}")
+            post = {"train": f"{state.train_loss:.4f}"}
+            if state.val_loss == state.val_loss:  # no validation sections: nan, not shown
+                post["val"] = f"{state.val_loss:.4f}"
+            self.bar.set_postfix(**post)
 
     def on_member_end(self, state):
         if self.bar is not None:

@@ -260,6 +260,9 @@ def test_evaluate_end_to_end_with_baseline(small_case, tmp_path):
     ref = evaluate_baseline([tr], [te], tile_um=150.0, out_px=32)["C6"].mean()
     assert b == pytest.approx(ref, abs=1e-6)
     assert res["summary"]["model_beats_baseline_every_section"] is True
+    by_target = res["summary"]["model_beats_baseline_every_section_by_target"]
+    assert set(by_target) == {"log1p_counts", "log1p_cp10k"}
+    assert by_target["log1p_cp10k"] is c6["comparison"]["log1p_cp10k"]["model_beats_baseline"]
 
 
 def test_evaluate_without_baseline_writes_into_pred_dir(small_case, tmp_path):

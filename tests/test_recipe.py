@@ -120,3 +120,17 @@ def test_the_train_command_reaches_the_recipe_options():
                                                                  "--composition", "off", "--member-data", "groups"]))
     assert (cfg.background, cfg.depth, cfg.composition, cfg.member_data) == ("keep", "none", False, "groups")
     assert TrainConfig.from_cli(build_parser().parse_args(base)) == TrainConfig()
+
+
+@pytest.mark.parametrize("kw, warns", [
+    (dict(frozen=False, backbone="resnet18", weights="none"), True),  # fine-tuned from random weights
+    (dict(frozen=True, extractor="kmeans+handcrafted", backbone="resnet18"), False),  # the backbone is not used
+    (dict(frozen=True, extractor="timm", backbone="resnet18", weights="none"), True),
+    (dict(frozen=False, backbone="resnet18", weights="pretrained"), False),
+])
+def test_a_backbone_from_random_weights_is_said(kw, warns, caplog):
+    from stimage_nb.train import _warn_random_weights
+
+    with caplog.at_level("WARNING", logger="stimage_nb.train"):
+        _warn_random_weights(TrainConfig(**kw))
+    assert ("random weights" in caplog.text) is warns

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from ..atomic import write_atomic
 from ..errors import StimageInputError
 
 log = logging.getLogger(__name__)
@@ -329,10 +330,7 @@ def _patient_of(pred) -> str:
 
 
 def _atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, write)
 
 
 def write_features(feats: CohortFeatures, out: str | os.PathLike) -> dict[str, Path]:

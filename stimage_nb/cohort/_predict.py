@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from .. import _keys as K
+from ..atomic import write_csv
 from ..errors import StimageInputError
 from ._table import CohortSlide, read_cohort, resolve_slide
 
@@ -360,7 +361,4 @@ def predict_cohort(model: str | os.PathLike, cohort: "str | os.PathLike | Sequen
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return write_csv(df, path)

@@ -104,15 +104,13 @@ class SpatialTypes:
 
     def save(self, path) -> None:
         """Write the arrays (npz) atomically."""
-        import os
-        from pathlib import Path
+        from ..atomic import atomic_path
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez_compressed(tmp, genes=np.array(self.genes), names=np.array(self.names), center=self.center,
-                            scale=self.scale, components=self.components, ref_embedding=self.ref_embedding,
-                            ref_labels=self.ref_labels, profiles=self.profiles, params=np.array(json.dumps(self.params)))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: numpy adds no ".npz" to it
+            np.savez_compressed(fh, genes=np.array(self.genes), names=np.array(self.names), center=self.center,
+                                scale=self.scale, components=self.components, ref_embedding=self.ref_embedding,
+                                ref_labels=self.ref_labels, profiles=self.profiles,
+                                params=np.array(json.dumps(self.params)))
 
     @classmethod
     def load(cls, path) -> "SpatialTypes":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .._settings import ENV_DATA, cache_dir, data_dir
+from ..atomic import write_text
 from ..errors import DataUnavailableError, StimageInputError, one_line
 from ._registry import DATASETS, HER2ST_SECTIONS, HER2ST_UM_PER_PX, DataFile, Dataset
 
@@ -158,11 +159,7 @@ def _prune_empty(root: Path, created: list[Path]) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)
 
 
 def fetch(name: str = "her2st", dest: str | os.PathLike | None = None, *, sections: Sequence[str] | None = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..atomic import write_csv
 from ..errors import StimageInputError
 from ._client import GDCClient, filter_in, filters_and
 
@@ -104,12 +105,7 @@ def write_manifest(slides: pd.DataFrame, path: str | os.PathLike) -> Path:
     df = pd.DataFrame({"id": slides["file_id"], "filename": slides["file_name"], "md5": slides["md5sum"],
                        "size": slides["file_size"].astype("int64"),
                        "state": slides["state"] if "state" in slides else "released"})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, path)
-    return path
+    return write_csv(df, path, sep="\t")
 
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
+
+from ..atomic import write_csv
 
 
 def add_cli(sub) -> None:
@@ -66,9 +67,7 @@ def _cmd_slides(a) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     man = write_manifest(slides, a.out / "gdc_manifest.txt")
     tab = a.out / "slides.csv"
-    tmp = tab.with_name(f".slides.csv.tmp-{os.getpid()}")
-    slides.to_csv(tmp, index=False)
-    os.replace(tmp, tab)
+    write_csv(slides, tab)
     gb = slides["file_size"].sum() / 1e9
     print(f"{len(slides)} slides of {slides['patient_id'].nunique()} patients ({gb:.1f} GB) -> {tab}, {man}")
     return 0
@@ -85,9 +84,7 @@ def _cmd_download(a) -> int:
         return _fail(e)
     df = report.to_frame()
     out = a.dest / "download_report.csv"
-    tmp = out.with_name(f".download_report.csv.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    write_csv(df, out)
     counts = df["status"].value_counts().to_dict()
     print(f"{counts.get('downloaded', 0)} downloaded, {counts.get('present', 0)} already present, "
           f"{counts.get('failed', 0)} failed -> {a.dest} (report: {out})")
@@ -106,8 +103,6 @@ def _cmd_clinical(a) -> int:
     except GDCError as e:
         return _fail(e)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_name(f".{a.out.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, a.out)
+    write_csv(df, a.out)
     print(f"{len(df)} cases, {int(df['event'].sum())} deaths -> {a.out}")
     return 0

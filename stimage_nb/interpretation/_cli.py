@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from ..atomic import save_figure, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=No
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from ..ensemble import Ensemble, write_json
     from ..errors import StimageInputError
@@ -89,24 +89,19 @@ def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=No
         summ = summarise(attr)
         for name, df in (("correlation", summ.correlation), ("morphology", summ.morphology),
                          ("celltypes", summ.celltypes)):
-            tmp = sdir / f"summary_{name}.csv.tmp-{os.getpid()}"
-            df.to_csv(tmp, index=False)
-            os.replace(tmp, sdir / f"summary_{name}.csv")
+            write_csv(df, sdir / f"summary_{name}.csv")
         for g in attr.genes:
             fig = plot_summary(summ, g)
-            fig.savefig(sdir / f"summary_{g}.png", dpi=90)
-            plt.close(fig)
+            save_figure(fig, sdir / f"summary_{g}.png", dpi=90)
         rec = {"attributions": attr.to_json(), "files": {}}
         if faithfulness_check:
             f = faithfulness(attr, ens, sec, sanity=sanity, seed=seed, batch_size=batch_size, progress=progress)
-            f.scores.to_csv(sdir / "faithfulness_scores.csv", index=False)
-            f.curves.to_csv(sdir / "faithfulness_curves.csv", index=False)
+            write_csv(f.scores, sdir / "faithfulness_scores.csv")
+            write_csv(f.curves, sdir / "faithfulness_curves.csv")
             if len(f.sanity):
-                f.sanity.to_csv(sdir / "faithfulness_sanity.csv", index=False)
+                write_csv(f.sanity, sdir / "faithfulness_sanity.csv")
             for g in attr.genes:
-                fig = plot_curves(f, g)
-                fig.savefig(sdir / f"faithfulness_{g}.png", dpi=90)
-                plt.close(fig)
+                save_figure(plot_curves(f, g), sdir / f"faithfulness_{g}.png", dpi=90)
             rec["faithfulness"] = f.to_json()
         from ._explain import section_stain_source
 
@@ -116,9 +111,7 @@ def run_interpret(model, manifest, sections, genes, out, *, spots=None, top_k=No
             pm = pixel_map(ens, game, list(attr.genes), src, output=output, seed=seed, batch_size=batch_size,
                            max_evals=min(int(max_evals or 500), 500), nsamples=64)
             for g in attr.genes:
-                fig = plot_spot(attr, spot, g, sec.image, pixel=pm)
-                fig.savefig(sdir / f"spot_{spot}_{g}.png", dpi=90)
-                plt.close(fig)
+                save_figure(plot_spot(attr, spot, g, sec.image, pixel=pm), sdir / f"spot_{spot}_{g}.png", dpi=90)
         if exports:
             paths = export_attributions(attr, sdir, formats=list(exports), image=sec.image, base_level=zarr_level,
                                         progress=progress)
@@ -169,7 +162,7 @@ def add_cli(sub) -> None:
     from ._explain import DEFAULT_MAX_EVALS, METHODS
 
     p = sub.add_parser("interpret", help="attribute predicted genes to nuclei (SHAP/LIME), check faithfulness, export",
-                       description=__doc__)
+                       description=__doc__.replace("\n::\n", "\n"))
     p.add_argument("--model", required=True, type=Path, help="run directory written by `train`")
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--sections", help="comma-separated sections (default: all)")

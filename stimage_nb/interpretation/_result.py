@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..atomic import write_csv
 from ..ensemble import write_json
 from ..errors import StimageInputError
 from ._game import BACKGROUND
@@ -155,9 +156,7 @@ class Attributions:
 
 
 def _write_csv(df: pd.DataFrame, path: Path, index: bool) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    df.to_csv(tmp, index=index)
-    os.replace(tmp, path)
+    write_csv(df, path, index=index)
 
 
 def additivity_error(attr: Attributions) -> float | None:

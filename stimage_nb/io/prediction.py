@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .. import _keys as K
+from ..atomic import write_atomic
 from ..errors import StimageInputError
 from ..names import name_of_file
 
@@ -59,7 +60,6 @@ def write_h5ad(adata, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5ad")
     frames = list(_frames(adata))
     flat_uns = []
 
@@ -79,13 +79,11 @@ def write_h5ad(adata, path: str | os.PathLike) -> Path:
             for f in frames:
                 f.columns = [enc(c) for c in f.columns]
             adata.uns = {**_recode(dict(uns), enc), H5_NAMES: "percent-encoded"}
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, adata.write_h5ad)
     finally:
         for f, cols in saved:
             f.columns = cols
         adata.uns = uns
-        tmp.unlink(missing_ok=True)
     return path
 
 

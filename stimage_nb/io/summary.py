@@ -87,7 +87,7 @@ def _cmd_sections(a) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
         print(summ.to_frame().drop(columns=["image"]).to_string())
     if a.json:
-        tmp = a.json.with_name(a.json.name + ".tmp")
-        tmp.write_text(summ.to_json())
-        os.replace(tmp, a.json)
+        from ..atomic import write_text
+
+        write_text(a.json, summ.to_json())
     return 0

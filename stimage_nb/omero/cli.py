@@ -24,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..atomic import write_atomic, write_csv
 from ..io.prediction import write_h5ad
 from ..names import file_stem, name_of_file
 
@@ -115,16 +116,13 @@ def write_training_files(section, out: Path) -> Path:
                           K.PIXEL_Y: a.obs[K.PIXEL_Y].to_numpy(), "selected": 1, "obs_id": list(a.obs_names)})
     stem = file_stem(name)  # a section name may hold '/' (stimage_nb.names)
     spath = out / f"{stem}.spots.tsv"
-    tmp = spath.with_name(spath.name + ".tmp")
-    spots.to_csv(tmp, sep="\t", index=False)
-    tmp.replace(spath)
+    write_csv(spots, spath, sep="\t")
     cpath = None
     if a.n_vars:
         X = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
         cpath = out / f"{stem}.counts.tsv.gz"
-        tmp = out / f"{stem}.counts.tmp.tsv.gz"
-        pd.DataFrame(X, index=ids, columns=list(a.var_names)).to_csv(tmp, sep="\t", compression="gzip")
-        tmp.replace(cpath)
+        write_atomic(cpath, lambda tmp: pd.DataFrame(X, index=ids, columns=list(a.var_names)).to_csv(
+            tmp, sep="\t", compression="gzip"))
     row = {"section": name, "patient": section.patient or "", "image": str(section.image_path),
            "spots": spath.name, "counts": cpath.name if cpath else "", "um_per_px": section.um_per_px,
            "spot_diameter_um": float(np.median(a.obs[K.DIAMETER_UM])) if a.n_obs else ""}
@@ -132,9 +130,7 @@ def write_training_files(section, out: Path) -> Path:
     df = pd.read_csv(man, dtype=str) if man.is_file() else pd.DataFrame(columns=list(row))
     df = df[df["section"] != name]
     df = pd.concat([df, pd.DataFrame([row]).astype(str)], ignore_index=True)
-    tmp = man.with_name(man.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(man)
+    write_csv(df, man)
     write_h5ad(a, out / f"{stem}.h5ad")
     return man
 

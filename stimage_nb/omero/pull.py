@@ -34,6 +34,7 @@ import pandas as pd
 
 from .. import _keys as K
 from .._settings import cache_dir
+from ..atomic import write_json
 from ..errors import StimageInputError
 from ..io.image import SlideImage, check_um_per_px
 from ..io.ngff import CHUNK, create_array, downsample2, multiscales_metadata, omero_rgb_metadata
@@ -247,9 +248,7 @@ def _create_level(g, level: int, h: int, w: int, chunk: int = CHUNK):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1)
 
 
 def _build_lower_levels(g, min_size: int = 512, chunk: int = CHUNK) -> int:

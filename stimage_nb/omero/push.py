@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from ..atomic import write_atomic
 from ..errors import StimageInputError
 from ..io.prediction import read_prediction, write_h5ad
 from ..names import safe_name
@@ -206,12 +207,10 @@ def celltype_label_image(pred, size_xy_full: tuple[int, int], *, um_per_px_label
 def _write_label_tiff(lab: np.ndarray, um: float, path: Path) -> Path:
     import tifffile
 
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tifffile.imwrite(tmp, lab, ome=True, compression="zlib", photometric="minisblack",
-                     metadata={"axes": "YX", "PhysicalSizeX": um, "PhysicalSizeY": um,
-                               "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: tifffile.imwrite(
+        tmp, lab, ome=True, compression="zlib", photometric="minisblack",
+        metadata={"axes": "YX", "PhysicalSizeX": um, "PhysicalSizeY": um,
+                  "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}))
 
 
 # ----------------------------------------------------------------------------- server state of a run

@@ -16,10 +16,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from ..atomic import save_figure, write_atomic
 from ..errors import StimageInputError
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,7 @@ def _columns(v: str | None):
 
 
 def _write_atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, write)
 
 
 def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "time", event_col: str = "event",
@@ -159,13 +156,8 @@ def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "
 
 
 def _savefig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _version() -> str:

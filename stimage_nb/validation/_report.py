@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..atomic import save_figure, write_atomic, write_csv, write_text
+
 log = logging.getLogger(__name__)
 
 PROTOCOL_TITLES = {
@@ -91,31 +93,20 @@ def _train_of(result, d: pd.DataFrame) -> list[str]:
     return [tr.get((p, f), "") for p, f in zip(d["protocol"], d["fold"])]
 
 
-def _savefig(fig, path: Path) -> Path:
-    from ..evaluate import _savefig_atomic
-
-    return _savefig_atomic(fig, path)
-
-
 def write_report(result, out: str | os.PathLike, *, figures: bool = True) -> dict:
     """Write ``result`` into ``out``: ``validation.csv`` (the tidy table), ``metrics_per_gene.parquet``,
     ``table.csv`` (one row per held-out section), ``targets.csv``, ``results.json``, ``figures/*.png`` and
     ``report.md``. Returns ``{name: path}``. Every file is written atomically."""
-    from ..evaluate import _write_csv_atomic
     from . import _figures as F
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"validation_csv": _write_csv_atomic(result.to_frame(), out / "validation.csv"),
-             "table_csv": _write_csv_atomic(result.table(), out / "table.csv"),
-             "targets_csv": _write_csv_atomic(result.targets(), out / "targets.csv")}
-    tmp = out / f".metrics_per_gene.parquet.tmp-{os.getpid()}"
-    result.per_gene.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "metrics_per_gene.parquet")
+    paths = {"validation_csv": write_csv(result.to_frame(), out / "validation.csv"),
+             "table_csv": write_csv(result.table(), out / "table.csv"),
+             "targets_csv": write_csv(result.targets(), out / "targets.csv")}
+    write_atomic(out / "metrics_per_gene.parquet", lambda tmp: result.per_gene.to_parquet(tmp, index=False))
     paths["per_gene"] = out / "metrics_per_gene.parquet"
-    tmp = out / f".results.json.tmp-{os.getpid()}"
-    tmp.write_text(result.to_json())
-    os.replace(tmp, out / "results.json")
+    write_text(out / "results.json", result.to_json())
     paths["results_json"] = out / "results.json"
     figs = {}
     protos = list(dict.fromkeys(result.records["protocol"])) if len(result.records) else []
@@ -124,19 +115,17 @@ def write_report(result, out: str | os.PathLike, *, figures: bool = True) -> dic
         fdir.mkdir(exist_ok=True)
         for p in protos:
             if p == "acquisition":
-                figs["acquisition"] = _savefig(F.acquisition_summary(result), fdir / "acquisition.png")
+                figs["acquisition"] = save_figure(F.acquisition_summary(result), fdir / "acquisition.png")
             else:
-                figs[f"correlations_{p}"] = _savefig(F.correlations_by_fold(result, p), fdir / f"correlations_{p}.png")
-                figs[f"calibration_{p}"] = _savefig(F.calibration_panels(result, p), fdir / f"calibration_{p}.png")
+                figs[f"correlations_{p}"] = save_figure(F.correlations_by_fold(result, p), fdir / f"correlations_{p}.png")
+                figs[f"calibration_{p}"] = save_figure(F.calibration_panels(result, p), fdir / f"calibration_{p}.png")
         if "lopo" in protos:
-            figs["sparsification_lopo"] = _savefig(F.sparsification_panels(result, "lopo"),
+            figs["sparsification_lopo"] = save_figure(F.sparsification_panels(result, "lopo"),
                                                    fdir / "sparsification_lopo.png")
-        figs["map_agreement"] = _savefig(F.map_agreement(result), fdir / "map_agreement.png")
+        figs["map_agreement"] = save_figure(F.map_agreement(result), fdir / "map_agreement.png")
     paths.update(figs)
     text = report_markdown(result, {k: os.path.relpath(v, out) for k, v in figs.items()})
-    tmp = out / f".report.md.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
+    write_text(out / "report.md", text)
     paths["report"] = out / "report.md"
     return {k: Path(v) for k, v in paths.items()}
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from ..atomic import write_atomic
 from ..errors import StimageInputError
 from ..evaluate import (
     TARGETS,
@@ -290,9 +291,7 @@ def _read_fold(f_json: Path, f_genes: Path, fp: dict) -> dict | None:
 def _write_fold(done: dict, f_json: Path, f_genes: Path) -> None:
     from ..evaluate import write_json_atomic
 
-    tmp = f_genes.with_name(f".{f_genes.name}.tmp-{os.getpid()}")
-    done["per_gene"].to_parquet(tmp, index=False)
-    os.replace(tmp, f_genes)
+    write_atomic(f_genes, lambda tmp: done["per_gene"].to_parquet(tmp, index=False))
     write_json_atomic({k: v for k, v in done.items() if k != "per_gene"}, f_json)  # last: marks the fold done
 
 
