@@ -38,7 +38,8 @@ import pandas as pd
 #: Recipes tried, as TrainConfig fields. The first is the offline default before these studies (written out,
 #: so it stays reachable whatever TrainConfig's defaults become); the "library size by ridge" recipes are the
 #: second study (the composition trained at the observed library size, the library size regressed from the
-#: image, the composition shrunk toward its mean; stimage_nb.models.library_size).
+#: image, the composition shrunk toward its mean; stimage_nb.models.library_size); the last of them shrinks each gene by
+#: its own cross-fitted factor (composition_shrinkage="cv", the default since).
 CANDIDATES: dict[str, dict] = {
     "before": {"background": "keep", "depth": "none", "member_data": "all", "composition": False},
     "library size by ridge, composition as fitted": {"composition": True, "library_size": "ridge",
@@ -47,6 +48,8 @@ CANDIDATES: dict[str, dict] = {
                                                        "composition_shrinkage": 0.5},
     "library size by ridge, composition shrunk 0.25": {"composition": True, "library_size": "ridge",
                                                         "composition_shrinkage": 0.25},
+    "library size by ridge, composition shrunk per gene (cross-fitted x 0.25)": {
+        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25},
     "white background": {"background": "white", "depth": "none", "member_data": "all", "composition": False},
     "white + depth offsets": {"background": "white", "depth": "section", "member_data": "all", "composition": False},
     "white + depth + composition head": {"background": "white", "depth": "section", "member_data": "all",

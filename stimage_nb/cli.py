@@ -58,10 +58,14 @@ def _add_train(sub) -> None:
                         "the library size regressed from the image by ridge (ridge, the frozen default; needs "
                         "--depth none), or a depth head trained jointly through the genes' likelihood (joint: the "
                         "default with --depth section; without a composition head, e.g. fine-tuning, it does nothing)")
-    p.add_argument("--composition-shrinkage", type=float, default=None,
-                   help="factor (0, 1] on the fitted composition's deviations from the mean composition "
-                        "(default 0.25 with --library-size ridge, chosen by leave-one-patient-out; 1 = as fitted; "
-                        "values other than 1 need --library-size ridge)")
+    p.add_argument("--composition-shrinkage", default=None, metavar="cv|S",
+                   help="how much of the fitted composition's deviations from the mean composition is kept: 'cv' "
+                        "(default with --library-size ridge) a factor per gene cross-fitted over the training "
+                        "sections times --composition-cv-scale; or one factor S in (0, 1] for every gene (1 = as "
+                        "fitted); anything but 1 needs --library-size ridge")
+    p.add_argument("--composition-cv-scale", type=float, default=None,
+                   help="with --composition-shrinkage cv, the fraction of each gene's cross-fitted factor applied "
+                        "(default 0.25, chosen by leave-one-patient-out)")
     p.add_argument("--member-data", default=None, choices=["all", "groups"],
                    help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 150 frozen, 12 fine-tuned)")

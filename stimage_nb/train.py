@@ -53,7 +53,15 @@ from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, versions, write_js
 from .errors import StimageInputError
 from .io.section import Section, section_depth, select_genes
 from .models.heads import labels_to_targets, soft_cross_entropy
-from .models.library_size import fit_library_size, log_library_size, set_library_size, shrink_composition
+from .models.library_size import (
+    SHRINKAGE_GRID,
+    cross_fitted_shrinkage,
+    fit_library_size,
+    held_out_loglik,
+    log_library_size,
+    set_library_size,
+    shrink_composition,
+)
 from .models.model import STModel, build_model
 from .models.nb import nb_nll
 from .stain import MacenkoNormalizer
@@ -496,9 +504,18 @@ def _member_dir(out: Path, i: int) -> Path:
 
 
 def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None, out: Path, device,
-                  callbacks: list[Callback], state: TrainState, feature_cache: dict) -> dict:
-    """Train (or resume, or skip a finished) member ``i``; returns its JSON state."""
-    mdir = _member_dir(out, i)
+                  callbacks: list[Callback], state: TrainState, feature_cache: dict, *,
+                  rows: torch.Tensor | None = None, mdir: Path | None = None, tag: tuple | None = None) -> dict:
+    """Train (or resume, or skip a finished) member ``i``; returns its JSON state.
+
+    ``rows``, ``mdir`` and ``tag`` train a head that is not a member (the cross-fit of
+    ``composition_shrinkage="cv"``): on these training rows, in this folder, seeded by ``tag``, and kept as
+    trained (no library-size fit or shrinkage)."""
+    key = i if tag is None else tag
+    if mdir is None:
+        mdir = _member_dir(out, i)
+    else:
+        mdir.mkdir(parents=True, exist_ok=True)
     sp = mdir / "state.json"
     mstate = json.loads(sp.read_text()) if sp.is_file() else None
     if mstate and mstate.get("done"):
@@ -507,7 +524,8 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     backbone = cfg.backbones[i % len(cfg.backbones)]
     n_genes = train_d.counts.shape[1]
     n_types = 0 if train_d.targets is None else train_d.targets.shape[1]
-    rows = _bag(cfg, i, len(train_d), train_d.group)
+    if rows is None:
+        rows = _bag(cfg, i, len(train_d), train_d.group)
     feats_tr = feats_va = None
     if cfg.frozen:
         # Members share one fitted extractor and its features (computed once) unless member_features="per_member".
@@ -516,8 +534,8 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
         model = STModel(stack, n_genes, n_types, backbone_name=stack.name, backbone_kwargs=cfg.backbone_kwargs,
                         dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition)
     else:
-        model = _make_model(cfg, backbone, n_genes, n_types, _seed(cfg.seed, i, "init"))
-    torch.manual_seed(_seed(cfg.seed, i, "heads"))
+        model = _make_model(cfg, backbone, n_genes, n_types, _seed(cfg.seed, key, "init"))
+    torch.manual_seed(_seed(cfg.seed, key, "heads"))
     model.nb.reset_parameters()  # re-drawn per member (the extractor may be shared)
     rows_d = rows.to(train_d.counts.device)
     c0 = train_d.counts[rows_d]
@@ -578,8 +596,8 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
             if bad >= cfg.patience and val_d is not None:
                 stop_early = True
                 break
-            torch.manual_seed(_seed(cfg.seed, i, epoch, "global"))
-            g = torch.Generator().manual_seed(_seed(cfg.seed, i, epoch, "data"))
+            torch.manual_seed(_seed(cfg.seed, key, epoch, "global"))
+            g = torch.Generator().manual_seed(_seed(cfg.seed, key, epoch, "data"))
             perm = rows[torch.randperm(n, generator=g)]
             model.train()
             if cfg.frozen:
@@ -661,8 +679,9 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
         log.info("member %d: early stop; best epoch %d (val %.4f)", i, best_epoch, best_val)
     final = json.loads(sp.read_text())
     final.update({"done": True, "stopped_early": bool(stop_early or (val_d is not None and bad >= cfg.patience))})
-    if cfg.library_size == "ridge":
-        final["library_size"] = _finish_composition(model, cfg, i, train_d, feats_tr, rows, mdir)
+    if cfg.library_size == "ridge" and tag is None:
+        final["library_size"] = _finish_composition(model, cfg, i, train_d, feats_tr, rows, mdir,
+                                                    _gene_shrinkage_of(out))
     write_json(final, sp)
     for cb in callbacks:
         cb.on_member_end(state)
@@ -683,11 +702,12 @@ def _warn_random_weights(cfg: TrainConfig) -> None:
 
 
 def _finish_composition(model: STModel, cfg: TrainConfig, i: int, train_d: _Data, feats_tr: torch.Tensor,
-                        rows: torch.Tensor, mdir: Path) -> dict:
+                        rows: torch.Tensor, mdir: Path, gene_shrinkage: np.ndarray | None = None) -> dict:
     """library_size="ridge": the kept weights, with the depth head regressed from the features (member ``i``'s
-    bootstrap sample) and the composition shrunk by ``cfg.composition_shrinkage``; written to
-    ``final.safetensors`` (what the ensemble is assembled from). Deterministic, so a crash before the member's
-    state says ``done`` only repeats it."""
+    bootstrap sample) and the composition shrunk by ``cfg.composition_shrinkage`` (``"cv"``: the per-gene
+    factors ``gene_shrinkage`` of :func:`_cross_fit_shrinkage`); written to ``final.safetensors`` (what the
+    ensemble is assembled from). Deterministic, so a crash before the member's state says ``done`` only
+    repeats it."""
     from safetensors.torch import load_file
 
     best = mdir / "best.safetensors"
@@ -697,11 +717,90 @@ def _finish_composition(model: STModel, cfg: TrainConfig, i: int, train_d: _Data
     fit = fit_library_size(f0.float().cpu().numpy(), log_library_size(train_d.counts).cpu().numpy(), train_d.section,
                            train_d.group, rows=rows.cpu().numpy(), seed=_seed(cfg.seed, i, "library_size"))
     set_library_size(model.nb, fit)
-    shrink_composition(model.nb, f0[rows.to(f0.device)], cfg.composition_shrinkage)
+    if cfg.composition_shrinkage == "cv":
+        if gene_shrinkage is None:
+            raise RuntimeError("composition_shrinkage='cv' but the cross-fitted factors are missing (crossfit/)")
+        s = gene_shrinkage
+    else:
+        s = cfg.composition_shrinkage
+    shrink_composition(model.nb, f0[rows.to(f0.device)], s)
     save_state_dict(_snapshot(_member_state(model, True)), mdir / "final.safetensors")
-    log.info("member %d: log library size ridge alpha %g, grouped CV R^2 %.3f; composition shrunk by %g", i,
-             fit.alpha, fit.cv_r2, cfg.composition_shrinkage)
-    return {**fit.summary(), "composition_shrinkage": cfg.composition_shrinkage}
+    s_mean = float(np.mean(s))
+    log.info("member %d: log library size ridge alpha %g, grouped CV R^2 %.3f; composition shrunk by %s", i,
+             fit.alpha, fit.cv_r2, f"per-gene factors (mean {s_mean:.3f})" if np.ndim(s) else f"{s:g}")
+    return {**fit.summary(), "composition_shrinkage": cfg.composition_shrinkage,
+            "composition_shrinkage_mean": round(s_mean, 4)}
+
+
+#: Where the cross-fit of ``composition_shrinkage="cv"`` keeps its result (and its heads while it runs).
+CROSSFIT_DIR = "crossfit"
+GENE_SHRINKAGE_FILE = "gene_shrinkage.json"
+
+
+def _gene_shrinkage_of(out: Path) -> np.ndarray | None:
+    """The applied per-gene factors recorded by :func:`_cross_fit_shrinkage`, or ``None``."""
+    p = out / CROSSFIT_DIR / GENE_SHRINKAGE_FILE
+    return np.asarray(json.loads(p.read_text())["applied"], np.float64) if p.is_file() else None
+
+
+def _cross_fit_shrinkage(cfg: TrainConfig, train_d: _Data, out: Path, device, feature_cache: dict,
+                         genes: Sequence[str]) -> np.ndarray | None:
+    """``composition_shrinkage="cv"``: per-gene shrinkage factors ``(genes,)``, cross-fitted once per run.
+
+    For each group of the training spots (a section; the quarters of a single section), a head is trained
+    on the other groups exactly as a member is (same recipe, view features and schedule; resumable in
+    ``RUN_DIR/crossfit/g<k>``), and the held-out group's NB likelihood is measured with every gene's
+    deviations scaled by 0, 0.1, ..., 1 (:func:`~stimage_nb.models.library_size.held_out_loglik`). Each gene
+    keeps its best factor times ``cfg.composition_cv_scale``
+    (:func:`~stimage_nb.models.library_size.cross_fitted_shrinkage`). The result is written to
+    ``RUN_DIR/crossfit/gene_shrinkage.json`` (the heads are then removed) and read by every member, also
+    on Dask workers."""
+    from safetensors.torch import load_file
+
+    if cfg.composition_shrinkage != "cv":
+        return None
+    done = _gene_shrinkage_of(out)
+    if done is not None:
+        return done
+    cdir = out / CROSSFIT_DIR
+    groups = np.unique(train_d.group)
+    if len(groups) < 2:
+        raise StimageInputError("composition_shrinkage='cv' needs at least two groups of training spots (sections, "
+                                "or the quarters of one section); give --composition-shrinkage 0.25 instead")
+    backbone = cfg.backbones[0]
+    stack, feats_tr, _ = _frozen_stack(cfg, backbone, train_d, None, out, device, feature_cache, member=0)
+    f0 = feats_tr[0]
+    n_genes = train_d.counts.shape[1]
+    n_types = 0 if train_d.targets is None else train_d.targets.shape[1]
+    total = None
+    t0 = time.perf_counter()
+    for j, g in enumerate(groups):
+        held = np.flatnonzero(train_d.group == g)
+        rows = torch.from_numpy(np.flatnonzero(train_d.group != g))
+        mdir = cdir / f"g{j}"
+        state = TrainState(run_dir=out, n_members=len(groups), epochs=cfg.epochs)
+        mst = _train_member(0, cfg, train_d, None, out, device, [], state, feature_cache, rows=rows, mdir=mdir,
+                            tag=("crossfit", j))
+        model = STModel(stack, n_genes, n_types, backbone_name=stack.name, backbone_kwargs=cfg.backbone_kwargs,
+                        dropout=cfg.dropout, rank=cfg.rank, composition=cfg.composition).to(device)
+        best = mdir / "best.safetensors"
+        _load_member_state(model, load_file(str(best if best.is_file() else mdir / mst["model_file"])), True)
+        rows_d, held_d = rows.to(f0.device), torch.from_numpy(held).to(f0.device)
+        ll = held_out_loglik(model.nb, f0[rows_d], f0[held_d], train_d.counts[held_d])
+        total = ll if total is None else total + ll
+    applied, fitted = cross_fitted_shrinkage(total, cfg.composition_cv_scale)
+    rec = {"method": "per-gene factor with the highest held-out NB likelihood over a grouped cross-fit, times "
+                     "composition_cv_scale (stimage_nb.models.library_size.cross_fitted_shrinkage)",
+           "scale": cfg.composition_cv_scale, "grid": list(SHRINKAGE_GRID), "groups": [str(g) for g in groups],
+           "genes": list(genes), "cross_fitted": fitted.tolist(), "applied": applied.tolist(),
+           "held_out_loglik_by_factor": total.sum(1).round(3).tolist(), "seconds": round(time.perf_counter() - t0, 2)}
+    write_json(rec, cdir / GENE_SHRINKAGE_FILE)
+    for j in range(len(groups)):
+        shutil.rmtree(cdir / f"g{j}", ignore_errors=True)
+    log.info("composition shrinkage cross-fitted over %d groups in %.1fs: per-gene factors mean %.3f (median %.2f, "
+             "%.0f%% of genes at 0) after the scale %g", len(groups), rec["seconds"], applied.mean(),
+             np.median(applied), 100 * np.mean(applied == 0), cfg.composition_cv_scale)
+    return applied
 
 
 # ---------------------------------------------------------------------- the public entry point
@@ -812,6 +911,7 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         for i in range(cfg.members) if _per_member(cfg) else range(len(cfg.backbones)):
             _frozen_stack(cfg, cfg.backbones[i % len(cfg.backbones)], train_d, val_d, out, device, feature_cache,
                           progress=progress, member=i)
+        _cross_fit_shrinkage(cfg, train_d, out, device, feature_cache, genes_used)  # before any member needs it
     if _members is not None:  # a worker of train(scheduler=...): only these members, no ensemble
         for i in _members:
             _train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache)

@@ -45,8 +45,9 @@ class TrainConfig:
     epoch). The NB mean is a spot's library size times a composition over the genes
     (``composition=True``): the composition is trained at each spot's observed library size, the library
     size is regressed from the same features by ridge (``library_size="ridge"``, each member on a
-    bootstrap sample of the spots), and the composition's deviations from the mean composition are
-    shrunk by ``composition_shrinkage=0.25``. Chosen by leave-one-patient-out and simulated acquisitions
+    bootstrap sample of the spots), and each gene's deviations from the mean composition are shrunk by
+    a factor cross-fitted over the training sections, scaled by 0.25 (``composition_shrinkage="cv"``,
+    ``composition_cv_scale=0.25``). Chosen by leave-one-patient-out and simulated acquisitions
     (README, "Validation"; ``benchmarks/validate_her2st.py``). ``frozen=False`` fine-tunes the timm
     ``backbone`` end to end (per-gene NB head).
 
@@ -160,12 +161,21 @@ class TrainConfig:
         on the frozen path with a composition head and ``depth="none"``, else ``"joint"``. ``"ridge"``
         needs the frozen path and ``depth="none"`` (it already models every spot's depth).
     composition_shrinkage
-        A factor in (0, 1] applied after training to the composition's low-rank map (``W -> s W``), which
-        pulls every spot's predicted composition toward the training mean composition: the
-        composition learned from one patient transfers only partly to another (README, "Validation":
-        1.0 loses to the ridge baseline across patients, 0.25 beats it and keeps the depth-normalised
-        correlation). ``None``: 0.25 with ``library_size="ridge"``, else 1.0; another value than 1 needs
-        ``library_size="ridge"`` (it is applied when the library size is fitted).
+        How far the composition's deviations from the training mean composition are kept, applied after
+        training to the low-rank map (``W -> s W``): the composition learned from one patient transfers only
+        partly to another (README, "Validation": 1.0 loses to the ridge baseline across patients).
+        ``"cv"``: a factor per gene, cross-fitted (a head trained without each group of training spots — a
+        section, or a quarter of a single section —, the held-out spots' NB likelihood at factors 0, 0.1,
+        ..., 1; :func:`stimage_nb.models.library_size.cross_fitted_shrinkage`), times
+        ``composition_cv_scale``; costs one extra head per group. A number in (0, 1]: one factor for every
+        gene (0.25 was the default before "cv"). ``None``: ``"cv"`` with ``library_size="ridge"``, else 1.0;
+        anything but 1 needs ``library_size="ridge"`` (it is applied when the library size is fitted).
+    composition_cv_scale
+        With ``composition_shrinkage="cv"``, the fraction of each gene's cross-fitted factor applied, in
+        (0, 1]: the groups of the cross-fit are sections of the training patients, which overstates how well
+        a composition transfers to another patient. Default 0.25, chosen by leave-one-patient-out and the
+        acquisitions among 0.25, 0.35, 0.5, 0.7 and 1 (README, "Validation"). ``None``: 0.25 (given with
+        another ``composition_shrinkage``, an error; stays ``None`` there).
     member_data
         ``"all"``: every member trains on all training spots (or a bootstrap sample with ``bagging``).
         ``"groups"``: member ``i`` leaves out one group of training spots, the training sections in turn
@@ -210,7 +220,8 @@ class TrainConfig:
     member_data: str = "all"
     composition: bool | None = None
     library_size: str | None = None
-    composition_shrinkage: float | None = None
+    composition_shrinkage: float | str | None = None
+    composition_cv_scale: float | None = None
 
     def __post_init__(self):
         named = self.backbone is not None
@@ -256,11 +267,26 @@ class TrainConfig:
             if why:
                 raise StimageInputError(f"--library-size ridge (library_size='ridge') cannot be used with {why}.")
         if self.composition_shrinkage is None:
-            self.composition_shrinkage = 0.25 if self.library_size == "ridge" else 1.0
-        self.composition_shrinkage = float(self.composition_shrinkage)
-        if not 0 < self.composition_shrinkage <= 1:
-            raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) must be in (0, 1], not "
-                                    f"{self.composition_shrinkage}")
+            self.composition_shrinkage = "cv" if self.library_size == "ridge" else 1.0
+        if isinstance(self.composition_shrinkage, str) and self.composition_shrinkage.strip().lower() == "cv":
+            self.composition_shrinkage = "cv"
+        else:
+            try:
+                self.composition_shrinkage = float(self.composition_shrinkage)
+            except (TypeError, ValueError):
+                raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) must be 'cv' or a number "
+                                        f"in (0, 1], not {self.composition_shrinkage!r}") from None
+            if not 0 < self.composition_shrinkage <= 1:
+                raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) must be 'cv' or in (0, 1], "
+                                        f"not {self.composition_shrinkage}")
+        if self.composition_cv_scale is not None and self.composition_shrinkage != "cv":
+            raise StimageInputError(f"--composition-cv-scale (composition_cv_scale) applies with --composition-shrinkage "
+                                    f"cv; this run uses composition_shrinkage={self.composition_shrinkage!r}.")
+        if self.composition_shrinkage == "cv":
+            self.composition_cv_scale = float(0.25 if self.composition_cv_scale is None else self.composition_cv_scale)
+        if self.composition_cv_scale is not None and not 0 < self.composition_cv_scale <= 1:
+            raise StimageInputError(f"--composition-cv-scale (composition_cv_scale) must be in (0, 1], not "
+                                    f"{self.composition_cv_scale}")
         if self.composition_shrinkage != 1 and self.library_size != "ridge":
             raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) applies with --library-size ridge "
                                     f"(the frozen default); this run uses library_size={self.library_size!r}"
@@ -358,6 +384,8 @@ class TrainConfig:
             d["library_size"] = args.library_size
         if getattr(args, "composition_shrinkage", None) is not None:
             d["composition_shrinkage"] = args.composition_shrinkage
+        if getattr(args, "composition_cv_scale", None) is not None:
+            d["composition_cv_scale"] = args.composition_cv_scale
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)

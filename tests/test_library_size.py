@@ -4,6 +4,8 @@ real training run on her2st tiles)."""
 
 from __future__ import annotations
 
+import json
+
 import _modelkit as kit
 import numpy as np
 import pytest
@@ -13,7 +15,10 @@ from stimage_nb.errors import StimageInputError
 from stimage_nb.models.heads import NBHead
 from stimage_nb.models.library_size import (
     ALPHAS,
+    SHRINKAGE_GRID,
+    cross_fitted_shrinkage,
     fit_library_size,
+    held_out_loglik,
     log_library_size,
     set_library_size,
     shrink_composition,
@@ -105,9 +110,74 @@ def test_shrinking_the_composition_scales_its_deviations_from_the_mean():
             shrink_composition(head, f, bad)
 
 
+def test_per_gene_factors_shrink_each_gene_by_its_own():
+    torch.manual_seed(1)
+    head = NBHead(6, 4, rank=3, composition=True)
+    with torch.no_grad():
+        head.linear.weight.normal_()
+    f = torch.randn(50, 6)
+    s = np.array([1.0, 0.5, 0.0, 0.25])
+    gbar = head.linear(head.encoder(f)).mean(0).detach()
+    g_before = head.linear(head.encoder(f)).detach()
+    b_before = head.log_mean_bias.detach().clone()
+    shrink_composition(head, f, s)
+    g_after = head.linear(head.encoder(f)).detach() + head.log_mean_bias.detach()
+    st = torch.as_tensor(s, dtype=torch.float32)
+    want = st * g_before + (1 - st) * gbar + b_before
+    assert torch.allclose(g_after, want, atol=1e-5)
+    assert torch.allclose(g_after[:, 2], g_after[0, 2].expand(50))  # factor 0: the gene's mean share everywhere
+    one = NBHead(6, 4, rank=3, composition=True)
+    one.load_state_dict(head.state_dict())
+    with pytest.raises(ValueError):
+        shrink_composition(one, f, np.array([1.0, 0.5]))  # one factor per gene
+    with pytest.raises(ValueError):
+        shrink_composition(one, f, np.array([1.0, 0.5, 1.2, 0.0]))
+
+
+def test_cross_fitting_keeps_a_genes_real_signal_and_drops_its_noise():
+    # 40 genes at the observed library size L (the GLM offset the head is trained with), each at L/40; the truth:
+    # gene 0's rate follows feature 0 (times exp(0.8 f0 - 0.32), mean 1), every other gene is flat. The head
+    # learned gene 0's dependence right and an invented dependence of gene 1 on feature 1 (noise it fitted).
+    rng = np.random.default_rng(0)
+    n, F, G = 3000, 4, 40
+    f = torch.tensor(rng.normal(size=(n, F)), dtype=torch.float32)
+    log_rate = torch.full((n, G), float(np.log(1 / G)))
+    log_rate[:, 0] += 0.8 * f[:, 0] - 0.32
+    lib = torch.tensor(rng.uniform(300, 1200, n), dtype=torch.float32)
+    mu = lib[:, None] * torch.exp(log_rate)
+    theta = 10.0
+    torch.manual_seed(0)
+    counts = torch.distributions.Poisson(torch.distributions.Gamma(theta, theta / mu).sample()).sample()
+    head = NBHead(F, G, rank=0, composition=True)
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.bias.zero_()
+        head.linear.weight[0, 0] = 0.8
+        head.linear.weight[1, 1] = 0.6
+        c = float(torch.log(lib.mean()))  # rates are at the mean library size, the offset is log L - c
+        head.log_mean_bias.fill_(c + float(np.log(1 / G)))
+        head.log_mean_bias[0] -= 0.32
+        head.log_total_bias.fill_(c)
+        head.log_theta.fill_(np.log(theta))
+    ll = held_out_loglik(head, f[:1000], f[1000:], counts[1000:])
+    assert ll.shape == (len(SHRINKAGE_GRID), G)
+    applied, fitted = cross_fitted_shrinkage(ll, 0.5)
+    assert fitted[0] >= 0.9 and fitted[1] <= 0.1  # the real signal kept, the noise shrunk away
+    assert np.allclose(applied, 0.5 * fitted)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            cross_fitted_shrinkage(ll, bad)
+    with pytest.raises(ValueError):
+        cross_fitted_shrinkage(ll[:3], 0.5)
+
+
 def test_the_default_recipe_and_its_checks():
     cfg = TrainConfig()
-    assert (cfg.composition, cfg.library_size, cfg.composition_shrinkage) == (True, "ridge", 0.25)
+    assert (cfg.composition, cfg.library_size, cfg.composition_shrinkage, cfg.composition_cv_scale) == \
+        (True, "ridge", "cv", 0.25)
+    assert TrainConfig(**cfg.to_dict()).to_dict() == cfg.to_dict()  # a recorded config is rebuilt as it was
+    one = TrainConfig(composition_shrinkage=0.25)
+    assert one.composition_cv_scale is None and TrainConfig(**one.to_dict()).composition_shrinkage == 0.25
     ft = TrainConfig(backbone="resnet18")
     assert (ft.frozen, ft.composition, ft.library_size, ft.composition_shrinkage) == (False, False, "joint", 1.0)
     assert TrainConfig(depth="section").library_size == "joint"
@@ -116,6 +186,8 @@ def test_the_default_recipe_and_its_checks():
                 dict(library_size="ridge", backbone="resnet18"), dict(composition_shrinkage=0.0),
                 dict(composition_shrinkage=2.0), dict(composition=False, composition_shrinkage=0.5),
                 dict(library_size="joint", composition_shrinkage=0.5),  # applied only where the size is fitted
+                dict(library_size="joint", composition_shrinkage="cv"), dict(composition_shrinkage="half"),
+                dict(composition_cv_scale=0.0), dict(composition_shrinkage=0.5, composition_cv_scale=0.5),
                 dict(library_size="observed")):
         with pytest.raises(StimageInputError):
             TrainConfig(**bad)
@@ -125,6 +197,9 @@ def test_the_default_recipe_and_its_checks():
     c = TrainConfig.from_cli(build_parser().parse_args(base + ["--library-size", "ridge",
                                                                "--composition-shrinkage", "0.5"]))
     assert (c.library_size, c.composition_shrinkage) == ("ridge", 0.5)
+    c = TrainConfig.from_cli(build_parser().parse_args(base + ["--composition-shrinkage", "cv",
+                                                               "--composition-cv-scale", "0.5"]))
+    assert (c.composition_shrinkage, c.composition_cv_scale) == ("cv", 0.5)
     with pytest.raises(StimageInputError, match="--depth section"):  # says which condition the user broke
         TrainConfig(library_size="ridge", depth="section")
     with pytest.raises(StimageInputError, match="fine-tuning"):
@@ -137,9 +212,17 @@ def test_training_on_real_tiles_regresses_the_library_size_per_member(tmp_path):
 
     secs = kit.sections(("C2", "C3"))
     cfg = kit.tiny_frozen_config(members=3, epochs=8)
+    assert cfg.composition_shrinkage == "cv"
     ens = train(secs, genes=kit.genes(), out=tmp_path / "run", val_sections=[], config=cfg, progress=False)
     info = [m["library_size"] for m in ens.meta["members"]]
-    assert all(i["alpha"] in ALPHAS and i["composition_shrinkage"] == 0.25 for i in info)
+    assert all(i["alpha"] in ALPHAS and i["composition_shrinkage"] == "cv" for i in info)
+    # the per-gene factors were cross-fitted over the two sections (one head without each), then scaled
+    rec = json.loads((tmp_path / "run" / "crossfit" / "gene_shrinkage.json").read_text())
+    assert rec["groups"] == ["0", "1"] and rec["genes"] == list(ens.genes) and rec["scale"] == 0.25
+    fitted, applied = np.array(rec["cross_fitted"]), np.array(rec["applied"])
+    assert set(np.round(fitted, 2)) <= set(SHRINKAGE_GRID) and np.allclose(applied, 0.25 * fitted)
+    assert not [p for p in (tmp_path / "run" / "crossfit").iterdir() if p.is_dir()]  # its heads are removed
+    assert info[0]["composition_shrinkage_mean"] == pytest.approx(applied.mean(), abs=1e-4)
     assert len({round(i["bias"], 9) for i in info}) == 3  # each member its own bootstrap sample
     # predicted library sizes follow the observed ones on the training spots (the image explains depth)
     s = secs[1]
