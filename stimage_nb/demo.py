@@ -227,8 +227,10 @@ def _report(out: Path, metrics: dict, maps: dict, info: dict) -> str:
                  "default: k-means convolutional filters learned from the training sections' own tiles plus "
                  "handcrafted colour/texture statistics; no pretrained weights), each with a "
                  f"{'rank-' + str(c['rank']) + ' ' if c.get('rank') else ''}negative-binomial gene head"
-                 + (f" (mean = a library size regressed from the image x a composition over the genes shrunk by "
-                    f"{c.get('composition_shrinkage')})" if c.get("library_size") == "ridge" else "")
+                 + (" (mean = a library size regressed from the image x a composition over the genes shrunk "
+                    + (f"per gene by cross-fitted factors x {c.get('composition_cv_scale')}"
+                       if c.get("composition_shrinkage") == "cv" else f"by {c.get('composition_shrinkage')}") + ")"
+                    if c.get("library_size") == "ridge" else "")
                  + f" and a cell-type head trained for {c['epochs']} epochs")
     else:
         model = (f"deep ensemble of {c['members']} × `{c['backbone']}` (weights: {c['weights']}"
