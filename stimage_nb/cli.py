@@ -19,7 +19,8 @@ def _add_train(sub) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--sections", help="comma-separated training sections (default: all with counts)")
     p.add_argument("--val-sections", help="comma-separated validation sections for early stopping "
-                   "(default: one training section is held out)")
+                   "(default: with three or more training sections, the last is held out; '' for none: "
+                   "all epochs, no early stopping)")
     p.add_argument("--genes", required=True,
                    help="genes to predict: stimage769 | pam50 | breast_clinical | hvg:N (highly variable genes of the "
                         "training sections, e.g. hvg:2000) | all (every gene detected in training) | PATH (a gene "
@@ -63,9 +64,10 @@ def _add_train(sub) -> None:
                         "(default with --library-size ridge) a factor per gene cross-fitted over the training "
                         "sections times --composition-cv-scale; or one factor S in (0, 1] for every gene (1 = as "
                         "fitted); anything but 1 needs --library-size ridge")
-    p.add_argument("--composition-cv-scale", type=float, default=None,
-                   help="with --composition-shrinkage cv, the fraction of each gene's cross-fitted factor applied "
-                        "(default 0.25, chosen by leave-one-patient-out)")
+    p.add_argument("--composition-cv-scale", type=float, default=None, metavar="F",
+                   help="with --composition-shrinkage cv, the fraction F in (0, 1] of each gene's cross-fitted factor "
+                        "applied (default 0.25, chosen by leave-one-patient-out); RUN/crossfit/gene_shrinkage.json "
+                        "records both")
     p.add_argument("--member-data", default=None, choices=["all", "groups"],
                    help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 150 frozen, 12 fine-tuned)")
@@ -78,10 +80,11 @@ def _add_train(sub) -> None:
                    help="tile side in pixels fed to the model (default 112; a registered encoder's own: 224)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frozen", action="store_true",
-                   help="with --backbone: frozen-backbone fast path (features cached once, heads trained)")
-    p.add_argument("--finetune", action="store_true",
-                   help="fine-tune a registered encoder end to end instead of its frozen features")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--frozen", action="store_true",
+                      help="with --backbone: frozen-backbone fast path (features cached once, heads trained)")
+    mode.add_argument("--finetune", action="store_true",
+                      help="fine-tune a registered encoder end to end instead of its frozen features")
     p.add_argument("--scheduler", default=None,
                    help="train the members in parallel on a Dask cluster: local | slurm | pbs | a scheduler address "
                         "(the run directory must be on a shared filesystem); default: one after another here")

@@ -477,12 +477,20 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
 def _warn_random_weights(cfg: TrainConfig) -> None:
     """A timm backbone that the run uses (fine-tuned, or as the frozen ``timm`` branch) with ``weights="none"``
     starts from random weights: legitimate (tests, training from scratch) but rarely what a user means."""
+    from .models.backbone import _check_name
     from .models.encoders import find_encoder
 
     if cfg.frozen and "timm" not in cfg.extractor:
         return
     for b in cfg.backbones:
-        if find_encoder(b) is None and cfg.weights_for(b).strip().lower() in ("none", ""):
+        if find_encoder(b) is None:
+            _check_name(b)  # an unknown name fails here, before any tile is read, not after a warning
+        if cfg.weights_for(b).strip().lower() not in ("none", ""):
+            continue
+        if find_encoder(b) is not None:
+            log.warning("encoder %r starts from random weights (weights='none'): its features mean nothing until "
+                        "you give --weights PATH to its downloaded weights (`stimage-nb encoders` says where)", b)
+        else:
             log.warning("backbone %r starts from random weights (weights='none'): give --weights pretrained for "
                         "timm's ImageNet weights, or a local weights file", b)
 
@@ -530,7 +538,7 @@ def _gene_shrinkage_of(out: Path) -> np.ndarray | None:
 
 
 def _cross_fit_shrinkage(cfg: TrainConfig, train_d: _Data, out: Path, device, feature_cache: dict,
-                         genes: Sequence[str]) -> np.ndarray | None:
+                         genes: Sequence[str], section_names: Sequence[str] = ()) -> np.ndarray | None:
     """``composition_shrinkage="cv"``: per-gene shrinkage factors ``(genes,)``, cross-fitted once per run.
 
     For each group of the training spots (a section; the quarters of a single section), a head is trained
@@ -577,16 +585,29 @@ def _cross_fit_shrinkage(cfg: TrainConfig, train_d: _Data, out: Path, device, fe
     applied, fitted = cross_fitted_shrinkage(total, cfg.composition_cv_scale)
     rec = {"method": "per-gene factor with the highest held-out NB likelihood over a grouped cross-fit, times "
                      "composition_cv_scale (stimage_nb.models.library_size.cross_fitted_shrinkage)",
-           "scale": cfg.composition_cv_scale, "grid": list(SHRINKAGE_GRID), "groups": [str(g) for g in groups],
+           "scale": cfg.composition_cv_scale, "grid": list(SHRINKAGE_GRID),
+           "groups": [_group_name(g, section_names) for g in groups],
            "genes": list(genes), "cross_fitted": fitted.tolist(), "applied": applied.tolist(),
-           "held_out_loglik_by_factor": total.sum(1).round(3).tolist(), "seconds": round(time.perf_counter() - t0, 2)}
+           "held_out_loglik_summed_over_genes_by_factor": total.sum(1).round(3).tolist(),
+           "seconds": round(time.perf_counter() - t0, 2)}
     write_json(rec, cdir / GENE_SHRINKAGE_FILE)
     for j in range(len(groups)):
         shutil.rmtree(cdir / f"g{j}", ignore_errors=True)
-    log.info("composition shrinkage cross-fitted over %d groups in %.1fs: per-gene factors mean %.3f (median %.2f, "
-             "%.0f%% of genes at 0) after the scale %g", len(groups), rec["seconds"], applied.mean(),
-             np.median(applied), 100 * np.mean(applied == 0), cfg.composition_cv_scale)
+    log.info("composition shrinkage cross-fitted over %d groups in %.1fs: per-gene factors median %.2f (%.0f%% of "
+             "genes at 0), applied x %g: median %.3f", len(groups), rec["seconds"], np.median(fitted),
+             100 * np.mean(fitted == 0), cfg.composition_cv_scale, np.median(applied))
     return applied
+
+
+_QUARTERS = ("top-left", "bottom-left", "top-right", "bottom-right")  # _spatial_groups: (x > median) * 2 + (y > median)
+
+
+def _group_name(g, section_names: Sequence[str]) -> str:
+    """A cross-fit group in words: the section, or the quarter of the single training section."""
+    names = list(section_names)
+    if len(names) > 1:
+        return names[int(g)]
+    return f"{names[0]} {_QUARTERS[int(g)]} quarter" if names else str(g)
 
 
 # ---------------------------------------------------------------------- the public entry point
@@ -654,21 +675,54 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if _members is None:
+        _warn_random_weights(cfg)  # also refuses an unknown timm name before any section is read
     train_s, val_s = _load_sections(manifest, sections, val_sections, genes, drop_missing_genes)
-    if panel is not None and _members is None:  # only once the sections and genes are known good: a run that
-        out.mkdir(parents=True, exist_ok=True)  # fails on its input leaves nothing behind
-        write_json(json.loads(panel.to_json()), out / "gene_panel.json")
     genes_used = train_s[0].genes
     celltypes = _celltypes_of(train_s + val_s)
     tile_um = float(cfg.tile_um) if cfg.tile_um else float(np.median([s.diameter_um for s in train_s])) * 1.5
     fp = _fingerprint(cfg, genes_used, celltypes, [s.name for s in train_s], [s.name for s in val_s], tile_um)
-    run = _check_or_write_run(out, fp)
+    had_out, had_run = out.exists(), (out / RUN_NAME).is_file()
+    run = _check_or_write_run(out, fp)  # a run of other settings there is refused before anything is written
+    if panel is not None and _members is None:  # only once the sections, genes and run are known good
+        write_json(json.loads(panel.to_json()), out / "gene_panel.json")
+    try:
+        return _train_run(manifest, genes, out, sections, val_sections, cfg, drop_missing_genes, callbacks, progress,
+                          scheduler, cluster_options, _members, train_s, val_s, genes_used, celltypes, tile_um, run)
+    except StimageInputError:
+        if not had_run:
+            _forget_new_run(out, remove_dir=not had_out)
+        raise
+
+
+def _forget_new_run(out: Path, remove_dir: bool) -> None:
+    """A run this call started that failed on its input before any member trained: remove what it wrote
+    (``run.json``, ``gene_panel.json``, the feature cache, the cross-fit, empty member folders), so the
+    corrected command starts clean instead of being refused as "a run with different settings"."""
+    members = out / "members"
+    if members.is_dir() and any(members.glob("m*/state.json")):
+        return  # a member trained: keep everything (the run resumes with the same settings)
+    for name in (RUN_NAME, "gene_panel.json"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("cache", CROSSFIT_DIR, "members"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    if remove_dir:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
+
+
+def _train_run(manifest, genes, out: Path, sections, val_sections, cfg: TrainConfig, drop_missing_genes, callbacks,
+               progress, scheduler, cluster_options, _members, train_s, val_s, genes_used, celltypes, tile_um,
+               run) -> Ensemble | None:
+    """The body of :func:`train` once the sections are read and the run directory is checked."""
+    device = resolve_device(cfg.device)
     if (out / CONFIG_NAME).is_file():
         log.info("%s already holds the trained ensemble; loading it", out)
         return Ensemble.load(out, device)
     if not val_s:
         log.warning("no validation sections: training runs all %d epochs without early stopping", cfg.epochs)
-    _warn_random_weights(cfg)
     cbs = list(callbacks or [])
     if progress and not any(isinstance(c, ProgressCallback) for c in cbs):
         cbs.insert(0, ProgressCallback())
@@ -697,7 +751,8 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         for i in range(cfg.members) if _per_member(cfg) else range(len(cfg.backbones)):
             _frozen_stack(cfg, cfg.backbones[i % len(cfg.backbones)], train_d, val_d, out, device, feature_cache,
                           progress=progress, member=i)
-        _cross_fit_shrinkage(cfg, train_d, out, device, feature_cache, genes_used)  # before any member needs it
+        _cross_fit_shrinkage(cfg, train_d, out, device, feature_cache, genes_used,  # before any member needs it
+                             [s.name for s in train_s])
     if _members is not None:  # a worker of train(scheduler=...): only these members, no ensemble
         for i in _members:
             _train_member(i, cfg, train_d, val_d, out, device, cbs, state, feature_cache)

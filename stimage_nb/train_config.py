@@ -260,10 +260,7 @@ class TrainConfig:
         if self.library_size not in ("ridge", "joint"):
             raise StimageInputError(f"library_size must be 'ridge' or 'joint', not {self.library_size!r}")
         if self.library_size == "ridge":
-            why = ("fine-tuning (it regresses the library size on frozen features; add --frozen)" if not self.frozen
-                   else "--composition off (it needs the composition head)" if not self.composition
-                   else f"--depth {self.depth} (it models every spot's depth itself; use --depth none)"
-                   if self.depth != "none" else None)
+            why = self._why_not_ridge()
             if why:
                 raise StimageInputError(f"--library-size ridge (library_size='ridge') cannot be used with {why}.")
         if self.composition_shrinkage is None:
@@ -280,17 +277,18 @@ class TrainConfig:
                 raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) must be 'cv' or in (0, 1], "
                                         f"not {self.composition_shrinkage}")
         if self.composition_cv_scale is not None and self.composition_shrinkage != "cv":
-            raise StimageInputError(f"--composition-cv-scale (composition_cv_scale) applies with --composition-shrinkage "
-                                    f"cv; this run uses composition_shrinkage={self.composition_shrinkage!r}.")
+            why = (self._why_not_ridge() if self.library_size != "ridge"
+                   else f"--composition-shrinkage {self.composition_shrinkage:g} (one factor for every gene)")
+            raise StimageInputError(f"--composition-cv-scale scales the cross-fitted factors of --composition-shrinkage cv; "
+                                    f"it does not apply with {why}.")
         if self.composition_shrinkage == "cv":
             self.composition_cv_scale = float(0.25 if self.composition_cv_scale is None else self.composition_cv_scale)
         if self.composition_cv_scale is not None and not 0 < self.composition_cv_scale <= 1:
             raise StimageInputError(f"--composition-cv-scale (composition_cv_scale) must be in (0, 1], not "
                                     f"{self.composition_cv_scale}")
         if self.composition_shrinkage != 1 and self.library_size != "ridge":
-            raise StimageInputError(f"--composition-shrinkage (composition_shrinkage) applies with --library-size ridge "
-                                    f"(the frozen default); this run uses library_size={self.library_size!r}"
-                                    f"{'' if self.composition else ' and no composition head'}.")
+            raise StimageInputError(f"--composition-shrinkage shrinks the composition of --library-size ridge (the "
+                                    f"frozen default); it does not apply with {self._why_not_ridge()}.")
         if self.member_data not in ("all", "groups"):
             raise StimageInputError(f"member_data must be 'all' or 'groups', not {self.member_data!r}")
         if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
@@ -304,6 +302,18 @@ class TrainConfig:
             raise StimageInputError("frozen_views must be 1 or 8")
         if isinstance(self.augment, AugmentConfig):
             self.augment = self.augment.to_dict()
+
+    def _why_not_ridge(self) -> str | None:
+        """What rules out ``library_size="ridge"`` in this config, in the user's terms, or ``None``."""
+        if not self.frozen:
+            return "fine-tuning (it regresses the library size on frozen features; add --frozen)"
+        if not self.composition:
+            return "--composition off (it needs the composition head)"
+        if self.depth != "none":
+            return f"--depth {self.depth} (it models every spot's depth itself; use --depth none)"
+        if self.library_size != "ridge":
+            return f"--library-size {self.library_size}"
+        return None
 
     @property
     def backbones(self) -> list[str]:

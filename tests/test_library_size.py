@@ -218,7 +218,7 @@ def test_training_on_real_tiles_regresses_the_library_size_per_member(tmp_path):
     assert all(i["alpha"] in ALPHAS and i["composition_shrinkage"] == "cv" for i in info)
     # the per-gene factors were cross-fitted over the two sections (one head without each), then scaled
     rec = json.loads((tmp_path / "run" / "crossfit" / "gene_shrinkage.json").read_text())
-    assert rec["groups"] == ["0", "1"] and rec["genes"] == list(ens.genes) and rec["scale"] == 0.25
+    assert rec["groups"] == ["C2", "C3"] and rec["genes"] == list(ens.genes) and rec["scale"] == 0.25
     fitted, applied = np.array(rec["cross_fitted"]), np.array(rec["applied"])
     assert set(np.round(fitted, 2)) <= set(SHRINKAGE_GRID) and np.allclose(applied, 0.25 * fitted)
     assert not [p for p in (tmp_path / "run" / "crossfit").iterdir() if p.is_dir()]  # its heads are removed

@@ -127,6 +127,7 @@ def test_the_train_command_reaches_the_recipe_options():
     (dict(frozen=True, extractor="kmeans+handcrafted", backbone="resnet18"), False),  # the backbone is not used
     (dict(frozen=True, extractor="timm", backbone="resnet18", weights="none"), True),
     (dict(frozen=False, backbone="resnet18", weights="pretrained"), False),
+    (dict(frozen=True, extractor="timm", backbone="uni", weights="none"), True),  # a registered encoder too
 ])
 def test_a_backbone_from_random_weights_is_said(kw, warns, caplog):
     from stimage_nb.train import _warn_random_weights
@@ -134,3 +135,50 @@ def test_a_backbone_from_random_weights_is_said(kw, warns, caplog):
     with caplog.at_level("WARNING", logger="stimage_nb.train"):
         _warn_random_weights(TrainConfig(**kw))
     assert ("random weights" in caplog.text) is warns
+
+
+def test_an_unknown_backbone_is_refused_before_anything_is_read_or_written(tmp_path):
+    from stimage_nb.errors import StimageInputError
+    from stimage_nb.train import train
+
+    cfg = TrainConfig(backbone="nosuchmodel", members=1, epochs=1)
+    with pytest.raises(StimageInputError, match="unknown timm backbone 'nosuchmodel'") as e:
+        train(kit.sections(("C2",)), genes=kit.genes(), out=tmp_path / "run", config=cfg, progress=False)
+    assert "similar: []" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_on_its_input_leaves_nothing_that_blocks_the_corrected_command(tmp_path, monkeypatch):
+    import stimage_nb.train as T
+    from stimage_nb.errors import StimageInputError
+
+    def boom(*a, **k):
+        raise StimageInputError("the data is bad")
+    monkeypatch.setattr(T, "_build_data", boom)  # fails after run.json was written
+    cfg = kit.tiny_frozen_config(members=1, epochs=1)
+    with pytest.raises(StimageInputError, match="the data is bad"):
+        T.train(kit.sections(("C2",)), genes=kit.genes(), out=tmp_path / "run", config=cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a folder the user made is kept, and what was in it
+    with pytest.raises(StimageInputError):
+        T.train(kit.sections(("C2",)), genes=kit.genes(), out=out, config=cfg, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_refused_rerun_leaves_the_finished_runs_gene_panel_alone(tmp_path):
+    from stimage_nb.train import train
+
+    g1, g2 = tmp_path / "g1.txt", tmp_path / "g2.txt"
+    g1.write_text("\n".join(kit.genes()) + "\n")
+    g2.write_text("\n".join(kit.genes()[:5]) + "\n")
+    cfg = kit.tiny_frozen_config(members=1, epochs=1)
+    out = tmp_path / "run"
+    train(kit.sections(("C2",)), genes=str(g1), out=out, val_sections=[], config=cfg, progress=False)
+    panel = (out / "gene_panel.json").read_bytes()
+    stamp = (out / "gene_panel.json").stat().st_mtime_ns
+    with pytest.raises(StimageInputError, match="different settings"):
+        train(kit.sections(("C2",)), genes=str(g2), out=out, val_sections=[], config=cfg, progress=False)
+    assert (out / "gene_panel.json").read_bytes() == panel
+    assert (out / "gene_panel.json").stat().st_mtime_ns == stamp

@@ -99,8 +99,8 @@ def _check_name(name: str) -> None:
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch[:6]}*")[:8] if arch else []
-        raise StimageInputError(f"unknown timm backbone {name!r}. Use a name from timm.list_models() "
-                                f"(similar: {close}).")
+        raise StimageInputError(f"unknown timm backbone {name!r}. Use a name from timm.list_models()"
+                                + (f" (similar: {', '.join(close)})." if close else "."))
 
 
 def create_backbone(name: str, weights: str | os.PathLike | None = "none", *, hub_timeout: float = HUB_TIMEOUT_S,
