@@ -348,7 +348,7 @@ def _prepared_features(ctx: _Context, ens, sec, tiles: np.ndarray | None = None)
 
 def _fit_baseline(split: Split, ctx: _Context, ens):
     from ..baseline import RidgeBaseline
-    from ..train import _counts
+    from ..train_data import _counts
 
     train = [ctx.sections[n].drop_outside_image() for n in split.train]
     F = np.concatenate([_prepared_features(ctx, ens, s) for s in train])
