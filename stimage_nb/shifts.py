@@ -343,10 +343,6 @@ def _write_shifted(img, shift: Shift, path: Path, name: str, overwrite: bool, re
     return write_ome_zarr(rgb, path, um, name=name)
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    return write_text(path, text)
-
-
 def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts: Sequence[Shift],
                    out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``out_dir/manifest.csv``: every row of ``manifest`` plus one row per (section, shift).
@@ -402,13 +398,13 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
                 spots = pd.read_csv(row["spots"], sep="\t")
                 spots["pixel_x"] = spots["pixel_x"].astype(float) / f
                 spots["pixel_y"] = spots["pixel_y"].astype(float) / f
-                r["spots"] = str(_write_text_atomic(out / f"{file_stem(name)}_spots.tsv",
+                r["spots"] = str(write_text(out / f"{file_stem(name)}_spots.tsv",
                                                     spots.to_csv(sep="\t", index=False)))
                 r["um_per_px"] = repr(float(row["um_per_px"]) * f)
             rows.append(r)
     full = pd.concat([m, pd.DataFrame(rows)], ignore_index=True)
-    dest = _write_text_atomic(out / "manifest.csv", full.to_csv(index=False))
-    _write_text_atomic(out / "shifts.json", json.dumps({"source": str(manifest.resolve()), "sections": list(sections),
+    dest = write_text(out / "manifest.csv", full.to_csv(index=False))
+    write_text(out / "shifts.json", json.dumps({"source": str(manifest.resolve()), "sections": list(sections),
                                                         "shifts": [sh.to_dict() for sh in shifts]}, indent=1))
     return dest
 

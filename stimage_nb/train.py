@@ -483,11 +483,12 @@ def _warn_random_weights(cfg: TrainConfig) -> None:
     if cfg.frozen and "timm" not in cfg.extractor:
         return
     for b in cfg.backbones:
-        if find_encoder(b) is None:
+        registered = find_encoder(b) is not None
+        if not registered:
             _check_name(b)  # an unknown name fails here, before any tile is read, not after a warning
         if cfg.weights_for(b).strip().lower() not in ("none", ""):
             continue
-        if find_encoder(b) is not None:
+        if registered:
             log.warning("encoder %r starts from random weights (weights='none'): its features mean nothing until "
                         "you give --weights PATH to its downloaded weights (`stimage-nb encoders` says where)", b)
         else:
@@ -688,7 +689,8 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         write_json(json.loads(panel.to_json()), out / "gene_panel.json")
     try:
         return _train_run(manifest, genes, out, sections, val_sections, cfg, drop_missing_genes, callbacks, progress,
-                          scheduler, cluster_options, _members, train_s, val_s, genes_used, celltypes, tile_um, run)
+                          scheduler, cluster_options, _members, train_s, val_s, genes_used, celltypes, tile_um, run,
+                          device)
     except StimageInputError:
         if not had_run:
             _forget_new_run(out, remove_dir=not had_out)
@@ -715,9 +717,8 @@ def _forget_new_run(out: Path, remove_dir: bool) -> None:
 
 def _train_run(manifest, genes, out: Path, sections, val_sections, cfg: TrainConfig, drop_missing_genes, callbacks,
                progress, scheduler, cluster_options, _members, train_s, val_s, genes_used, celltypes, tile_um,
-               run) -> Ensemble | None:
+               run, device) -> Ensemble | None:
     """The body of :func:`train` once the sections are read and the run directory is checked."""
-    device = resolve_device(cfg.device)
     if (out / CONFIG_NAME).is_file():
         log.info("%s already holds the trained ensemble; loading it", out)
         return Ensemble.load(out, device)

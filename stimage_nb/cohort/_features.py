@@ -329,21 +329,17 @@ def _patient_of(pred) -> str:
         return ""
 
 
-def _atomic(path: Path, write) -> Path:
-    return write_atomic(path, write)
-
-
 def write_features(feats: CohortFeatures, out: str | os.PathLike) -> dict[str, Path]:
     """Write ``features.csv``, ``pseudobulk.csv`` (long), ``features.json`` and, when fitted,
     ``spatial_types.npz`` / ``spatial_types.csv`` (type profiles) into ``out`` (atomically)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"features": _atomic(out / "features.csv", lambda p: feats.table.reset_index().to_csv(p, index=False)),
-             "pseudobulk": _atomic(out / "pseudobulk.csv", lambda p: feats.pseudobulk.to_csv(p, index=False)),
-             "json": _atomic(out / "features.json", lambda p: Path(p).write_text(feats.to_json()))}
+    paths = {"features": write_atomic(out / "features.csv", lambda p: feats.table.reset_index().to_csv(p, index=False)),
+             "pseudobulk": write_atomic(out / "pseudobulk.csv", lambda p: feats.pseudobulk.to_csv(p, index=False)),
+             "json": write_atomic(out / "features.json", lambda p: Path(p).write_text(feats.to_json()))}
     if feats.spatial_types is not None:
         t = feats.spatial_types
         paths["spatial_types"] = out / "spatial_types.npz"
         t.save(paths["spatial_types"])
-        paths["type_profiles"] = _atomic(out / "spatial_types.csv", lambda p: t.to_frame().to_csv(p))
+        paths["type_profiles"] = write_atomic(out / "spatial_types.csv", lambda p: t.to_frame().to_csv(p))
     return paths

@@ -344,7 +344,7 @@ def predict_cohort(model: str | os.PathLike, cohort: "str | os.PathLike | Sequen
             records[rec["slide_id"]] = rec
         seconds = time.perf_counter() - t0
         status = pd.DataFrame([records[s.slide_id] for s in slides]).reindex(columns=STATUS_COLUMNS)
-        _write_csv(status, out / "status.csv")
+        write_csv(status, out / "status.csv")
         n_failed = int((status["status"] != "done").sum())
         log.info("cohort: %d slides done, %d failed, %d predicted in this run (%.1f s)", len(status) - n_failed,
                  n_failed, len(jobs), seconds)
@@ -358,7 +358,3 @@ def predict_cohort(model: str | os.PathLike, cohort: "str | os.PathLike | Sequen
                                     options=fo, client=client, progress=progress, status=status)
             write_features(feats, out)
     return CohortResult(out, status, tuple(j.slide.slide_id for j in jobs), tuple(skipped), feats, round(seconds, 3))
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    return write_csv(df, path)

@@ -158,10 +158,6 @@ def _prune_empty(root: Path, created: list[Path]) -> None:
             break
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    return write_text(path, text)
-
-
 def fetch(name: str = "her2st", dest: str | os.PathLike | None = None, *, sections: Sequence[str] | None = None,
           base_url: str | None = None, progress: bool = True, retries: int = RETRIES) -> Path:
     """Download a registered dataset (see :data:`DATASETS`) into ``dest/<name>``; returns that folder.
@@ -221,9 +217,9 @@ def fetch(name: str = "her2st", dest: str | os.PathLike | None = None, *, sectio
         rows = ["section,patient,image,counts,spots,um_per_px"]
         rows += [f"{s},{HER2ST_SECTIONS[s][0]},images/{s}.jpg,counts/{s}.tsv.gz,spots/{s}_selection.tsv,"
                  f"{HER2ST_UM_PER_PX}" for s in secs]
-        _write_atomic(root / "sections.csv", "\n".join(rows) + "\n")
+        write_text(root / "sections.csv", "\n".join(rows) + "\n")
     elif ds.manifest:
-        _write_atomic(root / "sections.csv", "\n".join(ds.manifest) + "\n")
+        write_text(root / "sections.csv", "\n".join(ds.manifest) + "\n")
     shutil.rmtree(root / ".downloads", ignore_errors=True)
     return root
 

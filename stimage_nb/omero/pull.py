@@ -247,10 +247,6 @@ def _create_level(g, level: int, h: int, w: int, chunk: int = CHUNK):
     return create_array(g, str(level), (3, h, w), (3, min(chunk, h), min(chunk, w)), "uint8")
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    write_json(path, obj, indent=1)
-
-
 def _build_lower_levels(g, min_size: int = 512, chunk: int = CHUNK) -> int:
     """Add factor-2 levels below level 0 by 2x2 area mean, streamed block by block; returns the level count."""
     level = 0
@@ -368,7 +364,7 @@ def pull_image(conn, image_id: int, *, dest: str | os.PathLike | None = None, ta
         g = zarr.open_group(str(partial), mode="w", zarr_format=2)
         _create_level(g, 0, H, W)
         done = set()
-        _write_json_atomic(prog_path, {"stamp": stamp, "bands_done": []})
+        write_json(prog_path, {"stamp": stamp, "bands_done": []})
     g = zarr.open_group(str(partial), mode="a", zarr_format=2)
     arr = g["0"]
     if tuple(arr.shape) != (3, H, W):
@@ -413,7 +409,7 @@ def pull_image(conn, image_id: int, *, dest: str | os.PathLike | None = None, ta
                 continue
             failures = 0
             done.add(bi)
-            _write_json_atomic(prog_path, {"stamp": stamp, "bands_done": sorted(done)})
+            write_json(prog_path, {"stamp": stamp, "bands_done": sorted(done)})
             bar.update(1)
             k += 1
     finally:

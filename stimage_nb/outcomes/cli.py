@@ -64,10 +64,6 @@ def _columns(v: str | None):
     return v  # a regular expression (a single name matches itself)
 
 
-def _write_atomic(path: Path, write) -> Path:
-    return write_atomic(path, write)
-
-
 def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "time", event_col: str = "event",
                  target: str | None = None, columns=None, covariates: list[str] | None = None, random_sets: int = 10,
                  permutations: int = 0, params=None, progress: bool = True) -> dict:
@@ -127,10 +123,10 @@ def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "
     comp.plot(ax=ax)
     figs["comparison"] = _savefig(fig, out / "figures" / "comparison.png")
     tables = {
-        "comparison": _write_atomic(out / "comparison.csv", lambda p: comp.to_frame().to_csv(p, index=False)),
-        "folds": _write_atomic(out / "folds.csv", lambda p: model.to_frame().to_csv(p, index=False)),
-        "predictions": _write_atomic(out / "predictions.csv", lambda p: model.predictions.to_csv(p, index=False)),
-        "coefficients": _write_atomic(out / "coefficients.csv",
+        "comparison": write_atomic(out / "comparison.csv", lambda p: comp.to_frame().to_csv(p, index=False)),
+        "folds": write_atomic(out / "folds.csv", lambda p: model.to_frame().to_csv(p, index=False)),
+        "predictions": write_atomic(out / "predictions.csv", lambda p: model.predictions.to_csv(p, index=False)),
+        "coefficients": write_atomic(out / "coefficients.csv",
                                       lambda p: model.coefficients.to_csv(p, index_label="feature")),
     }
     res = {
@@ -151,7 +147,7 @@ def run_outcomes(features: Path, clinical: Path, out: Path, *, time_col: str = "
         "tables": {k: str(v) for k, v in tables.items()},
         "figures": {k: str(v) for k, v in figs.items()},
     }
-    _write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(res, indent=1, allow_nan=False)))
+    write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(res, indent=1, allow_nan=False)))
     return res
 
 
