@@ -39,23 +39,31 @@ import pandas as pd
 #: so it stays reachable whatever TrainConfig's defaults become); the "library size by ridge" recipes are the
 #: second study (the composition trained at the observed library size, the library size regressed from the
 #: image, the composition shrunk toward its mean; stimage_nb.models.library_size); the last of them shrinks each gene by
-#: its own cross-fitted factor (composition_shrinkage="cv", the default since).
+#: its own cross-fitted factor (composition_shrinkage="cv"); the next adds simulated acquisitions of the training
+#: tiles as training views (acquisition_views, the default since). The earlier recipes pin acquisition_views="none".
+_NO_VIEWS = {"acquisition_views": "none"}  # the recipes before the acquisition views were added
 CANDIDATES: dict[str, dict] = {
-    "before": {"background": "keep", "depth": "none", "member_data": "all", "composition": False},
+    "before": {"background": "keep", "depth": "none", "member_data": "all", "composition": False, **_NO_VIEWS},
     "library size by ridge, composition as fitted": {"composition": True, "library_size": "ridge",
-                                                      "composition_shrinkage": 1.0},
+                                                      "composition_shrinkage": 1.0, **_NO_VIEWS},
     "library size by ridge, composition shrunk 0.5": {"composition": True, "library_size": "ridge",
-                                                       "composition_shrinkage": 0.5},
+                                                       "composition_shrinkage": 0.5, **_NO_VIEWS},
     "library size by ridge, composition shrunk 0.25": {"composition": True, "library_size": "ridge",
-                                                        "composition_shrinkage": 0.25},
+                                                        "composition_shrinkage": 0.25, **_NO_VIEWS},
     "library size by ridge, composition shrunk per gene (cross-fitted x 0.25)": {
-        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25},
-    "white background": {"background": "white", "depth": "none", "member_data": "all", "composition": False},
-    "white + depth offsets": {"background": "white", "depth": "section", "member_data": "all", "composition": False},
+        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
+        **_NO_VIEWS},
+    "per gene shrinkage + simulated acquisitions as training views": {
+        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
+        "acquisition_views": "scan_3um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2"},
+    "white background": {"background": "white", "depth": "none", "member_data": "all", "composition": False,
+                         **_NO_VIEWS},
+    "white + depth offsets": {"background": "white", "depth": "section", "member_data": "all", "composition": False,
+                              **_NO_VIEWS},
     "white + depth + composition head": {"background": "white", "depth": "section", "member_data": "all",
-                                         "composition": True},
+                                         "composition": True, **_NO_VIEWS},
     "white + depth + members leave a group out": {"background": "white", "depth": "section", "member_data": "groups",
-                                                  "composition": False},
+                                                  "composition": False, **_NO_VIEWS},
 }
 TARGETS = ("beats_baseline", "not_worse_cp10k", "coverage_ok", "epistemic_ranks")
 #: The acquisitions the candidates are compared under (the hardest of ACQUISITION_SHIFTS: the black background

@@ -68,6 +68,11 @@ def _add_train(sub) -> None:
                    help="with --composition-shrinkage cv, the fraction F in (0, 1] of each gene's cross-fitted factor "
                         "applied (default 0.25, chosen by leave-one-patient-out); RUN/crossfit/gene_shrinkage.json "
                         "records both")
+    p.add_argument("--acquisition-views", default=None, metavar="NAMES|none",
+                   help="frozen path: simulated acquisitions of the training tiles (stimage_nb.shifts names, "
+                        "comma-separated) whose features are added as training views; default scan_3um,"
+                        "defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2 (another scanner or lab), "
+                        "'none' for the tiles only")
     p.add_argument("--member-data", default=None, choices=["all", "groups"],
                    help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 150 frozen, 12 fine-tuned)")

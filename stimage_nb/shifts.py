@@ -146,6 +146,21 @@ ACQUISITION_SHIFTS: tuple[Shift, ...] = (
 )
 
 
+#: The simulated acquisitions whose features the frozen path adds to its training views
+#: (``TrainConfig.acquisition_views``; :func:`shift_tiles` on the tiles as read, before the per-section
+#: stain normalisation): a coarser scan (3 µm/px), a defocused and compressed one (1 µm blur, JPEG
+#: quality 60), and a haematoxylin-heavy and an eosin-heavy staining (x1.2 / x0.85), so the heads learn
+#: from features that hold under another scanner or lab. Fixed beforehand, deliberately not the settings of
+#: :data:`ACQUISITION_SHIFTS` that the validation harness tests with (4 and 3.2 µm/px, 1.5 µm defocus,
+#: JPEG 30/50, stain factors 1.3/0.8).
+TRAINING_SHIFTS: tuple[Shift, ...] = (
+    Shift("scan_3um", um_per_px=3.0),
+    Shift("defocus_1um+jpeg_q60", blur_um=1.0, jpeg_quality=60),
+    Shift("stain_H1.2_E0.85", hematoxylin=1.2, eosin=0.85),
+    Shift("stain_H0.85_E1.2", hematoxylin=0.85, eosin=1.2),
+)
+
+
 # ----------------------------------------------------------------------------- pixel transforms
 def restain(rgb: np.ndarray, hematoxylin: float = 1.0, eosin: float = 1.0) -> np.ndarray:
     """Scale the hematoxylin and eosin concentrations of an (h, w, 3) uint8 image (Ruifrok-Johnston)."""
@@ -180,6 +195,54 @@ def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def shift_tiles(tiles, shift: Shift, um_per_px: float):
+    """One simulated acquisition applied to tiles that are already cut: uint8 ``(n, h, w, 3)`` (numpy, or a
+    torch tensor on any device), same type, shape and device back.
+
+    ``um_per_px`` is the tiles' pixel size (µm). In :func:`apply_shift`'s order: blur (``blur_um`` µm),
+    restain, a coarser scan (``um_per_px`` or ``scale``: area-mean downsampling to the coarser pixel size),
+    JPEG at that resolution, then bilinear resampling back to the tile's pixels, as the tile pipeline resamples
+    a coarse scan to the model's input. A black background needs the whole image's tissue mask and is
+    refused here (``StimageInputError``); a shift that is finer than the tiles only blurs, restains and
+    compresses."""
+    import torch
+    import torch.nn.functional as F
+
+    if shift.background != "keep":
+        raise StimageInputError(f"shift {shift.name}: a black background needs the whole image (shift_section), "
+                                "not tiles")
+    um = check_um_per_px(um_per_px, "shift_tiles")
+    is_torch = isinstance(tiles, torch.Tensor)
+    dev = tiles.device if is_torch else None
+    x = tiles.detach().cpu().numpy() if is_torch else np.asarray(tiles)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise StimageInputError(f"shift_tiles needs uint8 tiles (n, h, w, 3), not {x.dtype} {x.shape}")
+    if shift.is_identity or len(x) == 0:
+        return tiles
+    if shift.blur_um > 0:
+        from scipy.ndimage import gaussian_filter
+
+        s = shift.blur_um / um
+        x = np.clip(np.rint(gaussian_filter(x.astype(np.float32), sigma=(0, s, s, 0), mode="nearest")), 0,
+                    255).astype(np.uint8)
+    x = restain(x, shift.hematoxylin, shift.eosin)
+    n, h, w, _ = x.shape
+    f = max(shift.factor(um) if shift.um_per_px is None or shift.um_per_px >= um else 1.0, 1.0)
+    small = x
+    if f > 1:
+        t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+        size = (max(2, round(h / f)), max(2, round(w / f)))
+        small = F.interpolate(t, size=size, mode="area").round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    if shift.jpeg_quality is not None:
+        small = np.stack([jpeg(a, shift.jpeg_quality) for a in small])
+    if small.shape[1:3] != (h, w):
+        t = torch.from_numpy(np.ascontiguousarray(small)).permute(0, 3, 1, 2).float()
+        small = (F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
+                 .permute(0, 2, 3, 1).numpy())
+    out = np.ascontiguousarray(small)
+    return torch.from_numpy(out).to(dev) if is_torch else out
 
 
 def apply_shift(image, shift: Shift, um_per_px: float | None = None, *,
@@ -411,12 +474,12 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
 
 def parse_shifts(spec: str | None) -> list[Shift]:
     """``"standard"`` / ``None`` -> :data:`STANDARD_SHIFTS`, ``"acquisition"`` -> :data:`ACQUISITION_SHIFTS`;
-    else comma-separated names of either."""
+    else comma-separated names of any of them or of :data:`TRAINING_SHIFTS`."""
     if spec is None or spec.strip() in ("", "standard"):
         return list(STANDARD_SHIFTS)
     if spec.strip() == "acquisition":
         return list(ACQUISITION_SHIFTS)
-    known = {s.name: s for s in STANDARD_SHIFTS + ACQUISITION_SHIFTS}
+    known = {s.name: s for s in STANDARD_SHIFTS + ACQUISITION_SHIFTS + TRAINING_SHIFTS}
     names = [v.strip() for v in spec.split(",") if v.strip()]
     bad = [n for n in names if n not in known]
     if bad:

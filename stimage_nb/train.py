@@ -737,7 +737,8 @@ def _train_run(manifest, genes, out: Path, sections, val_sections, cfg: TrainCon
     depths = {s.name: section_depth(s) for s in train_s + val_s}
     ref_depth = float(np.median([depths[s.name] for s in train_s]))
     kw = {"background": cfg.background, "ref_depth": ref_depth if cfg.depth == "section" else None}
-    train_d = _build_data(train_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress, **kw)
+    train_d = _build_data(train_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress, **kw,
+                          shifts=cfg.acquisition_shifts())
     val_d = (_build_data(val_s, genes_used, celltypes, tile_um, cfg.out_px, normalizer, device, progress, **kw)
              if val_s else None)
     log.info("data: %d training tiles (%s), %d validation tiles (%s), %d genes, %d cell types, %.1fs",

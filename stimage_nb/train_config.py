@@ -118,6 +118,16 @@ class TrainConfig:
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     frozen_views
         Dihedral views per tile whose features are cached for the frozen path (1 or 8).
+    acquisition_views
+        Simulated acquisitions of the training tiles whose features the frozen path adds as further training
+        views (each epoch a spot is seen in one of its views), comma-separated names of
+        :mod:`stimage_nb.shifts` applied to the tiles as read (:func:`stimage_nb.shifts.shift_tiles`), then
+        stain-normalised per section like any slide. ``None``: on the frozen path
+        :data:`stimage_nb.shifts.TRAINING_SHIFTS` (a 3 µm/px scan, a 1 µm defocus with JPEG 60, and the
+        stains x1.2 / x0.85 both ways), so the heads lean on features that hold under another scanner or lab;
+        ``"none"``: the tiles only. Costs one feature pass over the training tiles per view. The library-size ridge, the shrinkage's mean and the cross-fit's scores use the tiles as
+        scanned. Chosen by leave-one-patient-out and the acquisitions (README, "Validation"). Fine-tuning
+        augments its own tiles (``augment``): recorded as ``""`` there, and an error if given.
     val_sections
         Default validation sections when the caller names none.
     amp, channels_last
@@ -206,6 +216,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     frozen_views: int = 1
+    acquisition_views: str | None = None
     patience: int | None = None
     val_sections: list[str] | None = None
     amp: bool = True
@@ -300,8 +311,45 @@ class TrainConfig:
                                     "weights entry per backbone, in the same order, separated by commas.")
         if self.frozen_views not in (1, 8):
             raise StimageInputError("frozen_views must be 1 or 8")
+        self._resolve_acquisition_views()
         if isinstance(self.augment, AugmentConfig):
             self.augment = self.augment.to_dict()
+
+    def _resolve_acquisition_views(self) -> None:
+        from .shifts import TRAINING_SHIFTS, parse_shifts
+
+        v = self.acquisition_views
+        if not self.frozen:
+            if v not in (None, "", "none"):
+                raise StimageInputError("--acquisition-views adds features of simulated acquisitions to the frozen "
+                                        "path; fine-tuning augments its tiles itself (add --frozen, or leave it out).")
+            self.acquisition_views = ""
+            return
+        if v is None:
+            self.acquisition_views = ",".join(s.name for s in TRAINING_SHIFTS)
+            return
+        v = str(v).strip()
+        if v.lower() in ("", "none"):
+            self.acquisition_views = ""
+            return
+        if v in ("standard", "acquisition"):
+            raise StimageInputError("--acquisition-views takes shift names separated by commas (or 'none'), not a "
+                                    f"whole set ({v!r}).")
+        try:
+            shifts = parse_shifts(v)
+        except StimageInputError as e:
+            raise StimageInputError(f"--acquisition-views: {e}") from None
+        bad = [s.name for s in shifts if s.background != "keep" or s.is_identity]
+        if bad:
+            raise StimageInputError(f"--acquisition-views: {bad} cannot be applied to cut tiles (a black background "
+                                    "needs the whole image; the reference changes nothing).")
+        self.acquisition_views = ",".join(s.name for s in shifts)
+
+    def acquisition_shifts(self) -> list:
+        """The :class:`~stimage_nb.shifts.Shift` objects of ``acquisition_views`` (empty when none)."""
+        from .shifts import parse_shifts
+
+        return parse_shifts(self.acquisition_views) if self.acquisition_views else []
 
     def _why_not_ridge(self) -> str | None:
         """What rules out ``library_size="ridge"`` in this config, in the user's terms, or ``None``."""
@@ -396,6 +444,8 @@ class TrainConfig:
             d["composition_shrinkage"] = args.composition_shrinkage
         if getattr(args, "composition_cv_scale", None) is not None:
             d["composition_cv_scale"] = args.composition_cv_scale
+        if getattr(args, "acquisition_views", None) is not None:
+            d["acquisition_views"] = args.acquisition_views
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)

@@ -7,7 +7,8 @@
   kept on the device, counts, cell-type targets, and the groups of the spots (sections, or the quarters of a
   single section) that cross-validation and ``member_data="groups"`` leave out;
 - :func:`_frozen_stack` fits the frozen feature extractor on the training tiles once per run and describes
-  every tile (``frozen_views`` dihedral views), cached in ``RUN_DIR/cache`` so a resumed run reuses them.
+  every tile (``frozen_views`` dihedral views, then the tiles of the ``acquisition_views`` simulated
+  acquisitions that :func:`_build_data` made), cached in ``RUN_DIR/cache`` so a resumed run reuses them.
 
 Private to the training loop (:mod:`stimage_nb.train` re-exports what tests and benchmarks use).
 """
@@ -46,6 +47,8 @@ class _Data:
     section: np.ndarray          # section index per row
     offset: torch.Tensor | None = None  # float32 (n,) log(section depth / reference depth), on the device
     group: np.ndarray | None = None     # the group a member may leave out (member_data="groups")
+    um_per_px: float | None = None      # the tiles' pixel size (tile µm / out px)
+    acquisitions: list | None = None    # uint8 (n, h, w, 3) CPU tiles per simulated acquisition (acquisition_views)
 
     def __len__(self):
         return self.tiles.shape[0]
@@ -98,17 +101,26 @@ def _spatial_groups(xy: np.ndarray) -> np.ndarray:
 
 
 def _build_data(sections, genes, celltypes, tile_um, out_px, normalizer, device, progress, *, background="keep",
-                ref_depth: float | None = None) -> _Data:
+                ref_depth: float | None = None, shifts=()) -> _Data:
+    """``shifts``: simulated acquisitions (:func:`stimage_nb.shifts.shift_tiles`) applied to each section's tiles
+    as read, then through the same background handling and per-section stain normalisation as the tiles, as
+    a slide from that scanner would go (kept on the CPU in ``_Data.acquisitions``)."""
+    from .shifts import shift_tiles
     from .stain import whiten_background
 
     tiles, counts, targets, idx, offs = [], [], [], [], []
+    acq = [[] for _ in shifts]
+    um = float(tile_um) / int(out_px)
     for i, s in enumerate(sections):
-        t = whiten_background(_section_tiles(s, tile_um, out_px, progress), background)
-        t = torch.from_numpy(np.ascontiguousarray(t))
+        raw = _section_tiles(s, tile_um, out_px, progress)
+        t = torch.from_numpy(np.ascontiguousarray(whiten_background(raw, background)))
         offs.append(np.full(len(t), 0.0 if ref_depth is None else np.log(section_depth(s) / ref_depth), np.float32))
         if normalizer is not None:
             t = normalizer.transform(t, device=device)
         tiles.append(t.to(device))
+        for k, sh in enumerate(shifts):
+            a = torch.from_numpy(np.ascontiguousarray(whiten_background(shift_tiles(raw, sh, um), background)))
+            acq[k].append((normalizer.transform(a, device=device) if normalizer is not None else a).cpu())
         counts.append(torch.from_numpy(_counts(s)))
         targets.append(_celltype_targets(s, celltypes))
         idx.append(np.full(len(t), i))
@@ -116,7 +128,7 @@ def _build_data(sections, genes, celltypes, tile_um, out_px, normalizer, device,
     group = section if len(sections) > 1 else _spatial_groups(sections[0].xy)
     return _Data(torch.cat(tiles), torch.cat(counts).to(device),
                  torch.cat(targets).to(device) if celltypes else None, section,
-                 torch.from_numpy(np.concatenate(offs)).to(device), group)
+                 torch.from_numpy(np.concatenate(offs)).to(device), group, um, [torch.cat(a) for a in acq])
 
 
 def _load_sections(manifest, sections, val_sections, genes, drop_missing_genes) -> tuple[list[Section], list[Section]]:
@@ -181,11 +193,14 @@ def _load_sections(manifest, sections, val_sections, genes, drop_missing_genes) 
 
 @torch.no_grad()
 def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, amp: bool,
-                  progress: bool = False) -> torch.Tensor:
-    """Unstandardised stack features (views, n, dim) of uint8 tiles (view 0 is the tile itself)."""
+                  progress: bool = False, acquisitions=()) -> torch.Tensor:
+    """Unstandardised stack features ``(views + len(acquisitions), n, dim)`` of uint8 tiles: view 0 is the tile
+    itself, then its other dihedral views, then the same spots' tiles under each simulated acquisition
+    (``acquisitions``: uint8 tensors shaped like ``tiles``, on any device)."""
     stack.eval()
     dev = tiles.device
-    out = torch.empty((views, tiles.shape[0], stack.num_features), dtype=torch.float32, device=dev)
+    out = torch.empty((views + len(acquisitions), tiles.shape[0], stack.num_features), dtype=torch.float32,
+                      device=dev)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -193,7 +208,9 @@ def _raw_features(stack, tiles: torch.Tensor, *, views: int, batch_size: int, am
         bar = tqdm(total=tiles.shape[0], desc="features", leave=False, unit="tile")
 
     def run(i, j):
-        for v, xv in enumerate(dihedral_views(to_float(tiles[i:j]))[:views]):
+        xs = dihedral_views(to_float(tiles[i:j]))[:views]
+        xs += [to_float(a[i:j].to(dev)) for a in acquisitions]
+        for v, xv in enumerate(xs):
             with autocast(dev, amp):
                 out[v, i:j] = stack.raw(_layout(xv, None)).float()
 
@@ -234,7 +251,12 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
     cdir = out / "cache"
     cdir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    sp, fp = cdir / f"extractor-{key}.safetensors", cdir / f"features-{key}-v{cfg.frozen_views}.safetensors"
+    acqs = train_d.acquisitions or []
+    if len(acqs) != len(cfg.acquisition_shifts()):
+        raise RuntimeError("the training data were built without the config's acquisition views")
+    n_views = cfg.frozen_views + len(acqs)
+    acq = hashlib.sha256(cfg.acquisition_views.encode()).hexdigest()[:8] if acqs else "0"
+    sp, fp = cdir / f"extractor-{key}.safetensors", cdir / f"features-{key}-v{cfg.frozen_views}-a{acq}.safetensors"
     torch.manual_seed(_seed(cfg.seed, "backbone", backbone))  # a random timm branch is the same in every run
     stack = build_stack(cfg.extractor, backbone=backbone, weights=cfg.weights_for(backbone),
                         backbone_kwargs=cfg.backbone_kwargs,
@@ -245,7 +267,7 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
         stack.load_state_dict(load_file(str(sp)))
         stack.to(device)
         d = load_file(str(fp), device=str(device))
-        if d["train"].shape[1] == len(train_d) and (val_d is None or d["val"].shape[1] == len(val_d)):
+        if d["train"].shape[:2] == (n_views, len(train_d)) and (val_d is None or d["val"].shape[1] == len(val_d)):
             log.info("using the cached frozen extractor and features in %s", cdir)
             cache[ident] = (stack, d["train"], d.get("val") if val_d is not None else None)
             return cache[ident]
@@ -253,13 +275,14 @@ def _frozen_stack(cfg: TrainConfig, backbone: str, train_d: _Data, val_d: _Data 
     stack.fit(train_d.tiles, n_patches=cfg.kmeans_patches, seed=_stack_seed(cfg, member))
     stack.to(device)
     raw_tr = _raw_features(stack, train_d.tiles, views=cfg.frozen_views, batch_size=cfg.eval_batch_size,
-                           amp=cfg.amp, progress=progress)
+                           amp=cfg.amp, progress=progress, acquisitions=acqs)
     stack.set_standardisation(raw_tr[0])
     ft = stack.standardise(raw_tr)
     fv = stack.standardise(_raw_features(stack, val_d.tiles, views=1, batch_size=cfg.eval_batch_size, amp=cfg.amp,
                                          progress=progress)) if val_d is not None else None
-    log.info("frozen features %s (%d) of %d training x %d views and %d validation tiles in %.1fs", stack.name,
-             stack.num_features, len(train_d), cfg.frozen_views, len(val_d) if val_d is not None else 0,
+    log.info("frozen features %s (%d) of %d training x %d views (%d simulated acquisitions) and %d validation tiles "
+             "in %.1fs", stack.name, stack.num_features, len(train_d), n_views, len(acqs),
+             len(val_d) if val_d is not None else 0,
              time.perf_counter() - t0)
     save_state_dict(stack.state_dict(), sp)
     save_state_dict({"train": ft, **({"val": fv} if fv is not None else {})}, fp)
