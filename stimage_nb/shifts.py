@@ -202,7 +202,8 @@ def shift_tiles(tiles, shift: Shift, um_per_px: float):
     torch tensor on any device), same type, shape and device back.
 
     ``um_per_px`` is the tiles' pixel size (µm). In :func:`apply_shift`'s order: blur (``blur_um`` µm),
-    restain, a coarser scan (``um_per_px`` or ``scale``: area-mean downsampling to the coarser pixel size),
+    restain, a coarser scan (area-mean downsampling to ``shift.um_per_px``, or by ``shift.scale`` from the tiles'
+    own pixel size),
     JPEG at that resolution, then bilinear resampling back to the tile's pixels, as the tile pipeline resamples
     a coarse scan to the model's input. A black background needs the whole image's tissue mask and is
     refused here (``StimageInputError``); a shift that is finer than the tiles only blurs, restains and
@@ -229,7 +230,8 @@ def shift_tiles(tiles, shift: Shift, um_per_px: float):
                     255).astype(np.uint8)
     x = restain(x, shift.hematoxylin, shift.eosin)
     n, h, w, _ = x.shape
-    f = max(shift.factor(um) if shift.um_per_px is None or shift.um_per_px >= um else 1.0, 1.0)
+    # a coarser scan: to shift.um_per_px (nothing when the tiles are coarser already), or `scale` x the tiles' pixels
+    f = max(shift.um_per_px / um, 1.0) if shift.um_per_px is not None else float(shift.scale)
     small = x
     if f > 1:
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()

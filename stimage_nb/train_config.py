@@ -39,8 +39,10 @@ class TrainConfig:
     ``docs/offline_default.md``): every tile (150 µm at 112 px, Macenko-normalised per section to the
     training sections' stain; ``docs/robustness.md``) is described once by frozen features — k-means
     convolutional features learned from the training sections' own tiles plus 40 handcrafted
-    colour/texture statistics, standardised with the training spots' mean/SD — and each member trains
-    a low-rank (k = 8) negative-binomial head and a cell-type head on them (AdamW lr 3e-3, weight decay
+    colour/texture statistics, standardised with the training spots' mean/SD; every training tile is also
+    described as four simulated acquisitions would have made it (a 3 µm/px scan, a 1 µm defocus with JPEG 60,
+    both restainings x1.2/0.85; ``acquisition_views``), extra views a spot is drawn in during training — and
+    each member trains a low-rank (k = 8) negative-binomial head and a cell-type head on them (AdamW lr 3e-3, weight decay
     1e-2, cosine, full batch, 150 epochs, the last kept; the validation sections are scored every
     epoch). The NB mean is a spot's library size times a composition over the genes
     (``composition=True``): the composition is trained at each spot's observed library size, the library

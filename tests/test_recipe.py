@@ -182,3 +182,47 @@ def test_a_refused_rerun_leaves_the_finished_runs_gene_panel_alone(tmp_path):
         train(kit.sections(("C2",)), genes=str(g2), out=out, val_sections=[], config=cfg, progress=False)
     assert (out / "gene_panel.json").read_bytes() == panel
     assert (out / "gene_panel.json").stat().st_mtime_ns == stamp
+
+
+def test_simulated_acquisitions_are_views_of_the_training_tiles():
+    """acquisition_views: the frozen default adds a coarser scan, a defocused JPEG and both restainings of every
+    training tile as training views; shifted as read, then stain-normalised per section like any slide."""
+    from stimage_nb.cli import build_parser
+    from stimage_nb.shifts import TRAINING_SHIFTS, shift_tiles
+    from stimage_nb.train_data import _build_data, _fit_normalizer, _raw_features
+
+    assert TrainConfig().acquisition_views == ",".join(s.name for s in TRAINING_SHIFTS)
+    assert TrainConfig(acquisition_views="none").acquisition_shifts() == []
+    assert TrainConfig(frozen=False, backbone="resnet18").acquisition_views == ""
+    assert [s.name for s in TrainConfig(acquisition_views=" scan_3um , jpeg_q30").acquisition_shifts()] == \
+        ["scan_3um", "jpeg_q30"]
+    for bad, why in [(dict(frozen=False, backbone="resnet18", acquisition_views="scan_3um"), "fine-tuning"),
+                     (dict(acquisition_views="scan_9um"), "unknown shifts"),
+                     (dict(acquisition_views="black_background"), "whole image"),
+                     (dict(acquisition_views="acquisition"), "not a whole set")]:
+        with pytest.raises(StimageInputError, match=why) as e:
+            TrainConfig(**bad)
+        assert "--acquisition-views" in str(e.value) and "\n" not in str(e.value)
+    base = ["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"]
+    assert TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-views", "none"])).acquisition_views == ""
+
+    secs = kit.sections(("C2", "C3"))
+    genes = kit.genes()
+    norm = _fit_normalizer(secs, 150.0, kit.OUT_PX, False)
+    d = _build_data(secs, genes, [], 150.0, kit.OUT_PX, norm, torch.device("cpu"), False, shifts=TRAINING_SHIFTS)
+    assert len(d.acquisitions) == len(TRAINING_SHIFTS) and d.um_per_px == pytest.approx(150.0 / kit.OUT_PX)
+    assert all(a.shape == d.tiles.shape and a.dtype == torch.uint8 for a in d.acquisitions)
+    # a restaining goes through the section's own stain normalisation: it mostly comes back to the tiles
+    raw = torch.cat([torch.from_numpy(extract_tiles(s.image, s.xy, 150.0, kit.OUT_PX)) for s in secs])
+    st = d.acquisitions[2].float()
+    restained = torch.from_numpy(shift_tiles(raw.numpy(), TRAINING_SHIFTS[2], d.um_per_px)).float()
+    assert (st - d.tiles.float()).abs().mean() < 0.5 * (restained - raw.float()).abs().mean()
+    # features: view 0 is the tile itself, then one view per acquisition
+    from stimage_nb.models.features import build_stack
+
+    stack = build_stack("handcrafted")
+    f = _raw_features(stack, d.tiles, views=1, batch_size=64, amp=False, acquisitions=d.acquisitions)
+    assert f.shape[:2] == (1 + len(TRAINING_SHIFTS), len(d))
+    assert torch.equal(f[0], _raw_features(stack, d.tiles, views=1, batch_size=64, amp=False)[0])
+    # (the 3 µm/px scan is no coarser than these 4.7 µm/px test tiles: that view is the tile itself)
+    assert torch.equal(f[1], f[0]) and not any(torch.allclose(f[k], f[0]) for k in (2, 3, 4))

@@ -199,3 +199,51 @@ def test_a_crop_around_the_spots_gives_the_same_tiles(crop, tmp_path):
     b = extract_tiles(part.image, part.xy, 150.0, 64, cache=False)
     assert np.array_equal(a, b)
     assert list(part.adata.obs_names) == list(sec.adata.obs_names) and (part.adata.X != sec.adata.X).nnz == 0
+
+
+@pytest.mark.parametrize("shift, others", [
+    (S.Shift("coarse", um_per_px=3.0), [dict(um_per_px=2.0), dict(um_per_px=4.5)]),
+    (S.Shift("defocus", blur_um=1.0), [dict(blur_um=0.5), dict(blur_um=2.0)]),
+    (S.Shift("cheap", um_per_px=3.0, blur_um=1.0, jpeg_quality=60),
+     [dict(um_per_px=2.0, blur_um=1.0, jpeg_quality=60), dict(um_per_px=4.5, blur_um=1.0, jpeg_quality=60)]),
+], ids=lambda v: v.name if isinstance(v, S.Shift) else "")
+def test_a_shift_of_cut_tiles_is_the_shift_of_the_slide(crop, tmp_path, shift, others):
+    """The training views (shift_tiles on tiles already cut) look like the tiles of the slide re-made by that
+    acquisition (shift_section, the validation path): closer to them than the unshifted tiles, and than the
+    tiles shifted with a pixel size or blur off by a factor of ~1.5-2 (so the µm are converted right)."""
+    import torch
+
+    from stimage_nb.tiles import extract_tiles
+
+    sec = crop["section"]
+    um = 150.0 / 96
+    tiles = extract_tiles(sec.image, sec.xy, 150.0, 96, cache=False)
+    slide = S.shift_section(sec, shift, tmp_path / shift.name)
+    want = extract_tiles(slide.image, slide.xy, 150.0, 96, cache=False).astype(np.float32)
+    got = S.shift_tiles(tiles, shift, um)
+    assert got.shape == tiles.shape and got.dtype == np.uint8
+    err = np.abs(got - want).mean()
+    assert err < 0.8 * np.abs(tiles - want).mean()
+    for kw in others:
+        assert err < np.abs(S.shift_tiles(tiles, S.Shift("other", **kw), um) - want).mean(), kw
+    # torch in, torch out (same device), the same pixels
+    back = S.shift_tiles(torch.from_numpy(tiles), shift, um)
+    assert isinstance(back, torch.Tensor) and np.array_equal(back.numpy(), got)
+
+
+def test_shift_tiles_restains_each_tile_and_refuses_what_it_cannot_do(crop):
+    from stimage_nb.tiles import extract_tiles
+
+    sec = crop["section"]
+    tiles = extract_tiles(sec.image, sec.xy, 150.0, 64, cache=False)
+    st = S.Shift("stain_H1.2_E0.85", hematoxylin=1.2, eosin=0.85)
+    assert np.array_equal(S.shift_tiles(tiles, st, 150 / 64), np.stack([S.restain(t, 1.2, 0.85) for t in tiles]))
+    assert S.shift_tiles(tiles, S.Shift("same"), 150 / 64) is tiles
+    with pytest.raises(StimageInputError, match="whole image"):
+        S.shift_tiles(tiles, S.Shift("bb", background="black"), 150 / 64)
+    with pytest.raises(StimageInputError, match="uint8 tiles"):
+        S.shift_tiles(tiles.astype(np.float32), st, 150 / 64)
+    # the training set is not the validation harness's: no name or setting is shared
+    assert not {s.name for s in S.TRAINING_SHIFTS} & {s.name for s in S.ACQUISITION_SHIFTS}
+    assert not {(s.um_per_px, s.blur_um, s.hematoxylin, s.eosin, s.jpeg_quality) for s in S.TRAINING_SHIFTS} & \
+        {(s.um_per_px, s.blur_um, s.hematoxylin, s.eosin, s.jpeg_quality) for s in S.ACQUISITION_SHIFTS}
