@@ -39,8 +39,9 @@ import pandas as pd
 #: so it stays reachable whatever TrainConfig's defaults become); the "library size by ridge" recipes are the
 #: second study (the composition trained at the observed library size, the library size regressed from the
 #: image, the composition shrunk toward its mean; stimage_nb.models.library_size); the last of them shrinks each gene by
-#: its own cross-fitted factor (composition_shrinkage="cv"); the next adds simulated acquisitions of the training
-#: tiles as training views (acquisition_views, the default since). The earlier recipes pin acquisition_views="none".
+#: its own cross-fitted factor (composition_shrinkage="cv"); the next two add simulated acquisitions of the training
+#: tiles as training views (acquisition_views), every view equally likely or drawn half the time (acquisition_share
+#: 0.5, the default since). The earlier recipes pin acquisition_views="none".
 _NO_VIEWS = {"acquisition_views": "none"}  # the recipes before the acquisition views were added
 CANDIDATES: dict[str, dict] = {
     "before": {"background": "keep", "depth": "none", "member_data": "all", "composition": False, **_NO_VIEWS},
@@ -53,9 +54,14 @@ CANDIDATES: dict[str, dict] = {
     "library size by ridge, composition shrunk per gene (cross-fitted x 0.25)": {
         "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
         **_NO_VIEWS},
-    "per gene shrinkage + simulated acquisitions as training views": {
+    "per gene shrinkage + simulated acquisitions as training views": {  # every view equally likely
         "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
-        "acquisition_views": "scan_3um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2"},
+        "acquisition_views": "scan_3um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2",
+        "acquisition_share": 0.8},
+    "per gene shrinkage + simulated acquisitions, drawn half the time": {
+        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
+        "acquisition_views": "scan_3um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2",
+        "acquisition_share": 0.5},
     "white background": {"background": "white", "depth": "none", "member_data": "all", "composition": False,
                          **_NO_VIEWS},
     "white + depth offsets": {"background": "white", "depth": "section", "member_data": "all", "composition": False,

@@ -397,7 +397,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                 idx_d = idx.to(device, non_blocking=True)
                 try:
                     if cfg.frozen:
-                        views = torch.randint(0, feats_tr.shape[0], (len(idx),), generator=g).to(device)
+                        views = _draw_views(cfg, feats_tr.shape[0], len(idx), g).to(device)
                         out_ = model.heads(feats_tr[views, idx_d], lib_tr[idx_d] if lib_tr is not None else None)
                     else:
                         x = augment(train_d.tiles.index_select(0, idx_d), aug_cfg, g, channels_last=cl)
@@ -536,6 +536,18 @@ def _gene_shrinkage_of(out: Path) -> np.ndarray | None:
     """The applied per-gene factors recorded by :func:`_cross_fit_shrinkage`, or ``None``."""
     p = out / CROSSFIT_DIR / GENE_SHRINKAGE_FILE
     return np.asarray(json.loads(p.read_text())["applied"], np.float64) if p.is_file() else None
+
+
+def _draw_views(cfg: TrainConfig, n_views: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """The view each of ``n`` spots is seen in this step: the first ``cfg.frozen_views`` views are the tile as
+    scanned (dihedral), the rest its simulated acquisitions. Uniform over all views, or, with
+    ``cfg.acquisition_share``, an acquisition with that probability (uniform among them) and else a scanned view."""
+    n_acq = n_views - cfg.frozen_views
+    if cfg.acquisition_share is None or n_acq == 0:
+        return torch.randint(0, n_views, (n,), generator=g)
+    acq = torch.rand(n, generator=g) < cfg.acquisition_share
+    scanned = torch.randint(0, cfg.frozen_views, (n,), generator=g)
+    return torch.where(acq, cfg.frozen_views + torch.randint(0, n_acq, (n,), generator=g), scanned)
 
 
 def _cross_fit_shrinkage(cfg: TrainConfig, train_d: _Data, out: Path, device, feature_cache: dict,

@@ -41,7 +41,8 @@ class TrainConfig:
     convolutional features learned from the training sections' own tiles plus 40 handcrafted
     colour/texture statistics, standardised with the training spots' mean/SD; every training tile is also
     described as four simulated acquisitions would have made it (a 3 µm/px scan, a 1 µm defocus with JPEG 60,
-    both restainings x1.2/0.85; ``acquisition_views``), extra views a spot is drawn in during training — and
+    both restainings x1.2/0.85; ``acquisition_views``), extra views a spot is drawn in half the time during
+    training (``acquisition_share``) — and
     each member trains a low-rank (k = 8) negative-binomial head and a cell-type head on them (AdamW lr 3e-3, weight decay
     1e-2, cosine, full batch, 150 epochs, the last kept; the validation sections are scored every
     epoch). The NB mean is a spot's library size times a composition over the genes
@@ -127,7 +128,12 @@ class TrainConfig:
         stain-normalised per section like any slide. ``None``: on the frozen path
         :data:`stimage_nb.shifts.TRAINING_SHIFTS` (a 3 µm/px scan, a 1 µm defocus with JPEG 60, and the
         stains x1.2 / x0.85 both ways), so the heads lean on features that hold under another scanner or lab;
-        ``"none"``: the tiles only. Costs one feature pass over the training tiles per view. The library-size ridge, the shrinkage's mean and the cross-fit's scores use the tiles as
+        ``"none"``: the tiles only. Costs one feature pass over the training tiles per view.
+    acquisition_share
+        With ``acquisition_views``, the probability that a spot is drawn in one of its simulated acquisitions
+        in a training step (uniform among them; else in its tile as scanned). ``None``: 0.5 with views
+        (chosen by leave-one-patient-out and the acquisitions over every view equally likely, 0.8 with the
+        default four: README, "Validation"), stays ``None`` without. The library-size ridge, the shrinkage's mean and the cross-fit's scores use the tiles as
         scanned. Chosen by leave-one-patient-out and the acquisitions (README, "Validation"). Fine-tuning
         augments its own tiles (``augment``): recorded as ``""`` there, and an error if given.
     val_sections
@@ -219,6 +225,7 @@ class TrainConfig:
     device: str = "auto"
     frozen_views: int = 1
     acquisition_views: str | None = None
+    acquisition_share: float | None = None
     patience: int | None = None
     val_sections: list[str] | None = None
     amp: bool = True
@@ -325,11 +332,16 @@ class TrainConfig:
             if v not in (None, "", "none"):
                 raise StimageInputError("--acquisition-views adds features of simulated acquisitions to the frozen "
                                         "path; fine-tuning augments its tiles itself (add --frozen, or leave it out).")
+            if self.acquisition_share is not None:
+                raise StimageInputError("--acquisition-share weighs the frozen path's acquisition views; it does not "
+                                        "apply to fine-tuning.")
             self.acquisition_views = ""
             return
+        if self.acquisition_share is not None and not 0 <= self.acquisition_share <= 1:
+            raise StimageInputError(f"--acquisition-share (acquisition_share) must be in [0, 1], not "
+                                    f"{self.acquisition_share}")
         if v is None:
-            self.acquisition_views = ",".join(s.name for s in TRAINING_SHIFTS)
-            return
+            v = ",".join(s.name for s in TRAINING_SHIFTS)
         v = str(v).strip()
         if v.lower() in ("", "none"):
             self.acquisition_views = ""
@@ -346,6 +358,8 @@ class TrainConfig:
             raise StimageInputError(f"--acquisition-views: {bad} cannot be applied to cut tiles (a black background "
                                     "needs the whole image; the reference changes nothing).")
         self.acquisition_views = ",".join(s.name for s in shifts)
+        if self.acquisition_share is None:
+            self.acquisition_share = 0.5
 
     def acquisition_shifts(self) -> list:
         """The :class:`~stimage_nb.shifts.Shift` objects of ``acquisition_views`` (empty when none)."""
@@ -448,6 +462,8 @@ class TrainConfig:
             d["composition_cv_scale"] = args.composition_cv_scale
         if getattr(args, "acquisition_views", None) is not None:
             d["acquisition_views"] = args.acquisition_views
+        if getattr(args, "acquisition_share", None) is not None:
+            d["acquisition_share"] = args.acquisition_share
         if getattr(args, "val_sections", None):
             v = args.val_sections
             d["val_sections"] = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)

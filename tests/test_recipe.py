@@ -205,6 +205,7 @@ def test_simulated_acquisitions_are_views_of_the_training_tiles():
         assert "--acquisition-views" in str(e.value) and "\n" not in str(e.value)
     base = ["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"]
     assert TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-views", "none"])).acquisition_views == ""
+    assert TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-share", "0.5"])).acquisition_share == 0.5
 
     secs = kit.sections(("C2", "C3"))
     genes = kit.genes()
@@ -226,3 +227,25 @@ def test_simulated_acquisitions_are_views_of_the_training_tiles():
     assert torch.equal(f[0], _raw_features(stack, d.tiles, views=1, batch_size=64, amp=False)[0])
     # (the 3 µm/px scan is no coarser than these 4.7 µm/px test tiles: that view is the tile itself)
     assert torch.equal(f[1], f[0]) and not any(torch.allclose(f[k], f[0]) for k in (2, 3, 4))
+
+
+def test_views_are_drawn_uniformly_or_with_the_acquisition_share():
+    from stimage_nb.train import _draw_views
+
+    g = torch.Generator().manual_seed(0)
+    assert TrainConfig().acquisition_share == 0.5 and TrainConfig(acquisition_views="none").acquisition_share is None
+    uni = torch.bincount(_draw_views(TrainConfig(acquisition_share=0.8), 5, 50000, g), minlength=5) / 50000
+    assert torch.allclose(uni, torch.full((5,), 0.2), atol=0.01)
+    half = torch.bincount(_draw_views(TrainConfig(), 5, 50000, g), minlength=5) / 50000
+    assert abs(half[0] - 0.5) < 0.01 and torch.allclose(half[1:], torch.full((4,), 0.125), atol=0.01)
+    never = _draw_views(TrainConfig(acquisition_share=0.0), 5, 1000, g)
+    assert (never == 0).all()
+    # eight dihedral views as scanned, then the acquisitions
+    d8 = _draw_views(TrainConfig(frozen_views=8, acquisition_share=0.25), 12, 40000, g)
+    assert abs((d8 >= 8).float().mean() - 0.25) < 0.01 and (d8 < 8).any()
+    assert torch.equal(_draw_views(TrainConfig(acquisition_views="none", acquisition_share=0.5), 1, 10, g),
+                       torch.zeros(10, dtype=torch.long))
+    with pytest.raises(StimageInputError, match="acquisition_share"):
+        TrainConfig(acquisition_share=1.5)
+    with pytest.raises(StimageInputError, match="fine-tuning"):
+        TrainConfig(frozen=False, backbone="resnet18", acquisition_share=0.5)
