@@ -74,8 +74,8 @@ def _add_train(sub) -> None:
                         "defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2 (another scanner or lab), "
                         "'none' for the tiles only")
     p.add_argument("--acquisition-share", type=float, default=None, metavar="P",
-                   help="with --acquisition-views, the probability P that a spot is seen in one of its simulated "
-                        "acquisitions in a training step (default: every view equally likely)")
+                   help="with --acquisition-views, the probability P in (0, 1] that a spot is seen in one of its "
+                        "simulated acquisitions in a training step, else as scanned (default 0.5)")
     p.add_argument("--member-data", default=None, choices=["all", "groups"],
                    help="members train on all spots (all) or each leaves one training section out (groups)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 150 frozen, 12 fine-tuned)")

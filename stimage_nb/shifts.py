@@ -207,7 +207,8 @@ def shift_tiles(tiles, shift: Shift, um_per_px: float):
     JPEG at that resolution, then bilinear resampling back to the tile's pixels, as the tile pipeline resamples
     a coarse scan to the model's input. A black background needs the whole image's tissue mask and is
     refused here (``StimageInputError``); a shift that is finer than the tiles only blurs, restains and
-    compresses."""
+    compresses, and one that changes nothing returns ``tiles`` itself. The tiles are shifted at their own pixel
+    size: a slide scanned coarser than the shift's ``um_per_px`` still gets the blur of the resampling."""
     import torch
     import torch.nn.functional as F
 
@@ -234,7 +235,7 @@ def shift_tiles(tiles, shift: Shift, um_per_px: float):
     f = max(shift.um_per_px / um, 1.0) if shift.um_per_px is not None else float(shift.scale)
     small = x
     if f > 1:
-        t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+        t = torch.tensor(x).permute(0, 3, 1, 2).float()  # a copy: the input may be read-only
         size = (max(2, round(h / f)), max(2, round(w / f)))
         small = F.interpolate(t, size=size, mode="area").round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     if shift.jpeg_quality is not None:

@@ -540,8 +540,8 @@ def _gene_shrinkage_of(out: Path) -> np.ndarray | None:
 
 def _draw_views(cfg: TrainConfig, n_views: int, n: int, g: torch.Generator) -> torch.Tensor:
     """The view each of ``n`` spots is seen in this step: the first ``cfg.frozen_views`` views are the tile as
-    scanned (dihedral), the rest its simulated acquisitions. Uniform over all views, or, with
-    ``cfg.acquisition_share``, an acquisition with that probability (uniform among them) and else a scanned view."""
+    scanned (dihedral), the rest its simulated acquisitions; an acquisition with probability
+    ``cfg.acquisition_share`` (uniform among them), else a scanned view (uniform among the dihedral views)."""
     n_acq = n_views - cfg.frozen_views
     if cfg.acquisition_share is None or n_acq == 0:
         return torch.randint(0, n_views, (n,), generator=g)

@@ -325,41 +325,52 @@ class TrainConfig:
             self.augment = self.augment.to_dict()
 
     def _resolve_acquisition_views(self) -> None:
-        from .shifts import TRAINING_SHIFTS, parse_shifts
+        from .shifts import ACQUISITION_SHIFTS, STANDARD_SHIFTS, TRAINING_SHIFTS
 
-        v = self.acquisition_views
+        v, share = self.acquisition_views, self.acquisition_share
+        if share is not None:
+            try:
+                if isinstance(share, bool):
+                    raise TypeError
+                share = float(share)
+            except (TypeError, ValueError):
+                raise StimageInputError(f"--acquisition-share (acquisition_share) must be a number in (0, 1], not "
+                                        f"{share!r}") from None
         if not self.frozen:
-            if v not in (None, "", "none"):
-                raise StimageInputError("--acquisition-views adds features of simulated acquisitions to the frozen "
-                                        "path; fine-tuning augments its tiles itself (add --frozen, or leave it out).")
-            if self.acquisition_share is not None:
-                raise StimageInputError("--acquisition-share weighs the frozen path's acquisition views; it does not "
-                                        "apply to fine-tuning.")
-            self.acquisition_views = ""
+            if v not in (None, "", "none") or share is not None:
+                raise StimageInputError("--acquisition-views/--acquisition-share add simulated acquisitions to the "
+                                        "frozen path; fine-tuning augments its own tiles (leave them out).")
+            self.acquisition_views, self.acquisition_share = "", None
             return
-        if self.acquisition_share is not None and not 0 <= self.acquisition_share <= 1:
-            raise StimageInputError(f"--acquisition-share (acquisition_share) must be in [0, 1], not "
-                                    f"{self.acquisition_share}")
         if v is None:
             v = ",".join(s.name for s in TRAINING_SHIFTS)
-        v = str(v).strip()
-        if v.lower() in ("", "none"):
-            self.acquisition_views = ""
+        if isinstance(v, (list, tuple)):  # names, or Shift objects, from Python
+            v = ",".join(getattr(x, "name", x) for x in v)
+        names = [n.strip() for n in str(v).split(",") if n.strip()]
+        if not names or names == ["none"]:
+            if share is not None:
+                raise StimageInputError("--acquisition-share weighs the simulated acquisitions; it does nothing "
+                                        "with --acquisition-views none.")
+            self.acquisition_views, self.acquisition_share = "", None
             return
-        if v in ("standard", "acquisition"):
-            raise StimageInputError("--acquisition-views takes shift names separated by commas (or 'none'), not a "
-                                    f"whole set ({v!r}).")
-        try:
-            shifts = parse_shifts(v)
-        except StimageInputError as e:
-            raise StimageInputError(f"--acquisition-views: {e}") from None
-        bad = [s.name for s in shifts if s.background != "keep" or s.is_identity]
-        if bad:
-            raise StimageInputError(f"--acquisition-views: {bad} cannot be applied to cut tiles (a black background "
-                                    "needs the whole image; the reference changes nothing).")
-        self.acquisition_views = ",".join(s.name for s in shifts)
-        if self.acquisition_share is None:
-            self.acquisition_share = 0.5
+        usable = {s.name: s for s in STANDARD_SHIFTS + ACQUISITION_SHIFTS + TRAINING_SHIFTS
+                  if s.background == "keep" and not s.is_identity}
+        for n in names:
+            if n in usable:
+                continue
+            why = ("a black background needs the whole image, not cut tiles" if "black" in n else
+                   "the reference changes nothing" if n == "reference" else
+                   "a whole set, not a name" if n in ("standard", "acquisition", "training") else "unknown")
+            raise StimageInputError(f"--acquisition-views: {n!r}: {why}; give names from {sorted(usable)}, "
+                                    "separated by commas, or 'none'.")
+        if len(set(names)) < len(names):
+            raise StimageInputError(f"--acquisition-views lists a name twice: {','.join(names)}")
+        if share is None:
+            share = 0.5
+        if not 0 < share <= 1:
+            raise StimageInputError(f"--acquisition-share (acquisition_share) must be in (0, 1] (0: use "
+                                    f"--acquisition-views none), not {share}")
+        self.acquisition_views, self.acquisition_share = ",".join(names), share
 
     def acquisition_shifts(self) -> list:
         """The :class:`~stimage_nb.shifts.Shift` objects of ``acquisition_views`` (empty when none)."""

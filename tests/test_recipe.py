@@ -196,13 +196,22 @@ def test_simulated_acquisitions_are_views_of_the_training_tiles():
     assert TrainConfig(frozen=False, backbone="resnet18").acquisition_views == ""
     assert [s.name for s in TrainConfig(acquisition_views=" scan_3um , jpeg_q30").acquisition_shifts()] == \
         ["scan_3um", "jpeg_q30"]
+    assert TrainConfig(acquisition_views=list(TRAINING_SHIFTS)).acquisition_views == TrainConfig().acquisition_views
+    assert TrainConfig(acquisition_views=" , ").acquisition_views == "" == TrainConfig(acquisition_views="").acquisition_views
     for bad, why in [(dict(frozen=False, backbone="resnet18", acquisition_views="scan_3um"), "fine-tuning"),
-                     (dict(acquisition_views="scan_9um"), "unknown shifts"),
+                     (dict(frozen=False, backbone="resnet18", acquisition_share=0.5), "fine-tuning"),
+                     (dict(acquisition_views="scan_9um"), "unknown"),
                      (dict(acquisition_views="black_background"), "whole image"),
-                     (dict(acquisition_views="acquisition"), "not a whole set")]:
+                     (dict(acquisition_views="reference"), "changes nothing"),
+                     (dict(acquisition_views="acquisition"), "a whole set"),
+                     (dict(acquisition_views="scan_3um,scan_3um"), "twice"),
+                     (dict(acquisition_views="none", acquisition_share=0.3), "does nothing"),
+                     (dict(acquisition_share=0.0), r"\(0, 1\]"), (dict(acquisition_share=1.5), r"\(0, 1\]"),
+                     (dict(acquisition_share="abc"), "a number"), (dict(acquisition_share=True), "a number")]:
         with pytest.raises(StimageInputError, match=why) as e:
             TrainConfig(**bad)
-        assert "--acquisition-views" in str(e.value) and "\n" not in str(e.value)
+        assert "--acquisition-" in str(e.value) and "\n" not in str(e.value)
+    assert TrainConfig(acquisition_share="0.25").acquisition_share == 0.25
     base = ["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"]
     assert TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-views", "none"])).acquisition_views == ""
     assert TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-share", "0.5"])).acquisition_share == 0.5
@@ -238,14 +247,9 @@ def test_views_are_drawn_uniformly_or_with_the_acquisition_share():
     assert torch.allclose(uni, torch.full((5,), 0.2), atol=0.01)
     half = torch.bincount(_draw_views(TrainConfig(), 5, 50000, g), minlength=5) / 50000
     assert abs(half[0] - 0.5) < 0.01 and torch.allclose(half[1:], torch.full((4,), 0.125), atol=0.01)
-    never = _draw_views(TrainConfig(acquisition_share=0.0), 5, 1000, g)
-    assert (never == 0).all()
+    always = _draw_views(TrainConfig(acquisition_share=1.0), 5, 1000, g)
+    assert (always >= 1).all()
     # eight dihedral views as scanned, then the acquisitions
     d8 = _draw_views(TrainConfig(frozen_views=8, acquisition_share=0.25), 12, 40000, g)
     assert abs((d8 >= 8).float().mean() - 0.25) < 0.01 and (d8 < 8).any()
-    assert torch.equal(_draw_views(TrainConfig(acquisition_views="none", acquisition_share=0.5), 1, 10, g),
-                       torch.zeros(10, dtype=torch.long))
-    with pytest.raises(StimageInputError, match="acquisition_share"):
-        TrainConfig(acquisition_share=1.5)
-    with pytest.raises(StimageInputError, match="fine-tuning"):
-        TrainConfig(frozen=False, backbone="resnet18", acquisition_share=0.5)
+    assert torch.equal(_draw_views(TrainConfig(acquisition_views="none"), 1, 10, g), torch.zeros(10, dtype=torch.long))
