@@ -475,6 +475,11 @@ def shift_manifest(manifest: str | os.PathLike, sections: Sequence[str], shifts:
     return dest
 
 
+def known_shifts() -> dict[str, Shift]:
+    """Every named shift: :data:`STANDARD_SHIFTS`, :data:`ACQUISITION_SHIFTS` and :data:`TRAINING_SHIFTS`."""
+    return {s.name: s for s in STANDARD_SHIFTS + ACQUISITION_SHIFTS + TRAINING_SHIFTS}
+
+
 def parse_shifts(spec: str | None) -> list[Shift]:
     """``"standard"`` / ``None`` -> :data:`STANDARD_SHIFTS`, ``"acquisition"`` -> :data:`ACQUISITION_SHIFTS`;
     else comma-separated names of any of them or of :data:`TRAINING_SHIFTS`."""
@@ -482,7 +487,7 @@ def parse_shifts(spec: str | None) -> list[Shift]:
         return list(STANDARD_SHIFTS)
     if spec.strip() == "acquisition":
         return list(ACQUISITION_SHIFTS)
-    known = {s.name: s for s in STANDARD_SHIFTS + ACQUISITION_SHIFTS + TRAINING_SHIFTS}
+    known = known_shifts()
     names = [v.strip() for v in spec.split(",") if v.strip()]
     bad = [n for n in names if n not in known]
     if bad:

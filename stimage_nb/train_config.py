@@ -325,7 +325,7 @@ class TrainConfig:
             self.augment = self.augment.to_dict()
 
     def _resolve_acquisition_views(self) -> None:
-        from .shifts import ACQUISITION_SHIFTS, STANDARD_SHIFTS, TRAINING_SHIFTS
+        from .shifts import TRAINING_SHIFTS, known_shifts
 
         v, share = self.acquisition_views, self.acquisition_share
         if share is not None:
@@ -353,8 +353,7 @@ class TrainConfig:
                                         "with --acquisition-views none.")
             self.acquisition_views, self.acquisition_share = "", None
             return
-        usable = {s.name: s for s in STANDARD_SHIFTS + ACQUISITION_SHIFTS + TRAINING_SHIFTS
-                  if s.background == "keep" and not s.is_identity}
+        usable = {n: s for n, s in known_shifts().items() if s.background == "keep" and not s.is_identity}
         for n in names:
             if n in usable:
                 continue
@@ -374,9 +373,9 @@ class TrainConfig:
 
     def acquisition_shifts(self) -> list:
         """The :class:`~stimage_nb.shifts.Shift` objects of ``acquisition_views`` (empty when none)."""
-        from .shifts import parse_shifts
+        from .shifts import known_shifts
 
-        return parse_shifts(self.acquisition_views) if self.acquisition_views else []
+        return [known_shifts()[n] for n in self.acquisition_views.split(",")] if self.acquisition_views else []
 
     def _why_not_ridge(self) -> str | None:
         """What rules out ``library_size="ridge"`` in this config, in the user's terms, or ``None``."""
