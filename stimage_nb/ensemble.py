@@ -87,9 +87,22 @@ def save_state_dict(module_or_sd, path: str | os.PathLike, metadata: dict | None
     return write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
-def write_json(obj, path: str | os.PathLike) -> Path:
-    """Write JSON atomically."""
+def write_json(obj, path: str | os.PathLike, *, strict: bool = False) -> Path:
+    """Write JSON atomically. ``strict``: non-finite floats (NaN, ±inf) are written as ``null``, so that any
+    JSON reader (``jq``, JavaScript, ``json.loads(..., parse_constant=...)``) can read the file."""
+    if strict:
+        return _write_json(path, _finite_or_none(obj), indent=1, default=_json_default, allow_nan=False)
     return _write_json(path, obj, indent=1, default=_json_default)
+
+
+def _finite_or_none(o):
+    if isinstance(o, dict):
+        return {k: _finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_or_none(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
 
 
 def _json_default(o):
@@ -430,7 +443,7 @@ class Ensemble:
         else:
             cfg.pop("domain", None)
             dfile.unlink(missing_ok=True)
-        write_json(cfg, d / CONFIG_NAME)
+        write_json(cfg, d / CONFIG_NAME, strict=True)
         for old in d.glob("backbone_*.safetensors"):  # of an ensemble saved here before
             if old.name not in {v[0] for v in shared.values()}:
                 old.unlink()

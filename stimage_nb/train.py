@@ -122,7 +122,7 @@ def _write_checkpoint(mdir: Path, model_sd: dict, optim_sd: dict, state: dict, i
         save_state_dict(model_sd, mdir / "best.safetensors")
     save_state_dict(model_sd, mdir / state["model_file"])
     save_state_dict(optim_sd, mdir / state["optim_file"])
-    write_json(state, mdir / "state.json")
+    write_json(state, mdir / "state.json", strict=True)
     for old in mdir.glob("*-e*.safetensors"):
         if old.name not in (state["model_file"], state["optim_file"]):
             old.unlink(missing_ok=True)
@@ -275,6 +275,8 @@ def _load_member_state(model: STModel, sd: dict, frozen: bool) -> None:
 
 def _val_summary(cfg: TrainConfig, st: dict) -> dict:
     """The kept epoch's validation numbers for ensemble.json."""
+    if st.get("best_val") is None:  # no validation (null in the strict state JSON)
+        return {"best_val_pearson" if cfg.early_stop == "pearson" else "best_val_loss": None}
     if cfg.early_stop == "pearson":
         return {"best_val_pearson": -st["best_val"]}
     if cfg.early_stop == "loss":
@@ -360,6 +362,8 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
         _load_optimizer(opt, mdir / mstate["optim_file"], mstate["optim"])
         start = mstate["epoch"] + 1
         best_val, best_epoch, bad, history = mstate["best_val"], mstate["best_epoch"], mstate["bad_epochs"], mstate["history"]
+        best_val = float("inf") if best_val is None else best_val  # strict JSON writes +inf (nothing kept yet) as null
+        history = [{k: float("nan") if v is None else v for k, v in h.items()} for h in history]
         log.info("member %d: resuming after epoch %d", i, mstate["epoch"])
         state.resumed_from = mstate["epoch"]
     state.member, state.epoch, state.history = i, start - 1, history
@@ -468,7 +472,7 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     if cfg.library_size == "ridge" and tag is None:
         final["library_size"] = _finish_composition(model, cfg, i, train_d, feats_tr, rows, mdir,
                                                     _gene_shrinkage_of(out))
-    write_json(final, sp)
+    write_json(final, sp, strict=True)
     for cb in callbacks:
         cb.on_member_end(state)
     return final

@@ -139,6 +139,30 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
               **{**kw, "config": kit.tiny_config(members=2, epochs=3, seed=1)})
 
 
+def _strict_json(path):
+    """json.loads that refuses NaN/Infinity, as jq, JavaScript and other strict readers do."""
+    def refuse(c):
+        raise ValueError(f"{path.name}: non-standard JSON constant {c}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_run_without_validation_writes_strict_json_and_resumes(tmp_path):
+    """No validation sections: the loss is NaN and the best score +inf. The state and ensemble JSON hold null
+    there (readable by any JSON reader), and a resume reads null back as +inf/NaN: same weights."""
+    kw = dict(genes=kit.genes(), val_sections=[], config=kit.tiny_config(members=1, epochs=2), progress=False)
+    train(kit.sections(("C2", "C3")), out=tmp_path / "a", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(kit.sections(("C2", "C3")), out=tmp_path / "b", callbacks=[_Interrupt(0, 0)], **kw)
+    st = _strict_json(tmp_path / "b" / "members" / "m0" / "state.json")
+    assert st["epoch"] == 0 and st["best_val"] is None and st["history"][0]["val_loss"] is None
+    train(kit.sections(("C2", "C3")), out=tmp_path / "b", **kw)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    st = _strict_json(tmp_path / "b" / "members" / "m0" / "state.json")
+    assert st["done"] and [h["epoch"] for h in st["history"]] == [0, 1]
+    ens = _strict_json(tmp_path / "b" / "ensemble.json")
+    assert ens["members"][0]["best_val_loss"] is None  # +inf: nothing to keep by
+
+
 def test_cancel_from_a_callback_then_resume(tmp_path):
     ev = threading.Event()
 
