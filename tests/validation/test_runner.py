@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from stimage_nb.errors import StimageInputError
@@ -69,11 +70,19 @@ def test_records_are_tidy_and_complete(run):
 def test_report_folder(run, tmp_path):
     res, _ = run
     paths = write_report(res, tmp_path)
-    for k in ("validation_csv", "table_csv", "targets_csv", "per_gene", "results_json", "report",
+    for k in ("validation_csv", "table_csv", "targets_csv", "targets_patient_csv", "per_gene", "results_json", "report",
               "correlations_lopo", "calibration_lopo", "acquisition", "sparsification_lopo", "map_agreement"):
         assert paths[k].is_file() and paths[k].stat().st_size > 100, k
     text = paths["report"].read_text()
     assert "Leave one patient out" in text and "Targets (issue 11)" in text and "![acquisitions]" in text
+    assert "**Per held-out patient**" in text and "**Per held-out section**" in text
+    # one row per held-out patient and acquisition, naming the patient's held-out sections as scanned
+    tp = pd.read_csv(paths["targets_patient_csv"])
+    ts = res.targets()
+    assert len(tp) == ts.groupby(["patient", "acquisition"]).ngroups
+    for _, r in tp.iterrows():
+        secs = ts[(ts["patient"] == r["patient"]) & (ts["acquisition"] == r["acquisition"])]["source_section"]
+        assert r["sections"].split(",") == list(secs) and r["n_sections"] == len(secs)
     back = json.loads(paths["results_json"].read_text())
     assert len(back["records"]) == len(res.records) and back["options"]["n_genes"] == GENES
 
