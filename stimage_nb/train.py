@@ -23,7 +23,9 @@ negative-binomial gene head and a soft-target cell-type head.
 - On CUDA: bf16 autocast and channels_last (the policy: :mod:`stimage_nb.devices`).
 
 The data preparation (sections, tiles, counts, groups, frozen features) lives in :mod:`stimage_nb.train_data`;
-the recipe in :mod:`stimage_nb.train_config`; the callbacks in :mod:`stimage_nb.train_callbacks`.
+the recipe in :mod:`stimage_nb.train_config`; the callbacks in :mod:`stimage_nb.train_callbacks`; the run
+directory (run.json, checkpoints, member state) in :mod:`stimage_nb.train_checkpoint`; the checks and records
+of the encoders' weights in :mod:`stimage_nb.train_encoders`.
 - **Callbacks** (:class:`Callback`, Lightning-style empty hooks) drive progress bars, live loss
   curves and cancellation.
 
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ import torch
 from .augment import AugmentConfig, augment, to_float
 from .devices import OUT_OF_MEMORY, autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
-from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, versions, write_json
+from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, write_json
 from .errors import StimageInputError
 from .io.section import Section, section_depth
 from .models.heads import soft_cross_entropy
@@ -76,8 +77,24 @@ from .train_callbacks import (  # noqa: F401 - part of this module's API
     TrainingCancelled,
     TrainState,
 )
+from .train_checkpoint import (
+    CROSSFIT_DIR,
+    GENE_SHRINKAGE_FILE,
+    RUN_NAME,
+    _check_or_write_run,
+    _fingerprint,
+    _forget_new_run,
+    _gene_shrinkage_of,
+    _load_member_state,
+    _load_optimizer,
+    _member_dir,
+    _member_state,
+    _optimizer_snapshot,
+    _snapshot,
+    _training_data,
+    _write_checkpoint,
+)
 from .train_config import MODE_DEFAULTS, TrainConfig, _registered  # noqa: F401 - part of this module's API
-from .train_config import RESUMABLE_FIELDS as _RESUMABLE_FIELDS
 from .train_data import (  # noqa: F401 - _raw_features is used by tests and benchmarks
     _build_data,
     _celltypes_of,
@@ -91,91 +108,13 @@ from .train_data import (  # noqa: F401 - _raw_features is used by tests and ben
     _spatial_groups,
     _stack_id,
 )
+from .train_encoders import (  # noqa: F401 - _warn_random_weights is used by tests
+    _check_encoder_weights,
+    _encoder_provenance,
+    _warn_random_weights,
+)
 
 log = logging.getLogger(__name__)
-
-RUN_NAME = "run.json"
-
-
-# ---------------------------------------------------------------------- checkpoints (safetensors + JSON)
-def _snapshot(sd: dict) -> dict:
-    """Host copies of a state dict's tensors (safe to write while training goes on)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
-
-
-def _optimizer_snapshot(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The optimizer state as (tensors for safetensors, JSON-able rest)."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}/{k}"] = v
-            else:
-                scalars[f"{pid}/{k}"] = v
-    return _snapshot(tensors), {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _write_checkpoint(mdir: Path, model_sd: dict, optim_sd: dict, state: dict, improved: bool) -> None:
-    """New files first, then the state JSON that names them, then drop the old ones (crash-safe)."""
-    if improved:
-        save_state_dict(model_sd, mdir / "best.safetensors")
-    save_state_dict(model_sd, mdir / state["model_file"])
-    save_state_dict(optim_sd, mdir / state["optim_file"])
-    write_json(state, mdir / "state.json", strict=True)
-    for old in mdir.glob("*-e*.safetensors"):
-        if old.name not in (state["model_file"], state["optim_file"]):
-            old.unlink(missing_ok=True)
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    state: dict = {}
-    for key, v in list(tensors.items()) + list(meta.get("scalars", {}).items()):
-        pid, k = key.split("/", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-# ---------------------------------------------------------------------- the run directory
-def _fingerprint(cfg: TrainConfig, genes, celltypes, train_names, val_names, tile_um) -> dict:
-    c = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
-    c["tile_um"] = tile_um
-    return {"config": c, "genes": list(genes), "celltypes": list(celltypes), "train_sections": list(train_names),
-            "val_sections": list(val_names)}
-
-
-def _training_data(manifest, sections: list[Section]) -> dict | None:
-    """:func:`stimage_nb.io.provenance.record_training_data` of the manifest, or of in-memory Sections."""
-    from .io.provenance import record_sections, record_training_data
-
-    if isinstance(manifest, (str, os.PathLike)):
-        return record_training_data(manifest, [s.name for s in sections])
-    return record_sections(sections)
-
-
-def _check_or_write_run(out: Path, fp: dict) -> dict:
-    p = out / RUN_NAME
-    if p.is_file():
-        old = json.loads(p.read_text())
-        diffs = [k for k in fp if old.get(k) != fp[k]]
-        if "config" in diffs:
-            keys = sorted(k for k in set(fp["config"]) | set(old.get("config", {}))
-                          if fp["config"].get(k) != old.get("config", {}).get(k))
-            diffs = [d if d != "config" else f"config {keys}" for d in diffs]
-        if diffs:
-            raise StimageInputError(
-                f"{out}: this directory holds a run with different settings ({', '.join(diffs)} differ). "
-                "Use another --out, or delete the directory to start over.")
-        return old
-    run = {**fp, "run_id": hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
-           + "-" + _dt.datetime.now().strftime("%Y%m%d%H%M%S"),
-           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(run, p)
-    return run
 
 
 # ---------------------------------------------------------------------- training one member
@@ -260,19 +199,6 @@ def _bag(cfg: TrainConfig, i: int, n: int, group: np.ndarray | None = None) -> t
     return base[torch.randint(0, len(base), (len(base),), generator=g)]
 
 
-def _member_state(model: STModel, frozen: bool) -> dict:
-    """What a checkpoint holds: the whole member, or only its heads when the extractor is frozen and shared."""
-    sd = model.state_dict()
-    return {k: v for k, v in sd.items() if not k.startswith("backbone.")} if frozen else sd
-
-
-def _load_member_state(model: STModel, sd: dict, frozen: bool) -> None:
-    missing, unexpected = model.load_state_dict(sd, strict=not frozen)
-    bad = [k for k in missing if not k.startswith("backbone.")] + list(unexpected)
-    if bad:
-        raise StimageInputError(f"checkpoint does not fit the member (e.g. {bad[:5]}); delete the run directory.")
-
-
 def _val_summary(cfg: TrainConfig, st: dict) -> dict:
     """The kept epoch's validation numbers for ensemble.json."""
     if st.get("best_val") is None:  # no validation (null in the strict state JSON)
@@ -283,12 +209,6 @@ def _val_summary(cfg: TrainConfig, st: dict) -> dict:
         return {"best_val_loss": st["best_val"]}
     last = st["history"][-1] if st.get("history") else {}
     return {"last_val_loss": last.get("val_loss"), "last_val_pearson": last.get("val_pearson")}
-
-
-def _member_dir(out: Path, i: int) -> Path:
-    d = out / "members" / f"m{i}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None, out: Path, device,
@@ -478,28 +398,6 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
     return final
 
 
-def _warn_random_weights(cfg: TrainConfig) -> None:
-    """A timm backbone that the run uses (fine-tuned, or as the frozen ``timm`` branch) with ``weights="none"``
-    starts from random weights: legitimate (tests, training from scratch) but rarely what a user means."""
-    from .models.backbone import _check_name
-    from .models.encoders import find_encoder
-
-    if cfg.frozen and "timm" not in cfg.extractor:
-        return
-    for b in cfg.backbones:
-        registered = find_encoder(b) is not None
-        if not registered:
-            _check_name(b)  # an unknown name fails here, before any tile is read, not after a warning
-        if cfg.weights_for(b).strip().lower() not in ("none", ""):
-            continue
-        if registered:
-            log.warning("encoder %r starts from random weights (weights='none'): its features mean nothing until "
-                        "you give --weights PATH to its downloaded weights (`stimage-nb encoders` says where)", b)
-        else:
-            log.warning("backbone %r starts from random weights (weights='none'): give --weights pretrained for "
-                        "timm's ImageNet weights, or a local weights file", b)
-
-
 def _finish_composition(model: STModel, cfg: TrainConfig, i: int, train_d: _Data, feats_tr: torch.Tensor,
                         rows: torch.Tensor, mdir: Path, gene_shrinkage: np.ndarray | None = None) -> dict:
     """library_size="ridge": the kept weights, with the depth head regressed from the features (member ``i``'s
@@ -529,17 +427,6 @@ def _finish_composition(model: STModel, cfg: TrainConfig, i: int, train_d: _Data
              fit.alpha, fit.cv_r2, f"per-gene factors (mean {s_mean:.3f})" if np.ndim(s) else f"{s:g}")
     return {**fit.summary(), "composition_shrinkage": cfg.composition_shrinkage,
             "composition_shrinkage_mean": round(s_mean, 4)}
-
-
-#: Where the cross-fit of ``composition_shrinkage="cv"`` keeps its result (and its heads while it runs).
-CROSSFIT_DIR = "crossfit"
-GENE_SHRINKAGE_FILE = "gene_shrinkage.json"
-
-
-def _gene_shrinkage_of(out: Path) -> np.ndarray | None:
-    """The applied per-gene factors recorded by :func:`_cross_fit_shrinkage`, or ``None``."""
-    p = out / CROSSFIT_DIR / GENE_SHRINKAGE_FILE
-    return np.asarray(json.loads(p.read_text())["applied"], np.float64) if p.is_file() else None
 
 
 def _draw_views(cfg: TrainConfig, n_views: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -713,24 +600,6 @@ def train(manifest: str | os.PathLike | Iterable[Section], *, genes: Sequence[st
         raise
 
 
-def _forget_new_run(out: Path, remove_dir: bool) -> None:
-    """A run this call started that failed on its input before any member trained: remove what it wrote
-    (``run.json``, ``gene_panel.json``, the feature cache, the cross-fit, empty member folders), so the
-    corrected command starts clean instead of being refused as "a run with different settings"."""
-    members = out / "members"
-    if members.is_dir() and any(members.glob("m*/state.json")):
-        return  # a member trained: keep everything (the run resumes with the same settings)
-    for name in (RUN_NAME, "gene_panel.json"):
-        (out / name).unlink(missing_ok=True)
-    for name in ("cache", CROSSFIT_DIR, "members"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    if remove_dir:
-        try:
-            out.rmdir()
-        except OSError:
-            pass
-
-
 def _train_run(manifest, genes, out: Path, sections, val_sections, cfg: TrainConfig, drop_missing_genes, callbacks,
                progress, scheduler, cluster_options, _members, train_s, val_s, genes_used, celltypes, tile_um,
                run, device) -> Ensemble | None:
@@ -790,55 +659,6 @@ def _train_run(manifest, genes, out: Path, sections, val_sections, cfg: TrainCon
         cb.on_train_end(state)
     log.info("trained %r in %s", ens, out)
     return ens.to(device)
-
-
-def _check_encoder_weights(cfg: TrainConfig) -> None:
-    """Each registered encoder's local weights exist and fit (names and shapes only, no loading)."""
-    from .models.encoders import check_weights, find_encoder
-
-    for name in cfg.backbones:
-        if find_encoder(name) is not None and (cfg.frozen and "timm" in cfg.extractor.split("+") or not cfg.frozen):
-            check_weights(name, cfg.weights_for(name), overrides=cfg.backbone_kwargs or None)
-
-
-def _encoder_provenance(cfg: TrainConfig, tile_um: float, stacks: dict) -> dict:
-    """What ensemble.json records per registered encoder: the entry, the arguments it was built with, the
-    preprocessing actually used (normalisation, tile µm and px) and the weights' files with their sha256."""
-    from .models.backbone import is_local_weights
-    from .models.encoders import find_encoder, provenance, resolve_weights
-
-    out = {}
-    for name in cfg.backbones:
-        entry = find_encoder(name)
-        if entry is None:
-            continue
-        module = None
-        for ident, (stack, _, _) in stacks.items():
-            if ident.split("#")[0] == name and "timm" in getattr(stack, "branches", {}):
-                module = stack.branches["timm"].backbone
-        w = cfg.weights_for(name)
-        if module is not None and getattr(module, "weights_source", None):
-            weights = module.weights_source
-        elif is_local_weights(w):
-            weights = provenance(resolve_weights(w))
-        else:
-            weights = {"path": w, "files": {}, "sha256": ""}
-        pcfg = getattr(module, "pretrained_cfg", None) or {}
-        out[name] = {
-            "encoder": entry.name, "title": entry.title, "architecture": pcfg.get("architecture", entry.architecture),
-            "registry_kwargs": entry.kwargs, "build_kwargs": getattr(module, "build_kwargs", dict(cfg.backbone_kwargs)),
-            "output": entry.output, "feature_dim": int(getattr(module, "num_features", entry.feature_dim)),
-            "preprocessing": {"mean": list(pcfg.get("mean", entry.mean)), "std": list(pcfg.get("std", entry.std)),
-                              "tile_um": float(tile_um), "out_px": int(cfg.out_px),
-                              "um_per_px": float(tile_um) / int(cfg.out_px),
-                              "encoder_input_px": entry.input_px, "encoder_um_per_px": entry.um_per_px,
-                              "stain": cfg.stain},
-            "weights": weights, "licence": entry.licence, "frozen": bool(cfg.frozen),
-        }
-        if not weights.get("sha256"):
-            log.warning("encoder %s trained with weights %r (no local file): its features are %s", name, w,
-                        "random" if w.lower() in ("none", "") else "from the hub")
-    return out
 
 
 def _member_task(job: dict) -> int:
