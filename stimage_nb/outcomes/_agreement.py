@@ -66,7 +66,8 @@ def pseudobulk_log_cp10k(samples: Mapping[str, "anndata.AnnData"], genes: Sequen
     StimageInputError
         No samples, or no gene shared by all of them.
     """
-    from ..evaluate import _dense, transform
+    from ..evaluate import _dense
+    from ..metrics import transform
 
     if not samples:
         raise StimageInputError("no samples to aggregate")

@@ -33,7 +33,7 @@ import pandas as pd
 from .. import _keys as K
 from ..atomic import write_atomic
 from ..errors import StimageInputError
-from ..evaluate import (
+from ..metrics import (
     TARGETS,
     calibration,
     celltype_metrics,
@@ -262,7 +262,7 @@ _ADDED_FIELDS = {"composition": False}
 
 
 def _config_key(cfg) -> dict:
-    from ..train import _RESUMABLE_FIELDS
+    from ..train_config import RESUMABLE_FIELDS as _RESUMABLE_FIELDS
 
     return {k: v for k, v in cfg.to_dict().items()
             if k not in _RESUMABLE_FIELDS and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
