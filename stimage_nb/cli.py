@@ -70,7 +70,7 @@ def _add_train(sub) -> None:
                         "records both")
     p.add_argument("--acquisition-views", default=None, metavar="NAMES|none",
                    help="frozen path: simulated acquisitions of the training tiles (stimage_nb.shifts names, "
-                        "comma-separated) whose features are added as training views; default scan_3um,"
+                        "comma-separated) whose features are added as training views; default scan_4.5um,"
                         "defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2 (another scanner or lab), "
                         "'none' for the tiles only")
     p.add_argument("--acquisition-share", type=float, default=None, metavar="P",
