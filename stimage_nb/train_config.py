@@ -40,7 +40,7 @@ class TrainConfig:
     training sections' stain; ``docs/robustness.md``) is described once by frozen features — k-means
     convolutional features learned from the training sections' own tiles plus 40 handcrafted
     colour/texture statistics, standardised with the training spots' mean/SD; every training tile is also
-    described as four simulated acquisitions would have made it (a 3 µm/px scan, a 1 µm defocus with JPEG 60,
+    described as four simulated acquisitions would have made it (a 4.5 µm/px scan, a 1 µm defocus with JPEG 60,
     both restainings x1.2/0.85; ``acquisition_views``), extra views a spot is drawn in half the time during
     training (``acquisition_share``) — and
     each member trains a low-rank (k = 8) negative-binomial head and a cell-type head on them (AdamW lr 3e-3, weight decay
@@ -126,7 +126,7 @@ class TrainConfig:
         views (each epoch a spot is seen in one of its views), comma-separated names of
         :mod:`stimage_nb.shifts` applied to the tiles as read (:func:`stimage_nb.shifts.shift_tiles`), then
         stain-normalised per section like any slide. ``None``: on the frozen path
-        :data:`stimage_nb.shifts.TRAINING_SHIFTS` (a 3 µm/px scan, a 1 µm defocus with JPEG 60, and the
+        :data:`stimage_nb.shifts.TRAINING_SHIFTS` (a 4.5 µm/px scan, a 1 µm defocus with JPEG 60, and the
         stains x1.2 / x0.85 both ways), so the heads lean on features that hold under another scanner or lab;
         ``"none"``: the tiles only. Costs one feature pass over the training tiles per view.
     acquisition_share
