@@ -6,7 +6,7 @@ Two steps, both through :func:`stimage_nb.validation.validate` (769 genes of ``g
    (train C -> test B4, train B4 -> test each C section) and on the **acquisition protocol** of those folds
    (the held-out patients' sections re-made by ``stimage_nb.shifts.ACQUISITION_SHIFTS``), the ridge
    baseline beside it in the same run. The recipe is chosen by :func:`choose` — the most targets met per
-   held-out patient and acquisition (the issue's unit), then per held-out section, then the higher mean r over
+   held-out patient and acquisition (the unit the targets are stated in), then per held-out section, then the higher mean r over
    the held-out patients — never by a section of a training patient (leave-one-section-out is not consulted). Writes ``OUT/candidates/<name>/`` (each a report folder) and ``OUT/candidates.md``.
    The shifted images are made once (``OUT/shifted``) and shared by the candidates.
 2. ``--full``: the whole protocol (``protocol="all"``: leave-one-section-out, leave-one-patient-out,
@@ -119,7 +119,7 @@ def summarize(name: str, res) -> dict:
 
 def choose(rows: list[dict]) -> str:
     """Among the candidates whose four folds all finished: the recipe meeting the most targets per held-out
-    patient and acquisition (the issue's unit), then the most per held-out section (one test each, stricter),
+    patient and acquisition (the unit the targets are stated in), then the most per held-out section (one test each, stricter),
     then the higher mean ensemble r over the held-out patients' sections as scanned."""
     done = [r for r in rows if r["folds done"] == "4/4"] or rows
     best = max(done, key=lambda r: (r.get("_score_patient", 0), r["_score"], r["_mean_r"]))
@@ -136,7 +136,7 @@ def candidates_markdown(rows: list[dict], chosen: str, load: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Folds: leave-one-patient-out train C → test B4 and train B4 → test C2–C6, and the same two folds "
               "under the acquisitions; a candidate with fewer than 4/4 folds was stopped early (see the text).",
-              "", f"Chosen: **{chosen}** (most targets met per held-out patient and acquisition, the issue's unit; "
+              "", f"Chosen: **{chosen}** (most targets met per held-out patient and acquisition, the unit the targets are stated in; "
               "then per held-out section; then the higher mean r; leave-one-section-out not consulted). Targets per "
               "patient: a gene's r averaged over the patient's held-out sections, one Wilcoxon test across genes, "
               "coverage and sparsification on every section; the four columns after it count them per held-out "

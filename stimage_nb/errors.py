@@ -26,6 +26,11 @@ class SlideReadError(StimageInputError):
                  box: tuple[int, int, int, int] | None = None):
         super().__init__(message)
         self.source, self.level, self.box = source, level, box
+class TrainingDivergedError(StimageInputError, FloatingPointError):
+    """The training loss became NaN or infinite: the settings (usually the learning rate) are too aggressive
+    for these data. The message names the member, the epoch and the setting to lower."""
+
+
 class DataUnavailableError(RuntimeError):
     """Public data was asked for but is neither on this machine nor downloadable now (offline, server
     down, a checksum that does not match). The message says what is missing and how to get it."""

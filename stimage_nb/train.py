@@ -55,7 +55,7 @@ from .augment import AugmentConfig, augment, to_float
 from .devices import OUT_OF_MEMORY, autocast, channels_last, for_batches, resolve_device
 from .domain import DomainModel
 from .ensemble import CONFIG_NAME, Ensemble, save_state_dict, write_json
-from .errors import StimageInputError
+from .errors import StimageInputError, TrainingDivergedError
 from .io.section import Section, section_depth
 from .models.heads import soft_cross_entropy
 from .models.library_size import (
@@ -353,8 +353,8 @@ def _train_member(i: int, cfg: TrainConfig, train_d: _Data, val_d: _Data | None,
                                             "command again to resume from the last finished epoch.")
             train_loss = float(tot) / n_it
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"member {i} epoch {epoch}: the training loss became {train_loss}; "
-                                         "lower the learning rate (TrainConfig.lr).")
+                raise TrainingDivergedError(f"member {i} epoch {epoch}: the training loss became {train_loss}; "
+                                            f"lower the learning rate (--lr, TrainConfig.lr; it was {cfg.lr:g}).")
             val_loss, val_r = _evaluate(model, val_d, cfg, device, feats_va) if val_d is not None else (float("nan"),) * 2
             crit = {"pearson": -val_r, "loss": val_loss}.get(cfg.early_stop, -float(epoch))  # lower is better
             improved = val_d is None or cfg.early_stop == "none" or crit < best_val - 1e-5

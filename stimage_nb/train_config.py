@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 
 from .augment import AugmentConfig
@@ -311,9 +312,16 @@ class TrainConfig:
                                     f"frozen default); it does not apply with {self._why_not_ridge()}.")
         if self.member_data not in ("all", "groups"):
             raise StimageInputError(f"member_data must be 'all' or 'groups', not {self.member_data!r}")
-        if self.members < 1 or self.epochs < 1 or self.batch_size < 2 or self.out_px < 8:
-            raise StimageInputError(f"invalid training config: members={self.members}, epochs={self.epochs}, "
-                                    f"batch_size={self.batch_size}, out_px={self.out_px}")
+        for flag, name, v, lo in (("--members", "members", self.members, 1), ("--epochs", "epochs", self.epochs, 1),
+                                  ("--batch-size", "batch_size", self.batch_size, 2), ("--out-px", "out_px", self.out_px, 8)):
+            if v < lo:
+                raise StimageInputError(f"{flag} ({name}) must be at least {lo}, not {v}")
+        for flag, name, v in (("--lr", "lr", self.lr), ("--head-lr", "head_lr", self.head_lr)):
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                      and v > 0):
+                raise StimageInputError(f"{flag} ({name}) must be a finite number > 0, not {v!r}")
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise StimageInputError(f"--weight-decay (weight_decay) must be a finite number >= 0, not {self.weight_decay!r}")
         ws = [w.strip() for w in str(self.weights).split(",")]
         if len(ws) > 1 and len(ws) != len(self.backbones):
             raise StimageInputError(f"{len(ws)} weights for {len(self.backbones)} backbones ({self.backbone}): give one "
@@ -471,6 +479,9 @@ class TrainConfig:
         if getattr(args, "composition_cv_scale", None) is not None:
             d["composition_cv_scale"] = args.composition_cv_scale
         if getattr(args, "acquisition_views", None) is not None:
+            if not str(args.acquisition_views).strip(" ,"):  # e.g. an unset shell variable: say so, do not drop the views
+                raise StimageInputError("--acquisition-views is empty; give names of stimage_nb.shifts separated by "
+                                        "commas, or 'none' for the tiles only (leave the flag out for the default).")
             d["acquisition_views"] = args.acquisition_views
         if getattr(args, "acquisition_share", None) is not None:
             d["acquisition_share"] = args.acquisition_share

@@ -215,6 +215,10 @@ def test_simulated_acquisitions_are_views_of_the_training_tiles():
     base = ["train", "--manifest", "m.csv", "--genes", "g.txt", "--out", "o"]
     assert TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-views", "none"])).acquisition_views == ""
     assert TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-share", "0.5"])).acquisition_share == 0.5
+    # an empty value on the command line (an unset shell variable) is refused, not read as "none"
+    for empty in ("", " , "):
+        with pytest.raises(StimageInputError, match="--acquisition-views is empty.*'none'"):
+            TrainConfig.from_cli(build_parser().parse_args(base + ["--acquisition-views", empty]))
 
     secs = kit.sections(("C2", "C3"))
     genes = kit.genes()
@@ -234,8 +238,29 @@ def test_simulated_acquisitions_are_views_of_the_training_tiles():
     f = _raw_features(stack, d.tiles, views=1, batch_size=64, amp=False, acquisitions=d.acquisitions)
     assert f.shape[:2] == (1 + len(TRAINING_SHIFTS), len(d))
     assert torch.equal(f[0], _raw_features(stack, d.tiles, views=1, batch_size=64, amp=False)[0])
-    # (the 3 µm/px scan is no coarser than these 4.7 µm/px test tiles: that view is the tile itself)
+    # (the 4.5 µm/px scan is no coarser than these 4.7 µm/px test tiles: that view is the tile itself)
     assert torch.equal(f[1], f[0]) and not any(torch.allclose(f[k], f[0]) for k in (2, 3, 4))
+
+
+def test_training_settings_out_of_range_are_refused_naming_the_flag():
+    for bad, msg in [(dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"), (dict(lr=0), "--lr"),
+                     (dict(lr=True), "--lr"), (dict(head_lr=float("inf")), "--head-lr"),
+                     (dict(weight_decay=-0.1), "--weight-decay"), (dict(members=0), "--members"),
+                     (dict(epochs=0), "--epochs"), (dict(batch_size=1), "--batch-size"), (dict(out_px=4), "--out-px")]:
+        with pytest.raises(StimageInputError, match=msg) as e:
+            TrainConfig(**bad)
+        assert "\n" not in str(e.value)
+
+
+def test_a_diverging_run_is_a_settings_error_that_names_the_learning_rate(tmp_path):
+    """A loss that becomes NaN is the user's setting (exit 2 with the fix), not an internal error."""
+    from stimage_nb.errors import TrainingDivergedError
+    from stimage_nb.train import train
+
+    cfg = kit.tiny_frozen_config(members=1, epochs=5, lr=1e9, acquisition_views="none")
+    with pytest.raises(TrainingDivergedError, match=r"lower the learning rate \(--lr.*1e\+09") as e:
+        train(kit.sections(("C2",)), genes=kit.genes(), out=tmp_path / "run", config=cfg, progress=False)
+    assert isinstance(e.value, StimageInputError)
 
 
 def test_views_are_drawn_uniformly_or_with_the_acquisition_share():

@@ -69,6 +69,9 @@ def _cmd_validate(a) -> int:
     from ..shifts import parse_shifts
     from . import validate, write_report
 
+    if a.protocol is not None and not a.protocol.strip(" ,"):
+        raise StimageInputError("--protocol is empty; give loso, lopo, cross_platform, acquisition (comma-separated) "
+                                "or all, or leave the flag out for every protocol the manifest supports.")
     protocol = _csv(a.protocol) or ["all"]
     res = validate(a.manifest, out=a.out, protocol=protocol if protocol != ["all"] else "all",
                    genes=read_gene_list(a.genes) if a.genes else None, config=_config(a), sections=_csv(a.sections),
@@ -76,9 +79,10 @@ def _cmd_validate(a) -> int:
                    patients=_csv(a.patients), train_platform=a.train_platform, test_platform=a.test_platform,
                    n_boot=a.n_boot, keep_shifted=a.keep_shifted, seed=a.seed)
     paths = write_report(res, a.out, figures=not a.no_figures)
-    met = res.targets_met()
-    for k, v in met.items():
-        if isinstance(v, dict):
-            print(f"{k}: {v['met']}/{v['of']}")
+    for by in ("patient", "section"):
+        met = res.targets_met(by)
+        if met:
+            print(f"targets per held-out {by} (and acquisition): " + ", ".join(
+                f"{k} {v['met']}/{v['of']}" for k, v in met.items() if isinstance(v, dict)))
     print(paths["report"])
     return 0

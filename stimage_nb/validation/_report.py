@@ -206,10 +206,10 @@ def report_markdown(result, figs: dict) -> str:
     tg = result.targets()
     if len(tg):
         met = result.targets_met()
-        w("## Targets (issue 11): held-out patients, as scanned and under every acquisition\n")
+        w("## Targets: held-out patients, as scanned and under every acquisition\n")
         tp = result.targets("patient")
         mp = result.targets_met("patient")
-        w("**Per held-out patient** (the issue's unit: every leave-one-patient-out direction under every "
+        w("**Per held-out patient** (the unit the targets are stated in: every leave-one-patient-out direction under every "
           "acquisition; a gene's r is its mean over the patient's held-out sections, and one Wilcoxon test "
           "pairs them across genes; coverage and sparsification must hold on every section):\n")
         for k, lab in _TARGET_NAMES.items():

@@ -146,7 +146,9 @@ class ValidationResult:
         if t.empty:
             return t
         t = t[t["protocol"].isin(["lopo", "acquisition"]) & t["held_out_patient"].astype(bool)].copy()
-        # a section as scanned is scored by both protocols with the same models and tiles: count it once
+        # a section as scanned is scored by both protocols with the same models and tiles: count it once, as the
+        # leave-one-patient-out row (whatever order the folds were run or read back in)
+        t = t.assign(_o=(t["protocol"] != "lopo").astype(int)).sort_values("_o", kind="stable").drop(columns="_o")
         t = t.drop_duplicates(subset=["source_section", "acquisition", "train"] if "train" in t else
                               ["source_section", "acquisition"], keep="first")
         if by == "patient":
@@ -170,7 +172,8 @@ class ValidationResult:
         lo, hi = COVERAGE_90_RANGE
         rows = []
         for (patient, acq), d in t.groupby(["patient", "acquisition"], sort=False):
-            row = {"fold": ",".join(dict.fromkeys(d["fold"])), "patient": patient, "acquisition": acq,
+            row = {"protocol": ",".join(dict.fromkeys(d["protocol"])), "fold": ",".join(dict.fromkeys(d["fold"])),
+                   "patient": patient, "acquisition": acq,
                    "sections": ",".join(d["source_section"]), "n_sections": len(d)}
             for target, tag in (("log1p_counts", ""), ("log1p_cp10k", " CP10k")):
                 r = {}

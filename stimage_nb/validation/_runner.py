@@ -128,6 +128,8 @@ def validate(manifest: str | os.PathLike, *, out: str | os.PathLike, protocol: s
         raise StimageInputError(f"unknown validation protocol {bad[0]!r}; choose from {list(PROTOCOLS)} or 'all'.")
     if depth not in ("observed", "reference"):
         raise StimageInputError(f"depth must be 'observed' or 'reference', not {depth!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise StimageInputError(f"--n-boot (n_boot) must be a whole number >= 0 (0: no bootstrap CI), not {n_boot!r}")
     secs, genes_used, dropped = _read_sections(manifest, sections, genes)
     infos = [SectionInfo.of(s) for s in secs]
     kw = {"patients": patients, "train_platform": train_platform, "test_platform": test_platform}
@@ -225,6 +227,11 @@ def _read_sections(manifest, sections, genes) -> tuple[list, list[str], list[str
     secs = read_manifest(manifest, sections, genes=genes, drop_missing_genes=True)
     with_counts = [s for s in secs if s.has_counts]
     if not with_counts:
+        if genes is not None:
+            g = list(genes)
+            raise StimageInputError(f"{manifest}: no section has counts of the {len(g)} listed genes (e.g. {g[:3]}): "
+                                    "either none of them is measured (check the names against the counts tables) "
+                                    "or the manifest has no counts; validation compares predictions with counts.")
         raise StimageInputError(f"{manifest}: no section has counts; validation compares predictions with counts.")
     order = list(genes) if genes is not None else with_counts[0].genes
     common = [g for g in order if all(g in set(s.genes) for s in with_counts)]

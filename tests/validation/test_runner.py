@@ -74,7 +74,7 @@ def test_report_folder(run, tmp_path):
               "correlations_lopo", "calibration_lopo", "acquisition", "sparsification_lopo", "map_agreement"):
         assert paths[k].is_file() and paths[k].stat().st_size > 100, k
     text = paths["report"].read_text()
-    assert "Leave one patient out" in text and "Targets (issue 11)" in text and "![acquisitions]" in text
+    assert "Leave one patient out" in text and "## Targets: held-out patients" in text and "![acquisitions]" in text
     assert "**Per held-out patient**" in text and "**Per held-out section**" in text
     # one row per held-out patient and acquisition, naming the patient's held-out sections as scanned
     tp = pd.read_csv(paths["targets_patient_csv"])
@@ -130,3 +130,14 @@ def test_a_protocol_the_manifest_cannot_support(her2st_manifest, tmp_path, capsy
     assert not (tmp_path / "v" / "models").exists()
     rc = main(["validate", "--manifest", str(her2st_manifest), "--protocol", "kfold", "--out", str(tmp_path / "w")])
     assert rc == 2 and "unknown validation protocol" in capsys.readouterr().err
+    # an empty --protocol (an unset shell variable) is refused, not read as "every protocol"
+    rc = main(["validate", "--manifest", str(her2st_manifest), "--protocol", "", "--out", str(tmp_path / "w")])
+    assert rc == 2 and "--protocol is empty" in capsys.readouterr().err
+    rc = main(["validate", "--manifest", str(her2st_manifest), "--protocol", "lopo", "--n-boot", "-5",
+               "--out", str(tmp_path / "w")])
+    assert rc == 2 and "--n-boot" in capsys.readouterr().err
+    # a gene list none of whose genes is measured: said as such, not "no counts"
+    (tmp_path / "none.txt").write_text("NOTAGENE\nFOO2\n")
+    with pytest.raises(StimageInputError, match="no section has counts of the 2 listed genes.*NOTAGENE"):
+        validate(her2st_manifest, out=tmp_path / "x", protocol="lopo", genes=["NOTAGENE", "FOO2"])
+    assert not (tmp_path / "w").exists()

@@ -76,6 +76,7 @@ def test_patient_targets_pool_a_patients_sections_into_one_paired_test():
     ])
     by_section = res.targets()
     assert len(by_section) == 2  # not 4: the as-scanned duplicates are dropped
+    assert set(by_section["protocol"]) == {"lopo"}
     # per section, the small gains are not significant ...
     p_sec = [wilcoxon(e, b, alternative="greater").pvalue for e, b in ((e1, b1), (e2, b2))]
     assert all(p > 0.05 for p in p_sec), p_sec
@@ -83,7 +84,11 @@ def test_patient_targets_pool_a_patients_sections_into_one_paired_test():
     # ... per patient, a gene's r is its mean over the patient's sections, and one test pairs the means
     by_patient = res.targets("patient")
     assert len(by_patient) == 1 and by_patient.loc[0, "n_sections"] == 2
-    assert by_patient.loc[0, "sections"] == "C1,C2"
+    assert by_patient.loc[0, "sections"] == "C1,C2" and by_patient.loc[0, "protocol"] == "lopo"
+    # folds read back in another order (load_result reads them by file name: acquisition_* first) count the same
+    flipped = ValidationResult(records=res.records.iloc[::-1].reset_index(drop=True), per_gene=res.per_gene)
+    assert set(flipped.targets()["protocol"]) == {"lopo"}
+    assert flipped.targets("patient").loc[0, "p (ens > base)"] == pytest.approx(by_patient.loc[0, "p (ens > base)"])
     ref = wilcoxon((e1 + e2) / 2, (b1 + b2) / 2, alternative="greater").pvalue
     assert by_patient.loc[0, "p (ens > base)"] == pytest.approx(ref)
     assert by_patient.loc[0, "Δ ens−base"] == pytest.approx(np.mean((e1 + e2) / 2 - (b1 + b2) / 2))
