@@ -316,12 +316,12 @@ class TrainConfig:
                                   ("--batch-size", "batch_size", self.batch_size, 2), ("--out-px", "out_px", self.out_px, 8)):
             if v < lo:
                 raise StimageInputError(f"{flag} ({name}) must be at least {lo}, not {v}")
-        for flag, name, v in (("--lr", "lr", self.lr), ("--head-lr", "head_lr", self.head_lr)):
+        for flag, name, v in (("--lr", "lr", self.lr), ("TrainConfig.head_lr", "head_lr", self.head_lr)):
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                       and v > 0):
                 raise StimageInputError(f"{flag} ({name}) must be a finite number > 0, not {v!r}")
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise StimageInputError(f"--weight-decay (weight_decay) must be a finite number >= 0, not {self.weight_decay!r}")
+            raise StimageInputError(f"TrainConfig.weight_decay must be a finite number >= 0, not {self.weight_decay!r}")
         ws = [w.strip() for w in str(self.weights).split(",")]
         if len(ws) > 1 and len(ws) != len(self.backbones):
             raise StimageInputError(f"{len(ws)} weights for {len(self.backbones)} backbones ({self.backbone}): give one "

@@ -244,8 +244,8 @@ def test_simulated_acquisitions_are_views_of_the_training_tiles():
 
 def test_training_settings_out_of_range_are_refused_naming_the_flag():
     for bad, msg in [(dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"), (dict(lr=0), "--lr"),
-                     (dict(lr=True), "--lr"), (dict(head_lr=float("inf")), "--head-lr"),
-                     (dict(weight_decay=-0.1), "--weight-decay"), (dict(members=0), "--members"),
+                     (dict(lr=True), "--lr"), (dict(head_lr=float("inf")), "head_lr"),
+                     (dict(weight_decay=-0.1), "weight_decay"), (dict(members=0), "--members"),
                      (dict(epochs=0), "--epochs"), (dict(batch_size=1), "--batch-size"), (dict(out_px=4), "--out-px")]:
         with pytest.raises(StimageInputError, match=msg) as e:
             TrainConfig(**bad)
