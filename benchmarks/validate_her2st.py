@@ -44,6 +44,17 @@ import pandas as pd
 #: 0.5); the last two let the coarse scan view bracket the supported range (4.5 um/px in place of, or beside, the
 #: 3 um/px one; the first is the default since). The earlier recipes pin acquisition_views="none".
 _NO_VIEWS = {"acquisition_views": "none"}  # the recipes before the acquisition views were added
+#: the per-gene cross-fitted shrinkage (the default since the third study)
+_PER_GENE = {"composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25}
+
+
+def _views(coarse: str, share: float) -> dict:
+    """The per-gene recipe with simulated acquisitions as training views: ``coarse`` scan view(s), then the
+    defocused JPEG and the two restainings, a spot drawn in one of them with probability ``share``."""
+    return {**_PER_GENE, "acquisition_views": f"{coarse},defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2",
+            "acquisition_share": share}
+
+
 CANDIDATES: dict[str, dict] = {
     "before": {"background": "keep", "depth": "none", "member_data": "all", "composition": False, **_NO_VIEWS},
     "library size by ridge, composition as fitted": {"composition": True, "library_size": "ridge",
@@ -52,25 +63,11 @@ CANDIDATES: dict[str, dict] = {
                                                        "composition_shrinkage": 0.5, **_NO_VIEWS},
     "library size by ridge, composition shrunk 0.25": {"composition": True, "library_size": "ridge",
                                                         "composition_shrinkage": 0.25, **_NO_VIEWS},
-    "library size by ridge, composition shrunk per gene (cross-fitted x 0.25)": {
-        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
-        **_NO_VIEWS},
-    "per gene shrinkage + simulated acquisitions as training views": {  # every view equally likely
-        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
-        "acquisition_views": "scan_3um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2",
-        "acquisition_share": 0.8},
-    "per gene shrinkage + simulated acquisitions, drawn half the time": {
-        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
-        "acquisition_views": "scan_3um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2",
-        "acquisition_share": 0.5},
-    "views bracket the scan range (4.5 instead of 3 um/px)": {
-        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
-        "acquisition_views": "scan_4.5um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2",
-        "acquisition_share": 0.5},
-    "five views (3 and 4.5 um/px)": {
-        "composition": True, "library_size": "ridge", "composition_shrinkage": "cv", "composition_cv_scale": 0.25,
-        "acquisition_views": "scan_3um,scan_4.5um,defocus_1um+jpeg_q60,stain_H1.2_E0.85,stain_H0.85_E1.2",
-        "acquisition_share": 0.5},
+    "library size by ridge, composition shrunk per gene (cross-fitted x 0.25)": {**_PER_GENE, **_NO_VIEWS},
+    "per gene shrinkage + simulated acquisitions as training views": _views("scan_3um", 0.8),  # every view equally likely
+    "per gene shrinkage + simulated acquisitions, drawn half the time": _views("scan_3um", 0.5),
+    "views bracket the scan range (4.5 instead of 3 um/px)": _views("scan_4.5um", 0.5),
+    "five views (3 and 4.5 um/px)": _views("scan_3um,scan_4.5um", 0.5),
     "white background": {"background": "white", "depth": "none", "member_data": "all", "composition": False,
                          **_NO_VIEWS},
     "white + depth offsets": {"background": "white", "depth": "section", "member_data": "all", "composition": False,

@@ -85,12 +85,31 @@ def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> P
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding=encoding))
 
 
-def write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> Path:
+def finite_or_none(o):
+    """``o`` with every non-finite float (NaN, ±inf; Python or numpy) replaced by ``None`` and dict keys made
+    strings, recursively through dicts, lists and tuples: what strict JSON can hold."""
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {str(k): finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_or_none(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
+
+
+def write_json(path: str | os.PathLike, obj, *, strict: bool = False, **dumps_kwargs) -> Path:
     """Write ``json.dumps(obj, **dumps_kwargs)`` (``indent=1`` unless given) to ``path`` atomically.
 
-    The object is serialised before anything is written, so an object JSON cannot hold raises
-    (``TypeError``/``ValueError``) with the old file intact."""
+    ``strict``: non-finite floats are written as ``null`` (:func:`finite_or_none`), so any JSON reader (``jq``,
+    JavaScript, ``json.loads(..., parse_constant=...)``) can read the file. The object is serialised before
+    anything is written, so an object JSON cannot hold raises (``TypeError``/``ValueError``) with the old file
+    intact."""
     dumps_kwargs.setdefault("indent", 1)
+    if strict:
+        obj = finite_or_none(obj)
+        dumps_kwargs["allow_nan"] = False
     return write_text(path, json.dumps(obj, **dumps_kwargs))
 
 

@@ -90,19 +90,7 @@ def save_state_dict(module_or_sd, path: str | os.PathLike, metadata: dict | None
 def write_json(obj, path: str | os.PathLike, *, strict: bool = False) -> Path:
     """Write JSON atomically. ``strict``: non-finite floats (NaN, ±inf) are written as ``null``, so that any
     JSON reader (``jq``, JavaScript, ``json.loads(..., parse_constant=...)``) can read the file."""
-    if strict:
-        return _write_json(path, _finite_or_none(obj), indent=1, default=_json_default, allow_nan=False)
-    return _write_json(path, obj, indent=1, default=_json_default)
-
-
-def _finite_or_none(o):
-    if isinstance(o, dict):
-        return {k: _finite_or_none(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite_or_none(v) for v in o]
-    if isinstance(o, (float, np.floating)):
-        return float(o) if np.isfinite(o) else None
-    return o
+    return _write_json(path, obj, strict=strict, indent=1, default=_json_default)
 
 
 def _json_default(o):

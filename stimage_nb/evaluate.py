@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import _keys as K
-from .atomic import save_figure, write_csv, write_json
+from .atomic import finite_or_none, save_figure, write_csv, write_json
 from .errors import StimageInputError
 from .metrics import (  # noqa: F401 - re-exported: the metrics' names were first defined here
     _EPS,
@@ -76,20 +76,12 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def _clean(o):
-    """Replace non-finite floats by None so the JSON is strict."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, (float, np.floating)):
-        return float(o) if np.isfinite(o) else None
-    return o
+_clean = finite_or_none  # the name the harness imports
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:
-    """Write JSON via a temporary file and ``os.replace``."""
-    return write_json(path, _clean(obj), indent=1, default=_json_default, allow_nan=False)
+    """Write strict JSON (non-finite floats as null) via a temporary file and ``os.replace``."""
+    return write_json(path, obj, strict=True, indent=1, default=_json_default)
 
 
 def _dense(X) -> np.ndarray:

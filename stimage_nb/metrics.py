@@ -240,13 +240,17 @@ def nb_ppf(q: float, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return out
 
 
-def _coverages(y, mean, var, levels) -> tuple[np.ndarray, np.ndarray]:
-    """(randomised-PIT coverage, naive quantile-interval coverage) per level."""
+def _pit_bounds(y, mean, var) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flattened counts ``y`` and the bounds ``F(y - 1)``, ``F(y)`` of their randomised PIT."""
     y = np.asarray(y, dtype=np.float64).ravel()
     m = np.asarray(mean, dtype=np.float64).ravel()
     v = np.asarray(var, dtype=np.float64).ravel()
-    hi = nb_cdf(y, m, v)
-    lo = nb_cdf(y - 1, m, v)
+    return y, nb_cdf(y - 1, m, v), nb_cdf(y, m, v)
+
+
+def _coverages(y, mean, var, levels) -> tuple[np.ndarray, np.ndarray]:
+    """(randomised-PIT coverage, naive quantile-interval coverage) per level."""
+    y, lo, hi = _pit_bounds(y, mean, var)
     width = hi - lo
     pit, naive = [], []
     for a in levels:
@@ -283,11 +287,7 @@ def pit_histogram(y: np.ndarray, mean: np.ndarray, var: np.ndarray, bins: int = 
     deterministic). Flat at ``1 / bins`` when the predictive distribution is right; U-shaped when the
     intervals are too narrow, a hump when too wide, tilted when the mean is biased.
     """
-    y = np.asarray(y, dtype=np.float64).ravel()
-    m = np.asarray(mean, dtype=np.float64).ravel()
-    v = np.asarray(var, dtype=np.float64).ravel()
-    hi = nb_cdf(y, m, v)
-    lo = nb_cdf(y - 1, m, v)
+    y, lo, hi = _pit_bounds(y, mean, var)
     width = hi - lo
     edges = np.linspace(0.0, 1.0, int(bins) + 1)
     out = np.empty(int(bins))
